@@ -1,0 +1,373 @@
+"""Typed configuration: one dataclass per section, TOML files, ``--section.key=value`` overrides.
+
+The layout follows torchtitan: each section is a dataclass whose defaults are the seed's baseline recipe
+(configs/baseline.toml spells the same values out; a test keeps the two equal), a TOML file may name a
+parent with ``base = "other.toml"``, and the command line overrides single keys. Unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` naming the key and the valid choices.
+Builders take their own section only (``build_model(cfg.model)``), never the whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastres.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(UserError):
+    """A bad config file, key, type or value."""
+
+
+def _opt(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None, check=None):
+    """A config field: default, one-line help, and what values are valid (checked by :func:`validate`)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_depth(depth: int) -> str | None:
+    if depth < 8 or (depth - 2) % 6:
+        return "must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202 are the paper's)"
+    return None
+
+
+def _check_milestones(ms: list[float]) -> str | None:
+    if any(not 0.0 < m < 1.0 for m in ms):
+        return "must be fractions of training strictly between 0 and 1, e.g. [0.5, 0.75]"
+    if any(b <= a for a, b in zip(ms, ms[1:])):
+        return "must be strictly increasing, e.g. [0.5, 0.75]"
+    return None
+
+
+@dataclass
+class RunCfg:
+    name: str = _opt("baseline", "run name; the run directory defaults to runs/<name>")
+    seed: int = _opt(0, "seed for init, data order, augmentation and stochastic depth", ge=0)
+    out_dir: str = _opt("", "run directory (default: runs/<name>)")
+    epochs: int = _opt(164, "training epochs (He 2015: 64k iterations at batch 128 = 164 epochs)", ge=1)
+    target_acc: float = _opt(0.91, "test accuracy whose first crossing gives time_to_target_s", gt=0.0, le=1.0)
+    eval_every: int = _opt(1, "evaluate (and checkpoint) every this many epochs, and at the end", ge=1)
+    resume: str = _opt("auto", "auto: continue from out_dir's checkpoint if any; never: refuse an existing "
+                       "run; require: fail without one", choices=("auto", "never", "require"))
+    device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DataCfg:
+    dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py); "
+                    "default: $FASTRES_DATA, else data/cifar10")
+    loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the seed's path); "
+                       "gpu: whole uint8 set on the device, augmented with tensor ops",
+                       choices=("workers", "gpu"))
+    val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0)
+    split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
+                           "of a recipe is tuned on the same split)", ge=0)
+    subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests)", ge=0)
+    test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests)", ge=0)
+    num_workers: int = _opt(4, "DataLoader worker processes per rank (workers loader only)", ge=0)
+
+
+@dataclass
+class ModelCfg:
+    depth: int = _opt(20, "ResNet-CIFAR depth 6n+2 (He 2015)", check=_check_depth)
+    block: str = _opt("post", "post: conv-BN-ReLU (He 2015); pre: BN-ReLU-conv (He 2016)",
+                      choices=("post", "pre"))
+    shortcut: str = _opt("A", "A: parameter-free stride + zero-pad; B: 1x1 conv + BN projection",
+                         choices=("A", "B"))
+    stochastic_depth: float = _opt(0.0, "death rate p_L of the last block (Huang 2016); 0 = off",
+                                   ge=0.0, lt=1.0)
+    sd_mode: str = _opt("linear", "linear: p_l = p_L * l / L (Huang 2016); uniform: p_l = p_L",
+                        choices=("uniform", "linear"))
+    zero_init_residual: bool = _opt(False, "start every residual branch at zero (Goyal et al. 2017)")
+    num_classes: int = _opt(10, "output classes", ge=2)
+
+
+@dataclass
+class OptimCfg:
+    lr_per_128: float = _opt(0.1, "learning rate per 128 images: lr = lr_per_128 * batch_size / 128 "
+                             "(Goyal et al. 2017)", gt=0.0)
+    batch_size: int = _opt(128, "global batch size, split evenly over ranks", ge=1)
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank", ge=1)
+    momentum: float = _opt(0.9, "SGD momentum", ge=0.0, lt=1.0)
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    weight_decay: float = _opt(1e-4, "L2 weight decay on every parameter (He 2015)", ge=0.0)
+    warmup_epochs: float = _opt(0.0, "linear per-iteration warmup from lr_per_128 to the scaled lr "
+                                "(Goyal et al. 2017)", ge=0.0)
+    schedule: str = _opt("step", "step: lr * gamma at each milestone; cosine: cosine decay to 0 "
+                         "after warmup", choices=("step", "cosine"))
+    milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr *= gamma "
+                                   "(He 2015: 32k and 48k of 64k iterations)", check=_check_milestones)
+    gamma: float = _opt(0.1, "step schedule: lr factor at each milestone", gt=0.0, le=1.0)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
+
+
+@dataclass
+class PrecisionCfg:
+    amp: str = _opt("off", "autocast: fp16 (with GradScaler) or bf16", choices=("off", "fp16", "bf16"))
+    channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs")
+    compile: bool = _opt(False, "torch.compile the model")
+
+
+@dataclass
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    precision: PrecisionCfg = field(default_factory=PrecisionCfg)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
+
+
+def _hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a list of numbers")
+
+
+# --------------------------------------------------------------------------------------------- coercion
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """A TOML value as the field's type; ConfigError naming ``where`` when it does not fit."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} = {value!r} must be a finite number")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in value):
+            return [float(v) for v in value]
+    else:  # pragma: no cover - a new field type needs a branch here
+        raise TypeError(f"unsupported config type {tp} for {where}")
+    raise ConfigError(f"{where} = {value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_cli_value(text: str, tp, where: str) -> Any:
+    """A command-line string as the field's type (``--optim.milestones=0.5,0.75`` or ``=[0.5,0.75]``)."""
+    s = text.strip()
+    if tp is str:
+        return s[1:-1] if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"" else s
+    if tp is bool:
+        if s.lower() in _TRUE:
+            return True
+        if s.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{where} = {text!r} has the wrong type: expected true or false")
+    try:
+        if typing.get_origin(tp) is list:
+            inner = s[1:-1] if s.startswith("[") and s.endswith("]") else s
+            return [float(v) for v in inner.split(",") if v.strip()]
+        if tp is int:
+            return int(s)
+        return _coerce(float(s), tp, where)
+    except ValueError:
+        raise ConfigError(f"{where} = {text!r} has the wrong type: expected {_type_name(tp)}") from None
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file with its ``base`` chain merged in (child keys win)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise ConfigError(f"config file {path} not found{hint}: pass an existing file to --config")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text TOML file") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name string, e.g. base = \"baseline.toml\"")
+    merged = _read_toml(path.parent / base, seen + (path,))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _apply(cfg: Config, data: dict[str, Any], source: str) -> None:
+    """Set every ``[section] key = value`` of ``data`` on ``cfg``; errors name ``source`` and the key."""
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] (valid: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table: [{section}] followed by key = value")
+        sec = getattr(cfg, section)
+        hints = _hints(type(sec))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}' "
+                                  f"(valid: {', '.join(hints)})")
+            setattr(sec, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    for item in overrides:
+        body = item[2:]
+        if not item.startswith("--") or "=" not in body or "." not in body.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like --section.key=value, e.g. --model.depth=56")
+        dotted, text = body.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"{item}: unknown section '{section}' (valid: {', '.join(SECTIONS)})")
+        hints = _hints(SECTIONS[section])
+        if key not in hints:
+            raise ConfigError(f"{item}: unknown key '{dotted}' (valid: {', '.join(hints)})")
+        setattr(getattr(cfg, section), key, _parse_cli_value(text, hints[key], dotted))
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value outside its field's choices or range."""
+    for section in SECTIONS:
+        sec = getattr(cfg, section)
+        for f in dataclasses.fields(sec):
+            m, v, where = f.metadata, getattr(sec, f.name), f"{section}.{f.name}"
+            if m.get("choices") and v not in m["choices"]:
+                raise ConfigError(f"{where} = {v!r} is not one of: {', '.join(map(str, m['choices']))}")
+            for op, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                                 ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+                if m.get(op) is not None and not ok(v, m[op]):
+                    raise ConfigError(f"{where} = {v!r} is out of range: must be {word} {m[op]}")
+            if m.get("check") and (msg := m["check"](v)):
+                raise ConfigError(f"{where} = {v!r} {msg}")
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file (with its ``base`` chain), then ``--section.key=value`` overrides.
+
+    Resolves the defaults that depend on the environment: ``data.dir`` ($FASTRES_DATA, else
+    data/cifar10) and ``run.out_dir`` (runs/<name>).
+    """
+    cfg = Config()
+    if path is not None:
+        _apply(cfg, _read_toml(Path(path)), str(path))
+    _apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    if not cfg.data.dir:
+        cfg.data.dir = os.environ.get("FASTRES_DATA") or "data/cifar10"
+    if not cfg.run.out_dir:
+        cfg.run.out_dir = str(Path("runs") / cfg.run.name)
+    return cfg
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into (--config path, overrides). ``--section.key value`` is accepted too."""
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file, e.g. --config configs/smoke.toml")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append(f"{arg}={argv[i + 1]}")
+            i += 1
+        elif arg.startswith("--"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and --section.key=value")
+        i += 1
+    return path, overrides
+
+
+def help_text(prog: str) -> str:
+    """Every key with its type, default and meaning, for ``--help``."""
+    lines = [f"usage: {prog} [--config FILE.toml] [--section.key=value ...]", ""]
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f" {{{'|'.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""
+            lines.append(f"  --{section}.{f.name}={default!r}{choices}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """The inverse of :func:`to_dict` (same checks as a TOML file)."""
+    cfg = Config()
+    _apply(cfg, data, "saved config")
+    validate(cfg)
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML file that :func:`load` reads back to an equal Config."""
+    out = []
+    for section, values in to_dict(cfg).items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two :func:`to_dict` results (minus ``ignore``)."""
+    keys = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for key in sorted(set(sa) | set(sb)):
+            dotted = f"{section}.{key}"
+            if dotted not in ignore and sa.get(key) != sb.get(key):
+                keys.append(dotted)
+    return keys

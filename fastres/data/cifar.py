@@ -1,0 +1,187 @@
+"""CIFAR-10 from the official python-pickle layout: find, download, read, validate, split.
+
+The reader checks structure, not checksums: our copy's ``filenames`` entries differ from the original, so
+whole-file hashes (torchvision's check) reject a set whose images and labels are right. What is checked:
+every file unpickles (only numpy arrays and plain containers are allowed to load), ``data`` is uint8 of
+shape (10000, 3072), ``labels`` are 10000 integers in 0..9. A bad file stops with one line naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastres.errors import UserError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+PER_FILE = 10_000
+NUM_CLASSES = 10
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"  # of the archive, as published on the CIFAR page
+
+# Channel statistics of the 50k training images (the values used across the CIFAR literature).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataError(UserError):
+    """Missing, truncated or malformed CIFAR-10 files."""
+
+
+@dataclass
+class Split:
+    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,), in a fixed order."""
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Cifar10:
+    train: Split
+    test: Split
+    val: Split | None = None
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickle numpy arrays and builtins only: a data file must not be able to run code."""
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"),
+                ("_codecs", "encode")}  # how Python 3 pickles bytes at protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 file never does")
+
+
+def read_batch(path: Path, per_file: int | None = None) -> Split:
+    """One official batch file as a validated :class:`Split`; DataError naming the file if it is wrong."""
+    per_file = per_file or PER_FILE
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnly(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: the CIFAR-10 folder needs {', '.join(TRAIN_FILES)} and "
+                        f"{TEST_FILE}") from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path} is truncated or not a CIFAR-10 pickle ({type(e).__name__}: {e}); "
+                        f"replace it with the file from the official archive") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch (a {type(d).__name__}, not a dict)")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise DataError(f"{path} is not a CIFAR-10 batch: it has no 'data'/'labels' entries "
+                        f"(keys: {sorted(map(str, d))})")
+    x, y = d["data"], d["labels"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.shape != (per_file, 3 * 32 * 32):
+        shape = getattr(x, "shape", None)
+        dtype = getattr(x, "dtype", type(x).__name__)
+        raise DataError(f"{path}: 'data' is {dtype} {shape}, expected uint8 ({per_file}, 3072)")
+    y = np.asarray(y)
+    if y.shape != (per_file,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' has shape {y.shape} and dtype {y.dtype}, expected {per_file} integers")
+    if y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise DataError(f"{path}: labels out of range [{y.min()}, {y.max()}], expected 0..{NUM_CLASSES - 1}")
+    return Split(x.reshape(per_file, 3, 32, 32), y.astype(np.int64))
+
+
+def find(root: str | os.PathLike) -> Path | None:
+    """The folder holding the batch files: ``root`` itself or ``root/cifar-10-batches-py``; None if neither."""
+    root = Path(root)
+    for cand in (root, root / FOLDER):
+        if (cand / TRAIN_FILES[0]).exists() or (cand / TEST_FILE).exists():
+            return cand
+    return None
+
+
+def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s: float = 30.0) -> Path:
+    """Fetch and unpack the official archive into ``root``; verify its MD5 first. Returns the batch folder."""
+    root = Path(root)
+    where = f"put the {FOLDER} folder in {root.resolve()} (or point --data.dir / $FASTRES_DATA at it)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
+            h = hashlib.md5()
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+                    tmp.write(chunk)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        if "tmp" in locals():
+            Path(tmp.name).unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise DataError(f"CIFAR-10 is not in {root} and downloading {url} failed ({reason}): {where}") from None
+    try:
+        if h.hexdigest() != md5:
+            raise DataError(f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}: {where}")
+        with tarfile.open(tmp.name) as tar:
+            # The 'data' filter refuses absolute paths, links out of root and device files.
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            staging = Path(tempfile.mkdtemp(dir=root))
+            tar.extractall(staging, **kw)
+        dest = root / FOLDER
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging / FOLDER, dest)
+        shutil.rmtree(staging, ignore_errors=True)
+        return dest
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+
+
+def ensure(root: str | os.PathLike) -> Path:
+    """The batch folder under ``root``, downloading the archive first if there is none."""
+    found = find(root)
+    return found if found is not None else download(root)
+
+
+def load(root: str | os.PathLike, per_file: int | None = None) -> Cifar10:
+    """All 50k training and 10k test images, validated (no download: call :func:`ensure` first)."""
+    folder = find(root)
+    if folder is None:
+        raise DataError(f"CIFAR-10 not found in {Path(root).resolve()}: put the {FOLDER} folder there "
+                        f"(or point --data.dir / $FASTRES_DATA at it)")
+    parts = [read_batch(folder / name, per_file) for name in TRAIN_FILES]
+    train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+    return Cifar10(train=train, test=read_batch(folder / TEST_FILE, per_file))
+
+
+def split(data: Cifar10, *, val_size: int = 0, split_seed: int = 0, subset: int = 0,
+          test_subset: int = 0) -> Cifar10:
+    """Take the first ``subset`` training images, then hold ``val_size`` of them out (a seeded draw).
+
+    Train and validation keep the original image order; the validation images are never trained on.
+    """
+    n = subset or len(data.train)
+    if n > len(data.train):
+        raise DataError(f"data.subset = {subset} but the training set has only {len(data.train)} images")
+    if val_size >= n:
+        raise DataError(f"data.val_size = {val_size} leaves no training images out of {n}: "
+                        f"lower data.val_size")
+    x, y = data.train.x[:n], data.train.y[:n]
+    val = None
+    if val_size:
+        held = np.zeros(n, dtype=bool)
+        held[np.random.default_rng(split_seed).permutation(n)[:val_size]] = True
+        val = Split(x[held], y[held])
+        x, y = x[~held], y[~held]
+    nt = test_subset or len(data.test)
+    if nt > len(data.test):
+        raise DataError(f"data.test_subset = {test_subset} but the test set has only {len(data.test)} images")
+    return Cifar10(train=Split(x, y), test=Split(data.test.x[:nt], data.test.y[:nt]), val=val)

@@ -1,0 +1,57 @@
+"""The GPU-resident loader: the whole uint8 training set on the device, augmented with tensor ops.
+
+From cifar10-airbench: no host work per batch beyond launching a few kernels. The set is zero-padded by
+4 pixels once; each batch is one index_select and one gather that takes every image's 32x32 crop at its
+own offset, mirrored where its flip bit is set, then a normalize. On a CPU device it runs the same ops.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fastres.data import normalize, to_batch
+from fastres.data.cifar import Split
+from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+
+
+def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+              flip: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, 32+2P, 32+2P) -> (B, C, 32, 32): image idx[i] cropped at (dy[i], dx[i]), flipped if flip[i]."""
+    n, c, hp, wp = padded.shape
+    h, w = hp - 2 * PAD, wp - 2 * PAD
+    ar_h = torch.arange(h, device=padded.device)
+    ar_w = torch.arange(w, device=padded.device)
+    rows = dy[:, None] + ar_h                                                 # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None].bool(), w - 1 - ar_w, ar_w)  # (B, W)
+    lin = (rows[:, :, None] * wp + cols[:, None, :]).view(len(idx), 1, h * w)
+    imgs = padded.view(n, c, hp * wp).index_select(0, idx)
+    return torch.gather(imgs, 2, lin.expand(-1, c, -1)).view(len(idx), c, h, w)
+
+
+class GpuLoader:
+    def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
+                 device: torch.device, channels_last: bool, dtype: torch.dtype):
+        x = torch.from_numpy(split.x).to(device)
+        self.padded = F.pad(x, (PAD, PAD, PAD, PAD))  # zero padding, like the workers loader
+        self.labels = torch.from_numpy(split.y).to(device)
+        self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.b, self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world),
+                             dtype=torch.int64).to(self.device, non_blocking=True)
+        dy, dx, flip = (t.to(self.device, non_blocking=True) for t in aug_params(self.n, self.seed, self.epoch))
+        for k in range(len(self)):
+            idx = order[k * self.b:(k + 1) * self.b]
+            x = crop_flip(self.padded, idx, dy[idx], dx[idx], flip[idx])
+            yield to_batch(normalize(x), self.dtype, self.channels_last), self.labels[idx]

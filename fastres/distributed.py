@@ -1,0 +1,81 @@
+"""torchrun's environment -> a process group (nccl on CUDA, gloo on CPU), and the few collectives we use.
+
+As in nanoGPT: read RANK / LOCAL_RANK / WORLD_SIZE, which torchrun sets (and leaves unset for a plain
+``python -m``). Multi-node runs need nothing more here: torchrun's rendezvous flags set the same variables
+(see launch/multinode.sh).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastres.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """This process's rank from torchrun's environment, before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(device: str = "auto") -> Dist:
+    """Pick the device (run.device) and join the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise UserError("run.device = 'cuda' but torch sees no CUDA device (no GPU, driver or CUDA "
+                            f"build; torch {torch.__version__}): use --run.device=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                            "visible: lower torchrun's --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) when distributed; a no-op otherwise."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics) so all evaluate the same network."""
+    if dist.is_initialized():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)

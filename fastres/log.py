@@ -1,0 +1,93 @@
+"""What a run reports while it trains: metrics.jsonl, TensorBoard events, a progress bar. Rank 0 only.
+
+TensorBoard: every scalar is written at its optimizer step, with its event time set to
+(run start + training seconds so far). So the STEP axis is steps and the RELATIVE axis is the training
+wall-clock with evaluation excluded - the time that time_to_target_s measures. After a resume the events
+past the checkpoint's step are purged, and metrics.jsonl loses its rows past the checkpoint's epoch, so
+neither holds duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fmt_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class RunLog:
+    """Writers for one run; every method is a no-op on ranks other than 0 (``enabled=False``)."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, step: int, epoch: int,
+                 t0: float):
+        self.enabled, self.total_steps, self.t0 = enabled, total_steps, t0
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imported on rank 0 only
+
+        rows = [r for r in read_metrics(out_dir) if r["epoch"] <= epoch]
+        (out_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.jsonl = open(out_dir / METRICS, "a")
+        self.tb = SummaryWriter(str(out_dir / TB_DIR), purge_step=step + 1 if step else None)
+        self.tty = sys.stderr.isatty()
+        if self.tty:
+            self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
+        if step == 0:
+            self.tb.add_scalar("train/lr", 0.0, 0, walltime=t0)  # anchors the RELATIVE axis at 0
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        """Record one evaluation: a metrics.jsonl line, TensorBoard scalars, a printed line."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        wall, step = self.t0 + row["train_time_s"], row["step"]
+        for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/acc", "test_acc"),
+                         ("val/acc", "val_acc"), ("perf/img_per_s", "img_per_s")):
+            if row.get(key) is not None:
+                self.tb.add_scalar(tag, row[key], step, walltime=wall)
+        self.tb.flush()
+        done = row["step"] / max(1, self.total_steps)
+        eta = row["train_time_s"] * (1 - done) / done if done else 0.0
+        val = f"  val {row['val_acc']:.2%}" if row.get("val_acc") is not None else ""
+        self.info(f"epoch {row['epoch']:>3}  step {row['step']}/{self.total_steps}  loss {row['train_loss']:.4f}"
+                  f"  test {row['test_acc']:.2%}{val}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s"
+                  f"  train {fmt_time(row['train_time_s'])}  eta {fmt_time(eta)}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tb.close()

@@ -1,0 +1,61 @@
+"""SGD with momentum and the learning-rate schedule, a pure function of the optimizer step.
+
+- Linear scaling (Goyal et al. 2017): lr = lr_per_128 * global_batch / 128.
+- Gradual warmup (Goyal et al. 2017, sec. 2.2): over ``warmup_epochs`` the lr rises by a constant amount
+  per iteration from lr_per_128 (the batch-128 rate) to the scaled lr; with batch <= 128 there is nothing
+  to warm up from and the warmup is flat.
+- "step": multiply by ``gamma`` at each milestone, a fraction of all steps (He 2015: /10 at 50% and 75%).
+  "cosine": half-cosine from the scaled lr to 0 over the steps after warmup.
+Being a function of the step, the schedule needs no state in a checkpoint to resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastres.config import OptimCfg
+from fastres.errors import UserError
+
+
+def scaled_lr(cfg: OptimCfg) -> float:
+    return cfg.lr_per_128 * cfg.batch_size / 128
+
+
+@dataclass(frozen=True)
+class Schedule:
+    peak: float
+    start: float
+    total_steps: int
+    warmup_steps: int
+    kind: str
+    milestone_steps: tuple[int, ...]
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start + (self.peak - self.start) * step / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            t = min(1.0, (step - self.warmup_steps) / span)
+            return self.peak * 0.5 * (1.0 + math.cos(math.pi * t))
+        return self.peak * self.gamma ** sum(step >= m for m in self.milestone_steps)
+
+
+def build_schedule(cfg: OptimCfg, steps_per_epoch: int, epochs: int) -> Schedule:
+    total = steps_per_epoch * epochs
+    peak = scaled_lr(cfg)
+    return Schedule(peak=peak, start=min(cfg.lr_per_128, peak), total_steps=total,
+                    warmup_steps=min(total, round(cfg.warmup_epochs * steps_per_epoch)), kind=cfg.schedule,
+                    milestone_steps=tuple(round(m * total) for m in cfg.milestones), gamma=cfg.gamma)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
+    """SGD over every trainable parameter, weight decay on all of them (He 2015)."""
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("optim.nesterov = true needs optim.momentum > 0")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)

@@ -1,0 +1,257 @@
+"""Train a CIFAR ResNet: ``python -m fastres.train`` or ``torchrun --nproc_per_node=N -m fastres.train``.
+
+    python -m fastres.train                                 # the seed's baseline recipe (configs/baseline.toml)
+    python -m fastres.train --config configs/smoke.toml     # about a minute on 2 CPU cores
+    python -m fastres.train --config X.toml --model.depth=56 --precision.amp=bf16
+
+Setup, build, one flat loop, summary (nanoGPT's shape). What is timed: from the first batch request of an
+epoch to the end of its last optimizer step (device-synchronized: CUDA events on a GPU), summed over
+epochs; evaluation and checkpointing are outside it. time_to_target_s is that sum at the first evaluation
+whose test accuracy reaches run.target_acc.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastres import checkpoint, config, distributed, provenance, rng
+from fastres.config import Config
+from fastres.data import build_loader, cifar
+from fastres.errors import UserError
+from fastres.evaluate import accuracy
+from fastres.log import RunLog
+from fastres.model import build_model, count_params
+from fastres.optim import build_optimizer, build_schedule
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys a resumed run may change: where things are and how they are loaded, not what is trained.
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "data.dir", "data.num_workers")
+SUMMARY = "summary.json"
+
+
+class Timer:
+    """Seconds between start() and stop(), device-synchronized (CUDA events on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.t
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.begin.elapsed_time(end) / 1000.0
+
+
+def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
+    """Apply run.resume to out_dir; the checkpoint's state to continue from, or None to start fresh."""
+    out = Path(cfg.run.out_dir)
+    ckpt = out / checkpoint.NAME
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run.out_dir {out} is a file, not a directory: choose another --run.out_dir")
+    if cfg.run.resume == "never" and any((out / f).exists() for f in (checkpoint.NAME, "metrics.jsonl", SUMMARY)):
+        raise UserError(f"run.resume = 'never' but {out} already holds a run: choose another --run.out_dir "
+                        "or --run.name, or delete it")
+    if cfg.run.resume == "require" and not ckpt.exists():
+        raise UserError(f"run.resume = 'require' but there is no {ckpt} to resume from")
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to run.out_dir {out} ({e.strerror}): choose another --run.out_dir") from None
+    if cfg.run.resume == "never" or not ckpt.exists():
+        return None
+    state = checkpoint.load(ckpt, dist.device)
+    changed = config.diff(state["config"], config.to_dict(cfg), ignore=RESUME_MAY_DIFFER)
+    if changed:
+        raise UserError(f"{ckpt} was trained with a different config ({', '.join(changed)}): restore those "
+                        "values, or start a new run with another --run.out_dir / --run.resume=never")
+    return state
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Train as ``cfg`` says (joining torchrun's process group if launched by it); the run's summary."""
+    dist = distributed.setup(cfg.run.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
+    # ---------------------------------------------------------------- setup
+    dev, world, out = dist.device, dist.world, Path(cfg.run.out_dir)
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    if batch % (world * accum):
+        raise UserError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
+                        f"{accum} accumulation step(s): use a multiple of {world * accum}")
+    state = open_run_dir(cfg, dist)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    amp_dtype = AMP_DTYPES[cfg.precision.amp]
+    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+
+    # ---------------------------------------------------------------- build
+    if dist.is_main:
+        cifar.ensure(cfg.data.dir)  # downloads once, on rank 0
+    distributed.barrier()
+    data = cifar.split(cifar.load(cfg.data.dir), val_size=cfg.data.val_size, split_seed=cfg.data.split_seed,
+                       subset=cfg.data.subset, test_subset=cfg.data.test_subset)
+    loader = build_loader(cfg.data, data.train, batch_per_rank=batch // world, seed=cfg.run.seed,
+                          rank=dist.rank, world=world, device=dev, channels_last=cfg.precision.channels_last,
+                          dtype=amp_dtype or torch.float32)
+    evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
+             for name, s in (("test", data.test), ("val", data.val)) if s is not None}
+    model = build_model(cfg.model).to(dev, memory_format=fmt)
+    params = count_params(model)
+    opt = build_optimizer(model, cfg.optim)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.run.epochs
+    schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.run.epochs)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
+    progress = dict(epoch=0, step=0, train_time_s=0.0, eval_time_s=0.0, time_to_target_s=None,
+                    epochs_to_target=None, t0=time.time(), last=None)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        progress.update(state["progress"])
+    sd_on = cfg.model.stochastic_depth > 0
+    net = model
+    if world > 1:  # a dropped block leaves its parameters unused on every rank that step
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  find_unused_parameters=sd_on, gradient_as_bucket_view=True)
+    if cfg.precision.compile:
+        if sd_on:  # per-step drop decisions are Python branches: compile the branches, not the whole net
+            for blk in model.blocks:
+                blk.branch.compile()
+        else:
+            net.compile()
+    log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
+                 epoch=progress["epoch"], t0=progress["t0"])
+    if dist.is_main:
+        (out / "config.toml").write_text(config.to_toml(cfg))
+        log.info(f"fastres: {cfg.run.name}: ResNet-{cfg.model.depth} ({params:,} params) on "
+                 f"{provenance.device_name(dev)} x{world}, {len(data.train)} train images, batch {batch}, "
+                 f"{steps_per_epoch} steps/epoch, {cfg.run.epochs} epochs -> {out}")
+        if progress["epoch"]:
+            log.info(f"fastres: resuming from epoch {progress['epoch']} (step {progress['step']})")
+
+    # ---------------------------------------------------------------- train
+    timer = Timer(dev)
+    step = progress["step"]
+    for epoch in range(progress["epoch"], cfg.run.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=dev)
+        timer.start()
+        for x, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = schedule(step)
+            for m in range(accum):  # micro-batch m takes every accum-th image, as DDP ranks do
+                xm, ym = (x, y) if accum == 1 else (x[m::accum], y[m::accum])
+                if sd_on:  # same drops on every rank and micro-batch of a step (Huang 2016: per mini-batch)
+                    model.sd_gen.manual_seed(rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step))
+                sync = net.no_sync() if world > 1 and m < accum - 1 else nullcontext()
+                with sync:  # no gradient all-reduce until the last micro-batch
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = F.cross_entropy(net(xm), ym, label_smoothing=cfg.optim.label_smoothing)
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach().float() * len(ym)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            log.advance()
+        epoch_time = distributed.all_reduce(torch.tensor(timer.stop(), dtype=torch.float64), op="max").item()
+        progress["train_time_s"] += epoch_time
+        done = epoch + 1
+        if done % cfg.run.eval_every and done != cfg.run.epochs:
+            continue
+
+        # ------------------------------------------------------------ evaluate + checkpoint (untimed)
+        t_eval = time.perf_counter()
+        train_loss = distributed.all_reduce(loss_sum).item() / (steps_per_epoch * batch)
+        if not np.isfinite(train_loss):
+            raise UserError(f"training loss became {train_loss} in epoch {done} (steps {step - steps_per_epoch}"
+                            f"..{step}): lower optim.lr_per_128 or use precision.amp=bf16; the last good "
+                            f"checkpoint (epoch {progress['epoch']}) is kept")
+        distributed.broadcast_buffers(model)
+        acc = {name: accuracy(model, xs, ys, rank=dist.rank, world=world, amp_dtype=amp_dtype,
+                              channels_last=cfg.precision.channels_last) for name, (xs, ys) in evals.items()}
+        since = progress["last"]["train_time_s"] if progress["last"] else 0.0
+        epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
+        row = dict(epoch=done, step=step, train_loss=train_loss, test_acc=acc["test"], val_acc=acc.get("val"),
+                   lr=schedule(step - 1), train_time_s=progress["train_time_s"],
+                   img_per_s=epochs_since * steps_per_epoch * batch / max(1e-9, progress["train_time_s"] - since))
+        if progress["time_to_target_s"] is None and acc["test"] >= cfg.run.target_acc:
+            progress.update(time_to_target_s=progress["train_time_s"], epochs_to_target=done)
+        log.evaluation(row)
+        progress.update(epoch=done, step=step, last=row)
+        progress["eval_time_s"] += time.perf_counter() - t_eval
+        if dist.is_main:
+            checkpoint.save(out / checkpoint.NAME, dict(
+                model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                rng=checkpoint.rng_state(), progress=progress, config=config.to_dict(cfg)))
+    log.close()
+
+    # ---------------------------------------------------------------- summary
+    last = progress["last"]
+    summary = dict(
+        name=cfg.run.name, finished=True, target_acc=cfg.run.target_acc,
+        time_to_target_s=progress["time_to_target_s"], epochs_to_target=progress["epochs_to_target"],
+        final_test_acc=last["test_acc"], final_val_acc=last["val_acc"], train_time_s=progress["train_time_s"],
+        eval_time_s=progress["eval_time_s"], epochs=cfg.run.epochs, steps=total_steps,
+        img_per_s=total_steps * batch / max(1e-9, progress["train_time_s"]), params=params,
+        git_sha=provenance.git_sha(), torch_version=torch.__version__, device=provenance.device_name(dev),
+        world_size=world, seed=cfg.run.seed, train_images=len(data.train), config=config.to_dict(cfg))
+    if dist.is_main:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        ttt = summary["time_to_target_s"]
+        log.info(f"fastres: done: test {last['test_acc']:.2%}, train {summary['train_time_s']:.1f} s, "
+                 f"time to {cfg.run.target_acc:.0%}: " + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text("python -m fastres.train"))
+        return 0
+    try:
+        path, overrides = config.parse_args(argv)
+        cfg = config.load(path, overrides)
+        main(cfg)
+    except UserError as e:
+        if distributed.env_rank() == 0 or not isinstance(e, config.ConfigError):
+            print(f"fastres: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,78 @@
+"""Shared fixtures: CIFAR-10 files in the official layout (synthetic or the real set) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastres.data import cifar
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
+
+
+def write_batch(path: Path, x: np.ndarray, y, **extra) -> None:
+    """One batch file as the official set writes it: a dict of bytes keys, uint8 (N, 3072), list labels."""
+    d = {b"batch_label": b"synthetic", b"labels": list(map(int, y)), b"data": x,
+         b"filenames": [f"{i}.png".encode() for i in range(len(y))], **extra}
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def write_cifar(folder: Path, per_file: int, seed: int = 0) -> Path:
+    """A synthetic CIFAR-10 folder (5 train batches + test) with ``per_file`` images each; returns it."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in cifar.TRAIN_FILES + (cifar.TEST_FILE,):
+        x = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+        write_batch(folder / name, x, rng.integers(0, 10, size=per_file))
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"num_cases_per_batch": per_file, b"label_names": [b"c%d" % i for i in range(10)],
+                     b"num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+@pytest.fixture
+def small_cifar(tmp_path, monkeypatch) -> Path:
+    """A synthetic set of 100 images per file; the reader is told to expect that many."""
+    monkeypatch.setattr(cifar, "PER_FILE", 100)
+    return write_cifar(tmp_path / "cifar-10-batches-py", per_file=100)
+
+
+def real_dir() -> Path | None:
+    for cand in (os.environ.get("FASTRES_DATA"), SHARED, ROOT / "data" / "cifar10"):
+        if cand and cifar.find(cand) is not None:
+            return cifar.find(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_cifar() -> Path:
+    d = real_dir()
+    if d is None:
+        pytest.skip(f"the real CIFAR-10 set is not here: set FASTRES_DATA or put it at {SHARED}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """Full-size files for end-to-end runs: the real set when present, else synthetic (10000 per file)."""
+    return real_dir() or write_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-py", cifar.PER_FILE)
+
+
+def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 600, module: str = "fastres.train",
+            torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` (or under torchrun with that many processes) from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from fastres.config import DataCfg
+from fastres.data import build_loader, cifar, normalize
+from fastres.data.cifar import DataError
+from fastres.data.gpu import crop_flip
+from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.errors import UserError
+from conftest import write_batch, write_cifar
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- reader
+
+def test_reads_the_official_layout(small_cifar):
+    d = cifar.load(small_cifar)
+    assert d.train.x.shape == (500, 3, 32, 32) and d.train.x.dtype == np.uint8
+    assert d.train.y.shape == (500,) and d.train.y.dtype == np.int64
+    assert d.test.x.shape == (100, 3, 32, 32)
+    # rows are CHW planes: the first 1024 bytes of a row are the red channel
+    raw = pickle.load(open(small_cifar / "data_batch_2", "rb"), encoding="bytes")
+    np.testing.assert_array_equal(d.train.x[100, 0].ravel(), raw[b"data"][0, :1024])
+    np.testing.assert_array_equal(d.train.y[100:200], raw[b"labels"])
+
+
+def test_finds_the_folder_from_its_parent(small_cifar):
+    assert cifar.find(small_cifar.parent) == small_cifar
+    assert cifar.find(small_cifar) == small_cifar
+    assert cifar.find(small_cifar / "nothing") is None
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", ["data_batch_3", "truncated"]),
+    ("garbage", ["data_batch_3", "not a CIFAR-10 pickle"]),
+    ("wrong_shape", ["data_batch_3", "expected uint8 (100, 3072)"]),
+    ("wrong_dtype", ["data_batch_3", "float32"]),
+    ("labels_range", ["data_batch_3", "labels out of range"]),
+    ("labels_count", ["data_batch_3", "'labels' has shape (99,)"]),
+    ("no_data_key", ["data_batch_3", "no 'data'/'labels'"]),
+    ("not_a_dict", ["data_batch_3", "not a CIFAR-10 batch"]),
+    ("code", ["data_batch_3", "system, which a CIFAR-10 file never does"]),
+    ("missing", ["data_batch_3", "missing"]),
+])
+def test_bad_files_are_one_line_errors_naming_the_file(small_cifar, damage, words):
+    path = small_cifar / "data_batch_3"
+    good = path.read_bytes()
+    x = np.zeros((100, 3072), np.uint8)
+    if damage == "truncate":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a pickle" * 10)
+    elif damage == "wrong_shape":
+        write_batch(path, np.zeros((100, 1024), np.uint8), [0] * 100)
+    elif damage == "wrong_dtype":
+        write_batch(path, x.astype(np.float32), [0] * 100)
+    elif damage == "labels_range":
+        write_batch(path, x, [10] * 100)
+    elif damage == "labels_count":
+        write_batch(path, x, [0] * 99)
+    elif damage == "no_data_key":
+        pickle.dump({b"images": x}, open(path, "wb"))
+    elif damage == "not_a_dict":
+        pickle.dump([1, 2, 3], open(path, "wb"))
+    elif damage == "code":  # a pickle that would run a command when loaded
+        class Evil:
+            def __reduce__(self):
+                import os
+                return (os.system, ("echo pwned",))
+        pickle.dump({b"data": Evil()}, open(path, "wb"))
+    elif damage == "missing":
+        path.unlink()
+    with pytest.raises(DataError) as e:
+        cifar.load(small_cifar)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_real_set_validates(real_cifar):
+    d = cifar.load(real_cifar)
+    assert len(d.train) == 50_000 and len(d.test) == 10_000
+    assert np.bincount(d.train.y).tolist() == [5000] * 10
+    assert np.bincount(d.test.y).tolist() == [1000] * 10
+    # the channel statistics used to normalize are the training set's own (to 3 decimals)
+    mean = d.train.x.reshape(50_000, 3, -1).mean(axis=(0, 2)) / 255
+    np.testing.assert_allclose(mean, cifar.MEAN, atol=1e-3)
+
+
+def test_missing_set_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as e:
+        cifar.ensure(tmp_path / "empty")
+    msg = str(e.value)
+    assert "cifar-10-batches-py" in msg and str((tmp_path / "empty").resolve()) in msg and "\n" not in msg
+    assert not list((tmp_path / "empty").glob("*.part"))  # no partial download left behind
+
+
+def _archive(tmp_path) -> bytes:
+    src = write_cifar(tmp_path / "src" / "cifar-10-batches-py", per_file=100)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    return buf.getvalue()
+
+
+def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "PER_FILE", 100)
+    blob = _archive(tmp_path)
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
+    with pytest.raises(DataError, match="MD5"):
+        cifar.download(tmp_path / "bad", md5="0" * 32)
+    assert cifar.find(tmp_path / "bad") is None
+    folder = cifar.download(tmp_path / "good", md5=hashlib.md5(blob).hexdigest())
+    assert folder == tmp_path / "good" / "cifar-10-batches-py"
+    assert len(cifar.load(tmp_path / "good").train) == 500
+
+
+def test_split_holds_out_a_seeded_validation_set(small_cifar):
+    d = cifar.load(small_cifar)
+    s = cifar.split(d, val_size=50, split_seed=1, subset=400, test_subset=60)
+    assert (len(s.train), len(s.val), len(s.test)) == (350, 50, 60)
+    # train + val partition the first 400 training images, order kept
+    both = np.concatenate([s.train.x, s.val.x]).reshape(400, -1)
+    src = d.train.x[:400].reshape(400, -1)
+    assert sorted(map(bytes, both)) == sorted(map(bytes, src))
+    again = cifar.split(d, val_size=50, split_seed=1, subset=400)
+    np.testing.assert_array_equal(again.val.x, s.val.x)
+    other = cifar.split(d, val_size=50, split_seed=2, subset=400)
+    assert not np.array_equal(other.val.x, s.val.x)
+    with pytest.raises(DataError, match="val_size"):
+        cifar.split(d, val_size=400, subset=400)
+    with pytest.raises(DataError, match="subset"):
+        cifar.split(d, subset=501)
+
+
+# ------------------------------------------------------------------------------------------- order
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [96, 100, 101])
+def test_shards_are_disjoint_and_complete(n, world):
+    shards = [epoch_indices(n, seed=0, epoch=4, rank=r, world=world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank gets the same number of images
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat)) == (n // world) * world
+    assert set(flat) <= set(range(n))
+    assert shards != [epoch_indices(n, seed=0, epoch=5, rank=r, world=world) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_global_batches_do_not_depend_on_world_size(world):
+    n, B = 1000, 48
+    b = B // world
+    one = epoch_indices(n, seed=7, epoch=2, rank=0, world=1)
+    shards = [epoch_indices(n, seed=7, epoch=2, rank=r, world=world) for r in range(world)]
+    steps = steps_per_epoch(n, b, world)
+    assert steps == n // B
+    for k in range(steps):
+        assert sorted(i for s in shards for i in s[k * b:(k + 1) * b]) == sorted(one[k * B:(k + 1) * B])
+
+
+def test_aug_params_ranges_and_flip_rate():
+    dy, dx, flip = aug_params(20_000, seed=0, epoch=0)
+    for t in (dy, dx):
+        assert t.min() == 0 and t.max() == 2 * PAD
+    assert 0.48 < flip.float().mean() < 0.52
+    assert not torch.equal(dy, aug_params(20_000, seed=0, epoch=1)[0])
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+def test_crop_flip_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    padded = np.pad(x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))
+    idx = torch.tensor([5, 0, 3, 3])
+    dy, dx, flip = torch.tensor([0, 8, 4, 2]), torch.tensor([8, 0, 4, 7]), torch.tensor([0, 1, 0, 1])
+    out = crop_flip(torch.from_numpy(padded), idx, dy, dx, flip).numpy()
+    for j in range(4):
+        ref = padded[idx[j], :, dy[j]:dy[j] + 32, dx[j]:dx[j] + 32]
+        ref = ref[:, :, ::-1] if flip[j] else ref
+        np.testing.assert_array_equal(out[j], ref)
+    # offset (4, 4) without flip is the un-augmented image: labels and pixels stay aligned
+    np.testing.assert_array_equal(out[2], x[3])
+
+
+def _loader(kind, split, **kw):
+    args = dict(batch_per_rank=32, seed=3, rank=0, world=1, device=CPU)
+    args.update(kw)
+    return build_loader(DataCfg(loader=kind, num_workers=2), split, **args)
+
+
+@pytest.mark.parametrize("kind", ["gpu", "workers"])
+def test_batch_contract(small_cifar, kind):
+    split = cifar.load(small_cifar).train
+    loader = _loader(kind, split)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 500 // 32
+    x, y = batches[0]
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.device == CPU and y.device == CPU
+    # each label belongs to an image whose crop matches the batch: find it through the epoch order
+    order = epoch_indices(len(split), 3, 0, 0, 1)
+    dy, dx, flip = aug_params(len(split), 3, 0)
+    i = order[5]
+    padded = np.pad(split.x[i], ((0, 0), (PAD, PAD), (PAD, PAD)))[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+    padded = padded[:, :, ::-1] if flip[i] else padded
+    torch.testing.assert_close(x[5], normalize(torch.from_numpy(padded.copy())))
+    assert y[5].item() == split.y[i]
+    loader_cl = _loader(kind, split, channels_last=True, dtype=torch.bfloat16)
+    xc, _ = next(iter(loader_cl))
+    assert xc.is_contiguous(memory_format=torch.channels_last) and xc.dtype == torch.bfloat16
+
+
+def test_gpu_and_workers_loaders_agree_image_for_image(small_cifar):
+    split = cifar.load(small_cifar).train
+    for world, rank in ((1, 0), (2, 1)):
+        a, b = _loader("gpu", split, world=world, rank=rank), _loader("workers", split, world=world, rank=rank)
+        for epoch in (0, 1):
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            pairs = list(zip(a, b))
+            assert len(pairs) == len(a) == len(b) == steps_per_epoch(len(split), 32, world)
+            for (xa, ya), (xb, yb) in pairs:
+                assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_loader_rejects_a_set_smaller_than_a_batch(small_cifar):
+    split = cifar.load(small_cifar).train
+    with pytest.raises(UserError, match="no full batch"):
+        _loader("gpu", split, batch_per_rank=300, world=2, rank=0)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastres.config import OptimCfg
+from fastres.errors import UserError
+from fastres.optim import build_optimizer, build_schedule, scaled_lr
+
+
+def test_linear_scaling():
+    assert scaled_lr(OptimCfg()) == pytest.approx(0.1)
+    assert scaled_lr(OptimCfg(batch_size=1024)) == pytest.approx(0.8)
+    assert scaled_lr(OptimCfg(batch_size=64, lr_per_128=0.2)) == pytest.approx(0.1)
+
+
+def test_step_schedule_is_the_papers():
+    # He 2015: 0.1, /10 at 32k and 48k of 64k iterations
+    s = build_schedule(OptimCfg(), steps_per_epoch=400, epochs=160)
+    assert s.total_steps == 64_000 and s.milestone_steps == (32_000, 48_000)
+    assert s(0) == pytest.approx(0.1) and s(31_999) == pytest.approx(0.1)
+    assert s(32_000) == pytest.approx(0.01) and s(47_999) == pytest.approx(0.01)
+    assert s(48_000) == pytest.approx(0.001) and s(63_999) == pytest.approx(0.001)
+
+
+def test_warmup_is_linear_per_iteration_from_the_base_rate():
+    # Goyal et al. 2017: from lr_per_128 to k * lr_per_128 over the warmup epochs, per iteration
+    s = build_schedule(OptimCfg(batch_size=1024, warmup_epochs=5), steps_per_epoch=48, epochs=100)
+    assert s.warmup_steps == 240
+    assert s(0) == pytest.approx(0.1)
+    assert s(120) == pytest.approx(0.1 + 0.7 * 0.5)
+    assert s(239) == pytest.approx(0.1 + 0.7 * 239 / 240)
+    assert s(240) == pytest.approx(0.8)
+    diffs = [s(t + 1) - s(t) for t in range(239)]
+    assert max(diffs) == pytest.approx(min(diffs))  # constant increment
+
+
+def test_warmup_with_small_batch_is_flat():
+    s = build_schedule(OptimCfg(batch_size=64, warmup_epochs=2), steps_per_epoch=10, epochs=10)
+    assert s(0) == pytest.approx(0.05) == s(15)
+
+
+def test_cosine():
+    s = build_schedule(OptimCfg(schedule="cosine", batch_size=256, warmup_epochs=1), steps_per_epoch=10,
+                       epochs=11)
+    assert s(10) == pytest.approx(0.2)
+    assert s(60) == pytest.approx(0.1)
+    assert s(110) == pytest.approx(0.0, abs=1e-12)
+    mid = s(35)
+    assert mid == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_milestones_custom_and_gamma():
+    s = build_schedule(OptimCfg(milestones=[0.3], gamma=0.2), steps_per_epoch=10, epochs=10)
+    assert s(29) == pytest.approx(0.1) and s(30) == pytest.approx(0.02)
+
+
+def test_optimizer_is_sgd_with_the_configured_terms():
+    model = torch.nn.Linear(4, 2)
+    opt = build_optimizer(model, OptimCfg(batch_size=256, momentum=0.8, nesterov=True, weight_decay=5e-4))
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD)
+    assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (pytest.approx(0.2), 0.8, True, 5e-4)
+    with pytest.raises(UserError, match="nesterov"):
+        build_optimizer(model, OptimCfg(nesterov=True, momentum=0.0))

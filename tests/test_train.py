@@ -1,0 +1,212 @@
+"""The training path end to end: in-process on tiny synthetic sets, and through the CLI and torchrun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastres import checkpoint, config, train
+from fastres.errors import UserError
+from fastres.log import read_metrics
+from conftest import run_cli
+
+
+def tiny(small_cifar, tmp_path, *overrides: str) -> config.Config:
+    return config.load(None, [f"--data.dir={small_cifar}", f"--run.out_dir={tmp_path / 'run'}",
+                              "--model.depth=8", "--optim.batch_size=50", "--run.epochs=2",
+                              "--data.loader=gpu", "--data.val_size=50", *overrides])
+
+
+def weights(out_dir) -> dict[str, torch.Tensor]:
+    return checkpoint.load(out_dir / checkpoint.NAME)["model"]
+
+
+def test_one_bf16_step(small_cifar, tmp_path):
+    cfg = tiny(small_cifar, tmp_path, "--precision.amp=bf16", "--run.epochs=1", "--data.subset=150",
+               "--data.test_subset=20", "--precision.channels_last=true")
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in train.build_model(cfg.model).state_dict().items()}
+    s = train.main(cfg)
+    assert s["steps"] == 2 and s["final_test_acc"] is not None
+    after = weights(tmp_path / "run")
+    moved = [k for k in init if k.endswith("weight") and not torch.equal(init[k], after[k])]
+    assert len(moved) == sum(k.endswith("weight") for k in init)  # every layer was updated
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_fp16_uses_a_grad_scaler(small_cifar, tmp_path):
+    s = train.main(tiny(small_cifar, tmp_path, "--precision.amp=fp16", "--run.epochs=1", "--data.subset=150",
+                        "--data.test_subset=20"))
+    assert s["steps"] == 2
+    state = checkpoint.load(tmp_path / "run" / checkpoint.NAME)
+    assert state["scaler"]["scale"] > 1  # the scaler ran (it starts at 2**16)
+
+
+def test_outputs_of_a_run(small_cifar, tmp_path):
+    cfg = tiny(small_cifar, tmp_path, "--run.target_acc=0.01")
+    s = train.main(cfg)
+    out = tmp_path / "run"
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"epoch", "step", "train_loss", "test_acc", "val_acc", "lr", "train_time_s", "img_per_s"}
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1
+    assert rows[1]["train_time_s"] > rows[0]["train_time_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(s))
+    for key in ("time_to_target_s", "final_test_acc", "train_time_s", "epochs", "params", "git_sha",
+                "torch_version", "device", "world_size", "seed", "config"):
+        assert key in summary
+    # target 1%: reached at the first evaluation, at that evaluation's training time
+    assert summary["time_to_target_s"] == rows[0]["train_time_s"] and summary["epochs_to_target"] == 1
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["params"] == train.count_params(train.build_model(cfg.model))
+    assert summary["world_size"] == 1 and summary["steps"] == 2 * (450 // 50)
+    assert config.load(out / "config.toml") == cfg  # the resolved config, saved
+
+
+def test_target_never_reached_is_null(small_cifar, tmp_path):
+    s = train.main(tiny(small_cifar, tmp_path, "--run.target_acc=1.0", "--run.epochs=1"))
+    assert s["time_to_target_s"] is None and s["epochs_to_target"] is None
+
+
+def test_eval_every(small_cifar, tmp_path):
+    train.main(tiny(small_cifar, tmp_path, "--run.epochs=3", "--run.eval_every=2"))
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [2, 3]  # every 2nd epoch and the end
+
+
+@pytest.mark.parametrize("loader", ["gpu", "workers"])
+def test_resume_equals_uninterrupted(small_cifar, tmp_path, monkeypatch, loader):
+    """Stop right after the first checkpoint, resume: the same weights, bit for bit, as never stopping."""
+    extra = [f"--data.loader={loader}", "--data.num_workers=1", "--model.stochastic_depth=0.3",
+             "--optim.warmup_epochs=1", "--optim.batch_size=100"]
+    train.main(tiny(small_cifar, tmp_path / "a", *extra))
+
+    real_save = checkpoint.save
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # the process is killed right after its first checkpoint
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(small_cifar, tmp_path / "b", *extra))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b" / "run")] == [1]
+    train.main(tiny(small_cifar, tmp_path / "b", *extra))
+
+    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = read_metrics(tmp_path / "a" / "run"), read_metrics(tmp_path / "b" / "run")
+    assert [r["epoch"] for r in rb] == [1, 2]  # no duplicated or lost rows
+    assert [(r["train_loss"], r["test_acc"]) for r in ra] == [(r["train_loss"], r["test_acc"]) for r in rb]
+
+
+def test_resume_modes_and_config_mismatch(small_cifar, tmp_path):
+    with pytest.raises(UserError, match="no .* to resume from"):
+        train.main(tiny(small_cifar, tmp_path, "--run.resume=require", "--run.epochs=1"))
+    train.main(tiny(small_cifar, tmp_path, "--run.epochs=1"))
+    with pytest.raises(UserError, match="already holds a run"):
+        train.main(tiny(small_cifar, tmp_path, "--run.resume=never", "--run.epochs=1"))
+    with pytest.raises(UserError, match=r"different config \(model.depth, optim.lr_per_128\)"):
+        train.main(tiny(small_cifar, tmp_path, "--run.epochs=1", "--model.depth=14", "--optim.lr_per_128=0.2"))
+    # a finished run resumed again trains nothing and reports the same
+    s = train.main(tiny(small_cifar, tmp_path, "--run.epochs=1", "--run.resume=require"))
+    assert s["steps"] == 9 and len(read_metrics(tmp_path / "run")) == 1
+
+
+def test_batch_must_split_over_ranks_and_micro_batches(small_cifar, tmp_path):
+    with pytest.raises(UserError, match="does not split evenly"):
+        train.main(tiny(small_cifar, tmp_path, "--optim.batch_size=50", "--optim.accum_steps=3"))
+
+
+def test_out_dir_that_is_a_file(small_cifar, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(UserError, match="is a file"):
+        train.main(tiny(small_cifar, tmp_path, f"--run.out_dir={tmp_path / 'file'}"))
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_accumulation_of_one_is_the_plain_step(small_cifar, tmp_path):
+    train.main(tiny(small_cifar, tmp_path / "a", "--run.epochs=1"))
+    train.main(tiny(small_cifar, tmp_path / "b", "--run.epochs=1", "--optim.accum_steps=1"))
+    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_smoke_run_writes_metrics_summary_and_tensorboard(cifar_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "smoke"
+    r = run_cli(["--config", "configs/smoke.toml", f"--data.dir={cifar_dir}", f"--run.out_dir={out}",
+                 "--data.subset=1200", "--data.val_size=200", "--data.test_subset=500", "--run.epochs=2"],
+                env={"OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "epoch   2" in r.stderr and "fastres: done" in r.stderr
+    rows = read_metrics(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(rows) == 2 and summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["config"]["run"]["name"] == "smoke" and summary["params"] == 269_722
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "test/acc", "val/acc", "perf/img_per_s"} <= tags
+    acc = ea.Scalars("test/acc")
+    assert [e.step for e in acc] == [r["step"] for r in rows]
+    assert [round(e.value, 6) for e in acc] == [round(r["test_acc"], 6) for r in rows]
+    # RELATIVE time axis = training wall-clock: event times sit at t0 + train_time_s
+    t0 = ea.Scalars("train/lr")[0].wall_time
+    assert [e.wall_time - t0 for e in acc] == pytest.approx([r["train_time_s"] for r in rows], abs=1e-3)
+
+
+def test_cli_bad_data_dir_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "cifar-10-batches-py").mkdir(parents=True)
+    (empty / "cifar-10-batches-py" / "test_batch").write_bytes(b"junk")
+    r = run_cli([f"--data.dir={empty}", f"--run.out_dir={tmp_path / 'out'}"], timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("fastres: error:")]
+    assert len(lines) == 1 and "data_batch_1" in lines[0] and "missing" in lines[0]
+
+
+@pytest.mark.parametrize("variant", [
+    ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1"],
+    ["--data.loader=workers", "--data.num_workers=1", "--model.stochastic_depth=0.5", "--model.block=pre"],
+], ids=["gpu-loader", "workers-loader+sd+preact"])
+def test_two_process_ddp_equals_one_process(cifar_dir, tmp_path, variant):
+    """2 gloo ranks x 32 images == 1 process x 64 images taken as 2 micro-batches of 32.
+
+    BatchNorm normalizes over what one rank sees, so the single process must see the same groups: its
+    micro-batch m holds every 2nd image of the batch, exactly rank m's share under DistributedSampler.
+    """
+    common = [f"--data.dir={cifar_dir}", "--data.subset=640", "--data.test_subset=100", "--run.epochs=2",
+              "--optim.batch_size=64", "--model.depth=14", *variant]
+    r2 = run_cli([*common, f"--run.out_dir={tmp_path / 'ddp'}"], torchrun=2)
+    assert r2.returncode == 0, r2.stderr
+    r1 = run_cli([*common, f"--run.out_dir={tmp_path / 'one'}", "--optim.accum_steps=2"])
+    assert r1.returncode == 0, r1.stderr
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    for k in params:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    s2 = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["steps"] == 2 * (640 // 64)
+    m2, m1 = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [r["train_loss"] for r in m2] == pytest.approx([r["train_loss"] for r in m1], rel=1e-5)
+
+
+@pytest.mark.parametrize("sd", ["0", "0.5"], ids=["whole-model", "per-branch-with-sd"])
+def test_compile_trains_like_eager(small_cifar, tmp_path, sd):
+    """torch.compile (the whole net; or each residual branch when stochastic depth decides per step)."""
+    args = ["--run.epochs=1", "--data.subset=250", "--data.test_subset=50", f"--model.stochastic_depth={sd}"]
+    eager = train.main(tiny(small_cifar, tmp_path / "eager", *args))
+    compiled = train.main(tiny(small_cifar, tmp_path / "compiled", *args, "--precision.compile=true"))
+    a, b = weights(tmp_path / "eager" / "run"), weights(tmp_path / "compiled" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+    assert compiled["final_test_acc"] == pytest.approx(eager["final_test_acc"], abs=0.04)
