@@ -113,7 +113,7 @@ def death_rates(num_blocks: int, p_last: float, mode: str) -> list[float]:
     """Per-block death rates p_l, l = 1..L (Huang 2016, eq. 4 for linear decay)."""
     if mode == "uniform":
         return [p_last] * num_blocks
-    return [p_last * (l + 1) / num_blocks for l in range(num_blocks)]
+    return [p_last * (i + 1) / num_blocks for i in range(num_blocks)]
 
 
 class ResNetCifar(nn.Module):

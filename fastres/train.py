@@ -187,8 +187,8 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             step += 1
             log.advance()
-        epoch_time = distributed.all_reduce(torch.tensor(timer.stop(), dtype=torch.float64), op="max").item()
-        progress["train_time_s"] += epoch_time
+        epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
+        progress["train_time_s"] += distributed.all_reduce(epoch_time, op="max").item()  # the slowest rank's
         done = epoch + 1
         if done % cfg.run.eval_every and done != cfg.run.epochs:
             continue

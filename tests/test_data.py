@@ -16,6 +16,7 @@ from fastres.data.cifar import DataError
 from fastres.data.gpu import crop_flip
 from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
 from fastres.errors import UserError
+
 from conftest import write_batch, write_cifar
 
 CPU = torch.device("cpu")

@@ -10,6 +10,7 @@ import torch
 from fastres import checkpoint, config, train
 from fastres.errors import UserError
 from fastres.log import read_metrics
+
 from conftest import run_cli
 
 

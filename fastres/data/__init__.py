@@ -8,7 +8,8 @@ epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 

@@ -7,7 +7,7 @@ own offset, mirrored where its flip bit is set, then a normalize. On a CPU devic
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

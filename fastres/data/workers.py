@@ -8,7 +8,7 @@ with each index by the sampler, so the batches equal the gpu loader's whatever t
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
