@@ -70,14 +70,18 @@ class DataCfg:
     dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py); "
                     "default: $FASTRES_DATA, else data/cifar10")
     loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the seed's path); "
-                       "gpu: whole uint8 set on the device, augmented with tensor ops",
-                       choices=("workers", "gpu"))
+                       "gpu: whole uint8 set on the device, augmented with tensor ops; "
+                       "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
+                       choices=("workers", "gpu", "dali"))
+    dali_source: str = _opt("host", "dali loader: feed uint8 batches from host memory, or gather them from a "
+                            "GPU-resident copy and hand them over zero-copy", choices=("host", "device"))
     val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0)
     split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
                            "of a recipe is tuned on the same split)", ge=0)
     subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests)", ge=0)
     test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests)", ge=0)
-    num_workers: int = _opt(4, "DataLoader worker processes per rank (workers loader only)", ge=0)
+    num_workers: int = _opt(4, "CPU workers per rank: DataLoader processes (workers), DALI threads (dali)",
+                            ge=0)
 
 
 @dataclass

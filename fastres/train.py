@@ -33,33 +33,12 @@ from fastres.evaluate import accuracy
 from fastres.log import RunLog
 from fastres.model import build_model, count_params
 from fastres.optim import build_optimizer, build_schedule
+from fastres.timing import Timer
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
 RESUME_MAY_DIFFER = ("run.resume", "run.device", "data.dir", "data.num_workers")
 SUMMARY = "summary.json"
-
-
-class Timer:
-    """Seconds between start() and stop(), device-synchronized (CUDA events on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
-        if self.cuda:
-            self.begin = torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.t = time.perf_counter()
-
-    def stop(self) -> float:
-        if not self.cuda:
-            return time.perf_counter() - self.t
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        end.synchronize()
-        return self.begin.elapsed_time(end) / 1000.0
 
 
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:

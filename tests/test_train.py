@@ -175,10 +175,20 @@ def test_cli_bad_data_dir_is_one_line(tmp_path):
     assert len(lines) == 1 and "data_batch_1" in lines[0] and "missing" in lines[0]
 
 
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 @pytest.mark.parametrize("variant", [
     ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1"],
     ["--data.loader=workers", "--data.num_workers=1", "--model.stochastic_depth=0.5", "--model.block=pre"],
-], ids=["gpu-loader", "workers-loader+sd+preact"])
+    pytest.param(["--data.loader=dali", "--data.num_workers=1", "--model.shortcut=B"],
+                 marks=pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")),
+], ids=["gpu-loader", "workers-loader+sd+preact", "dali-loader+shortcut-B"])
 def test_two_process_ddp_equals_one_process(cifar_dir, tmp_path, variant):
     """2 gloo ranks x 32 images == 1 process x 64 images taken as 2 micro-batches of 32.
 

@@ -49,7 +49,10 @@ def build_loader(cfg: DataCfg, split: Split, *, batch_per_rank: int, seed: int, 
     if cfg.loader == "gpu":
         from fastres.data.gpu import GpuLoader
         return GpuLoader(split, **common)
+    if cfg.loader == "dali":
+        from fastres.data.dali import DaliLoader  # DALI is imported only when chosen
+        return DaliLoader(split, num_threads=cfg.num_workers, source=cfg.dali_source, **common)
     if cfg.loader == "workers":
         from fastres.data.workers import WorkersLoader
         return WorkersLoader(split, num_workers=cfg.num_workers, **common)
-    raise UserError(f"data.loader = {cfg.loader!r} is not one of: workers, gpu")
+    raise UserError(f"data.loader = {cfg.loader!r} is not one of: workers, gpu, dali")

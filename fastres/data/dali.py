@@ -1,0 +1,167 @@
+"""The DALI loader: NVIDIA DALI does the pad-crop, flip and normalize, on the GPU (on the CPU without one).
+
+Imported only when ``data.loader = "dali"``. The pipeline (one per process, on its LOCAL_RANK device):
+
+    fn.external_source  -> uint8 HWC images, zero-padded to 40x40, in this rank's order for the epoch
+                           + per image: crop position x and y, mirror flag; + int64 labels
+    fn.crop_mirror_normalize (device="gpu")  -> 32x32 crop at the image's offset, mirrored if its flag is
+                           set, (x - 255*mean) / (255*std), NCHW (NHWC when channels_last), fp32 or fp16
+
+Order and augmentation come from :mod:`fastres.data.order`, so batches are the gpu loader's images (up to
+float rounding in the normalize): disjoint, complete shards with the same number of full batches on every
+rank, no duplicates, whatever DALI's prefetching does. Images reach the pipeline one of two ways
+(``data.dali_source``): "host" gathers each batch from a uint8 array in host memory (DALI copies it to the
+GPU); "device" keeps the padded set on the GPU as a torch tensor, gathers there and hands the batch to
+DALI zero-copy through __cuda_array_interface__ / DLPack. ``fastres.bench --what loaders`` measures both.
+
+DALI has no bfloat16: with precision.amp = "bf16" the pipeline writes fp16 and torch casts it (exact for
+the normalized range up to bf16's own rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastres.data.cifar import MEAN, STD, Split
+from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.errors import UserError
+
+INSTALL = "pip install nvidia-dali-cuda130  (or: pip install -e '.[dali]'; the bare 'nvidia-dali' is a placeholder)"
+
+
+def import_dali():
+    """(dali.fn, dali.types, pipeline_def, DALIGenericIterator); UserError with the pip command if absent."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    except ImportError as e:
+        raise UserError(f"data.loader = 'dali' but NVIDIA DALI does not import ({e}): {INSTALL}") from None
+    return fn, types, pipeline_def, DALIGenericIterator
+
+
+_FORK_HOOK: list[bool] = []
+_ORPHANS: list[object] = []
+
+
+def _disown_pipelines_in_child() -> None:
+    """A forked child (a DataLoader worker, say) inherits DALI pipelines but not their threads: shutting
+    one down there hangs or aborts the child. The child keeps the native objects referenced, never to be
+    destroyed (multiprocessing children leave through os._exit), and the Python side forgets them."""
+    from nvidia.dali.pipeline import Pipeline
+    for ref in list(getattr(Pipeline, "_pipes", ())):
+        pipe = ref()
+        if pipe is not None and getattr(pipe, "_pipe", None) is not None:
+            _ORPHANS.append(pipe._pipe)
+            pipe._pipe = None
+
+
+class _EpochSource:
+    """external_source callbacks: batch ``info.iteration`` of epoch ``base_epoch + info.epoch_idx``.
+
+    The epoch comes from DALI's own counter, not from set_epoch, so batches DALI prefetches ahead of the
+    training loop still belong to the right epoch.
+    """
+
+    def __init__(self, loader: DaliLoader, base_epoch: int):
+        self.loader, self.base_epoch, self.cached = loader, base_epoch, None
+
+    def _epoch(self, epoch: int):
+        if self.cached is None or self.cached[0] != epoch:
+            ld = self.loader
+            order = np.asarray(epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world), dtype=np.int64)
+            dy, dx, flip = (t.numpy() for t in aug_params(ld.n, ld.seed, epoch))
+            # crop_mirror_normalize puts the window at pos * (40 - 32): pos = offset / 8 is exact in fp32
+            pos_x = (dx / (2 * PAD)).astype(np.float32)
+            pos_y = (dy / (2 * PAD)).astype(np.float32)
+            order_dev = torch.from_numpy(order).to(ld.device) if ld.images_dev is not None else None
+            self.cached = (epoch, order, order_dev, pos_x, pos_y, flip.astype(np.int32))
+        return self.cached
+
+    def _slice(self, info):
+        if info.iteration >= len(self.loader):
+            raise StopIteration
+        b = self.loader.b
+        return self._epoch(self.base_epoch + info.epoch_idx), slice(info.iteration * b, (info.iteration + 1) * b)
+
+    def images(self, info):
+        (_, order, order_dev, *_), sl = self._slice(info)
+        if self.loader.images_dev is not None:
+            batch = self.loader.images_dev.index_select(0, order_dev[sl])  # gathered on the device
+            return batch if self.loader.gpu else batch.numpy()  # (DALI takes CPU data as numpy)
+        return np.take(self.loader.images_host, order[sl], axis=0)
+
+    def params(self, info):
+        (_, order, _, pos_x, pos_y, mirror), sl = self._slice(info)
+        idx = order[sl]
+        return pos_x[idx], pos_y[idx], mirror[idx], self.loader.labels[idx]
+
+
+class DaliLoader:
+    def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
+                 device: torch.device, channels_last: bool, dtype: torch.dtype, num_threads: int = 4,
+                 source: str = "host"):
+        self.fn, self.types, self.pipeline_def, self.Iterator = import_dali()
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_disown_pipelines_in_child)
+            _FORK_HOOK.append(True)
+        self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.num_threads = max(1, num_threads)
+        self.gpu = device.type == "cuda"
+        padded = np.pad(split.x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD))).transpose(0, 2, 3, 1)  # N,40,40,3
+        padded = np.ascontiguousarray(padded)
+        self.labels = split.y.astype(np.int64)
+        self.images_dev = torch.from_numpy(padded).to(device) if source == "device" else None
+        self.images_host = padded if source == "host" else None
+        self.epoch = 0
+        self._build(0)
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.b, self.world)
+
+    def _build(self, base_epoch: int) -> None:
+        fn, types = self.fn, self.types
+        gpu, out_fp16 = self.gpu, self.dtype in (torch.float16, torch.bfloat16)
+        src = _EpochSource(self, base_epoch)
+
+        @self.pipeline_def(batch_size=self.b, num_threads=self.num_threads,
+                           device_id=self.device.index if gpu else None, prefetch_queue_depth=2)
+        def pipeline():
+            on_device = gpu and self.images_dev is not None
+            images = fn.external_source(source=src.images, batch=True, batch_info=True, layout="HWC",
+                                        device="gpu" if on_device else "cpu")
+            pos_x, pos_y, mirror, labels = fn.external_source(source=src.params, num_outputs=4, batch=True,
+                                                              batch_info=True)
+            if gpu and not on_device:
+                images = images.gpu()
+            out = fn.crop_mirror_normalize(
+                images, device="gpu" if gpu else "cpu", crop=(32, 32), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                mirror=mirror, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
+                dtype=types.FLOAT16 if out_fp16 else types.FLOAT,
+                output_layout="HWC" if self.channels_last else "CHW")
+            return out, labels.gpu() if gpu else labels
+
+        pipe = pipeline()
+        pipe.build()
+        self.iterator = self.Iterator(pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False)
+        self.pipe_epoch, self.needs_reset = base_epoch, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.pipe_epoch != self.epoch:  # first use after a jump (resume) or a partly read epoch
+            self._build(self.epoch)
+        elif self.needs_reset:  # here, not at the end of the last epoch: its prefetch is then training time
+            self.iterator.reset()
+        self.pipe_epoch, self.needs_reset = None, True
+        for batch in self.iterator:
+            x, y = batch[0]["images"], batch[0]["labels"]
+            if self.channels_last:
+                x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: the channels_last layout
+            yield (x if x.dtype == self.dtype else x.to(self.dtype)), y
+        self.pipe_epoch = self.epoch + 1  # where DALI's own epoch counter now stands
