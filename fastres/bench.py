@@ -27,6 +27,7 @@ from fastres.config import Config
 from fastres.data import build_loader, cifar
 from fastres.errors import UserError
 from fastres.log import read_metrics
+from fastres.report import short_sha
 from fastres.timing import Timer
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
@@ -35,10 +36,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-loa
 
 def _variant(cfg: Config, loader: str) -> Config:
     """``cfg`` with data.loader (and data.dali_source for "dali-device") set for one loader."""
-    cfg = config.from_dict(config.to_dict(cfg))
-    cfg.data.loader = "dali" if loader.startswith("dali") else loader
-    cfg.data.dali_source = "device" if loader == "dali-device" else "host"
-    return cfg
+    return config.with_values(cfg, {"data.loader": "dali" if loader.startswith("dali") else loader,
+                                    "data.dali_source": "device" if loader == "dali-device" else "host"})
 
 
 def loader_alone(cfg: Config, split: cifar.Split, device: torch.device, repeats: int) -> float:
@@ -63,8 +62,8 @@ def loader_alone(cfg: Config, split: cifar.Split, device: torch.device, repeats:
 def end_to_end_epoch(cfg: Config) -> dict[str, Any]:
     """Train 2 epochs with ``cfg``; the second epoch's training time as fastres.train measures it."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = config.from_dict(config.to_dict(cfg))
-        run.run.out_dir, run.run.epochs, run.run.eval_every, run.run.resume = tmp, 2, 1, "never"
+        run = config.with_values(cfg, {"run.out_dir": tmp, "run.epochs": 2, "run.eval_every": 1,
+                                       "run.resume": "never"})
         summary = train.main(run)
         rows = read_metrics(tmp)
     epoch_s = rows[1]["train_time_s"] - rows[0]["train_time_s"]
@@ -81,7 +80,7 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
         dali_version = nvidia.dali.__version__
     except ImportError:
         dali_version = None
-    rows, run_id = [], time.strftime("%Y%m%dT%H%M%S")
+    rows, run_id, git_sha = [], time.strftime("%Y%m%dT%H%M%S"), provenance.git_sha()  # the code as started
     for name in loaders:
         if name.startswith("dali") and dali_version is None:
             print(f"bench: skipping {name}: NVIDIA DALI does not import", file=sys.stderr)
@@ -94,7 +93,7 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
             epoch_s=e2e["epoch_s"], train_img_per_s=e2e["train_img_per_s"], first_epoch_s=e2e["first_epoch_s"],
             batch_size=cfg.optim.batch_size, images=len(data.train), amp=cfg.precision.amp,
             channels_last=cfg.precision.channels_last, compile=cfg.precision.compile, depth=cfg.model.depth,
-            num_workers=cfg.data.num_workers, repeats=repeats, world_size=1, git_sha=provenance.git_sha(),
+            num_workers=cfg.data.num_workers, repeats=repeats, world_size=1, git_sha=git_sha,
             torch_version=torch.__version__, dali_version=dali_version,
             run_id=run_id, config=config.to_dict(var)))
         print(f"bench: {name}: {alone:,.0f} img/s alone, {e2e['epoch_s']:.3f} s/epoch end to end", file=sys.stderr)
@@ -110,7 +109,7 @@ def loader_table(rows: list[dict[str, Any]]) -> str:
         alone = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref else "-"
         epoch = f"{r['epoch_s'] / ref['epoch_s']:.3f}x" if ref else "-"
         cells = [r["device"], r["loader"], r["batch_size"], r["amp"], r["images"], f"{r['img_per_s']:,.0f}", alone,
-                 f"{r['epoch_s']:.3f}", epoch, r["git_sha"][:12]]
+                 f"{r['epoch_s']:.3f}", epoch, short_sha(r["git_sha"])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -132,29 +131,16 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return everything
 
 
-def take_flag(argv: list[str], flag: str, default: str) -> str:
-    """Remove ``flag VALUE`` or ``flag=VALUE`` from argv; its value, or ``default`` when absent."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i:i + 2]
-            return value
-        if arg.startswith(flag + "="):
-            del argv[i]
-            return arg.split("=", 1)[1]
-    return default
-
-
 def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     try:
-        what = take_flag(argv, "--what", "loaders")
-        out = Path(take_flag(argv, "--out", "results/loaders.json"))
-        loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
-        repeats = take_flag(argv, "--repeats", "3")
+        what = config.take_flag(argv, "--what", "loaders")
+        out = Path(config.take_flag(argv, "--out", "results/loaders.json"))
+        loaders = [name for name in config.take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
+        repeats = config.take_flag(argv, "--repeats", "3")
         path, overrides = config.parse_args(argv)
         cfg = config.load(path or DEFAULT_CONFIG, overrides)
         if what != "loaders":

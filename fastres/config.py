@@ -262,6 +262,14 @@ def _apply_overrides(cfg: Config, overrides: list[str]) -> None:
         setattr(getattr(cfg, section), key, _parse_cli_value(text, hints[key], dotted))
 
 
+def override(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with ``--section.key=value`` command-line overrides applied and checked."""
+    out = from_dict(to_dict(cfg))
+    _apply_overrides(out, overrides)
+    validate(out)
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value outside its field's choices or range."""
     for section in SECTIONS:
@@ -319,6 +327,19 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def take_flag(argv: list[str], flag: str, default: str) -> str:
+    """Remove ``flag VALUE`` or ``flag=VALUE`` from argv; its value, or ``default`` when absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return default
+
+
 def help_text(prog: str) -> str:
     """Every key with its type, default and meaning, for ``--help``."""
     lines = [f"usage: {prog} [--config FILE.toml] [--section.key=value ...]", ""]
@@ -335,6 +356,20 @@ def help_text(prog: str) -> str:
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str = "values") -> Config:
+    """A copy of ``cfg`` with ``{"section.key": value}`` set (TOML-typed values, same checks as a file)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        if "." not in dotted:
+            raise ConfigError(f"{source}: '{dotted}' must be a dotted key like \"model.depth\"")
+        section, key = dotted.split(".", 1)
+        nested.setdefault(section, {})[key] = value
+    out = from_dict(to_dict(cfg))
+    _apply(out, nested, source)
+    validate(out)
+    return out
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -22,6 +23,17 @@ def git_sha() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_hash() -> str:
+    """SHA-256 (first 16 hex digits) of every fastres source file: the code that trains, whatever the
+    commit. A commit that only adds results keeps it, so finished runs stay reusable."""
+    h = hashlib.sha256()
+    pkg = _REPO / "fastres"
+    for path in sorted(pkg.rglob("*.py")):
+        h.update(str(path.relative_to(pkg)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:

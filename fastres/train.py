@@ -86,6 +86,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if batch % (world * accum):
         raise UserError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
                         f"{accum} accumulation step(s): use a multiple of {world * accum}")
+    code = dict(git_sha=provenance.git_sha(), code_hash=provenance.code_hash())  # what runs, read at start
     state = open_run_dir(cfg, dist)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
@@ -206,8 +207,9 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         final_test_acc=last["test_acc"], final_val_acc=last["val_acc"], train_time_s=progress["train_time_s"],
         eval_time_s=progress["eval_time_s"], epochs=cfg.run.epochs, steps=total_steps,
         img_per_s=total_steps * batch / max(1e-9, progress["train_time_s"]), params=params,
-        git_sha=provenance.git_sha(), torch_version=torch.__version__, device=provenance.device_name(dev),
-        world_size=world, seed=cfg.run.seed, train_images=len(data.train), config=config.to_dict(cfg))
+        **code, torch_version=torch.__version__,
+        device=provenance.device_name(dev), world_size=world, seed=cfg.run.seed, train_images=len(data.train),
+        config=config.to_dict(cfg))
     if dist.is_main:
         (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         ttt = summary["time_to_target_s"]

@@ -14,6 +14,7 @@ from fastres.data import build_loader, cifar, normalize
 from fastres.data.cifar import Split
 from fastres.data.order import PAD, aug_params, steps_per_epoch
 from fastres.errors import UserError
+
 from conftest import ROOT, run_cli
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
@@ -42,7 +43,8 @@ def epoch(loader, e):
 @pytest.mark.parametrize("source", ["host", "device"])
 def test_unaugmented_outputs_are_the_source_images(monkeypatch, source):
     split = indexed_split()
-    center = lambda n, seed, e: (torch.full((n,), PAD), torch.full((n,), PAD), torch.zeros(n, dtype=torch.int64))
+    def center(n, seed, e):
+        return (torch.full((n,), PAD), torch.full((n,), PAD), torch.zeros(n, dtype=torch.int64))
     monkeypatch.setattr(dali_mod, "aug_params", center)
     for x, y in epoch(dali(split, source), 0):
         ref = normalize(torch.from_numpy(split.x[y.numpy()]))

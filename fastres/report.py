@@ -1,0 +1,219 @@
+"""The speed/accuracy table, from run summaries only: ``python -m fastres.report [--runs=DIR] [--out=DIR]``.
+
+Reads the stack manifest (``<runs>/stack.json``, written by fastres.stack) for the rows and their run
+directories, then each run's summary.json and metrics.jsonl, and writes to ``--out``:
+- stack.md: the table users read (also pasted into the README from results/);
+- stack.csv: the same numbers, one row per combination;
+- stack.png: time to target per combination (mean, error bar = std over seeds), and test accuracy
+  against training wall-clock for every run.
+A time is reported only when every seed of a row reached the target; otherwise the row says how many did.
+Rows that need more GPUs than the machine had say so and carry no number. Nothing here is typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastres.config import take_flag
+from fastres.errors import UserError
+from fastres.log import read_metrics
+
+MANIFEST = "stack.json"
+CSV_COLUMNS = ["combination", "group", "status", "device", "world_size", "seeds", "seeds_reached", "target_acc",
+               "time_to_target_s_mean", "time_to_target_s_std", "final_test_acc_mean", "final_test_acc_std",
+               "epochs_to_target_mean", "img_per_s", "speedup_vs_baseline", "git_sha", "code_hash",
+               "torch_version", "note"]
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
+
+
+def short_sha(sha: str) -> str:
+    return sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
+
+
+def _joined(values) -> str:
+    return " / ".join(sorted({str(v) for v in values if v is not None}))
+
+
+def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest, one aggregate per row) from the manifest and the runs' summaries."""
+    runs_dir = Path(runs_dir)
+    path = runs_dir / MANIFEST
+    if not path.exists():
+        raise UserError(f"no {path}: run fastres.stack first (or pass --runs=DIR of a stack's runs)")
+    manifest = json.loads(path.read_text())
+    rows = []
+    for row in manifest["rows"]:
+        summaries, curves = [], []
+        for run in row["runs"]:
+            try:
+                s = json.loads((Path(run) / "summary.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if s.get("finished"):
+                summaries.append(s)
+                curves.append(read_metrics(run))
+        reached = [s for s in summaries if s["time_to_target_s"] is not None]
+        complete = len(summaries) == row["seeds"]
+        t_mean, t_std = _mean_std([s["time_to_target_s"] for s in reached]) if (
+            complete and len(reached) == len(summaries)) else (None, None)
+        a_mean, a_std = _mean_std([s["final_test_acc"] for s in summaries])
+        status = row["status"]
+        if status.startswith("needs"):
+            shown = status
+        elif not summaries:
+            shown = "not run"
+        elif not complete:
+            shown = f"{len(summaries)}/{row['seeds']} seeds run"
+        elif not reached:
+            shown = "never reached"
+        elif len(reached) < len(summaries):
+            shown = f"{len(reached)}/{len(summaries)} seeds reached"
+        else:
+            shown = "done"
+        rows.append(dict(
+            combination=row["name"], group=row["group"], status=shown, note=row.get("note", ""),
+            nproc=row["nproc"], seeds=len(summaries), seeds_planned=row["seeds"], seeds_reached=len(reached),
+            target_acc=summaries[0]["target_acc"] if summaries else None,
+            device=_joined(s["device"] for s in summaries), world_size=_joined(s["world_size"] for s in summaries),
+            time_to_target_s_mean=t_mean, time_to_target_s_std=t_std,
+            final_test_acc_mean=a_mean, final_test_acc_std=a_std,
+            epochs_to_target_mean=statistics.fmean([s["epochs_to_target"] for s in reached])
+            if t_mean is not None else None,
+            img_per_s=statistics.fmean([s["img_per_s"] for s in summaries]) if summaries else None,
+            git_sha=_joined(short_sha(s["git_sha"]) for s in summaries),
+            code_hash=_joined(s.get("code_hash") for s in summaries),
+            torch_version=_joined(s["torch_version"] for s in summaries), curves=curves, speedup_vs_baseline=None))
+    base = rows[0] if rows else None
+    for r in rows:
+        if base and base["time_to_target_s_mean"] and r["time_to_target_s_mean"]:
+            r["speedup_vs_baseline"] = base["time_to_target_s_mean"] / r["time_to_target_s_mean"]
+    return manifest, rows
+
+
+def _fmt(v, spec: str, none: str = "") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _time(r: dict[str, Any]) -> str:
+    if r["time_to_target_s_mean"] is None:
+        return r["status"]
+    std = r["time_to_target_s_std"]
+    return f"{r['time_to_target_s_mean']:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
+    tgt = f"{target:.0%}" if target is not None else "target"
+    lines = [
+        f"# {manifest['name']}: time to {tgt} test accuracy",
+        "",
+        f"Training wall-clock seconds (device-synchronized, evaluation excluded) until the first evaluation at "
+        f"or above {tgt}; mean ± std over seeds, each row a fixed recipe. Speed-up is against the first row. "
+        f"Built by `python -m fastres.report` from the runs' summary.json files.",
+        "",
+        f"| combination | GPUs | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final test acc | img/s "
+        f"| device |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc = "" if r["final_test_acc_mean"] is None else f"{r['final_test_acc_mean']:.2%}"
+        if r["final_test_acc_std"] is not None:
+            acc += f" ± {r['final_test_acc_std']:.2%}"
+        name = r["combination"] + (" *(alone)*" if r["group"] == "alone" else "")
+        lines.append(f"| {name} | {r['nproc']} | {r['seeds']}/{r['seeds_planned']} | {_time(r)} | "
+                     f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'x' if r['speedup_vs_baseline'] else ''} | "
+                     f"{_fmt(r['epochs_to_target_mean'], '.1f')} | {acc} | {_fmt(r['img_per_s'], ',.0f')} | "
+                     f"{r['device']} |")
+    notes = [f"- {r['combination']}: {r['note']}" for r in rows if r["note"]]
+    prov = sorted({(r["git_sha"], r["code_hash"], r["torch_version"]) for r in rows if r["git_sha"]})
+    lines += ["", *(["Notes:", *notes, ""] if notes else []),
+              "Provenance (git SHA / code hash / torch): " + "; ".join(" / ".join(p) for p in prov) if prov else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+
+
+def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, max(4.0, 0.45 * len(rows) + 1.5)))
+    names = [r["combination"] + (" (alone)" if r["group"] == "alone" else "") for r in rows]
+    ys = list(range(len(rows)))[::-1]
+    means = [r["time_to_target_s_mean"] or 0.0 for r in rows]
+    stds = [r["time_to_target_s_std"] or 0.0 for r in rows]
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    ax1.barh(ys, means, xerr=stds, color=colors, capsize=3)
+    for y, r in zip(ys, rows):
+        if r["time_to_target_s_mean"] is None:
+            ax1.text(0, y, "  " + r["status"], va="center", fontsize=8, color="0.3")
+    ax1.set_yticks(ys, names, fontsize=8)
+    target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
+    tgt = f"{target:.0%}" if target is not None else "target"
+    ax1.set_xlabel(f"training seconds to {tgt} test accuracy (mean ± std over seeds)")
+    ax1.set_title(manifest["name"])
+    for color, r, name in zip(colors, rows, names):
+        for k, curve in enumerate(r["curves"]):
+            ax2.plot([m["train_time_s"] for m in curve], [m["test_acc"] for m in curve], color=color,
+                     lw=1, marker=".", ms=3, alpha=0.8, label=name if k == 0 else None)
+    if target is not None:
+        ax2.axhline(target, color="k", ls="--", lw=0.8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("training wall-clock (s, log scale)")
+    ax2.set_ylabel("test accuracy")
+    if any(r["curves"] for r in rows):
+        ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """stack.md, stack.csv, stack.png in ``out_dir`` from the runs under ``runs_dir``."""
+    manifest, rows = collect(runs_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "stack.md", out / "stack.csv", out / "stack.png"]
+    paths[0].write_text(markdown(manifest, rows))
+    write_csv(paths[1], rows)
+    plot(paths[2], manifest, rows)
+    return paths
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        runs = take_flag(argv, "--runs", "runs/stack")
+        out = take_flag(argv, "--out", "results")
+        if argv:
+            raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR")
+        paths = build_report(runs, out)
+    except UserError as e:
+        print(f"fastres: error: {e}", file=sys.stderr)
+        return 2
+    print("report: " + ", ".join(map(str, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
