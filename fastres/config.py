@@ -63,6 +63,8 @@ class RunCfg:
     resume: str = _opt("auto", "auto: continue from out_dir's checkpoint if any; never: refuse an existing "
                        "run; require: fail without one", choices=("auto", "never", "require"))
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
+    deterministic: bool = _opt(False, "deterministic kernels (torch.use_deterministic_algorithms, no cuDNN "
+                               "autotuning): the same seed gives the same metrics, bit for bit")
 
 
 @dataclass
@@ -96,6 +98,14 @@ class ModelCfg:
     sd_mode: str = _opt("linear", "linear: p_l = p_L * l / L (Huang 2016); uniform: p_l = p_L",
                         choices=("uniform", "linear"))
     zero_init_residual: bool = _opt(False, "start every residual branch at zero (Goyal et al. 2017)")
+    init: str = _opt("kaiming", "kaiming: He et al. 2015 normal init; lsuv: orthonormal, then each layer scaled "
+                     "to unit output variance on real batches (Mishkin & Matas 2016)", choices=("kaiming", "lsuv"))
+    lsuv_tol_var: float = _opt(0.1, "LSUV: stop scaling a layer once |output variance - 1| < this", gt=0.0)
+    lsuv_t_max: int = _opt(10, "LSUV: at most this many tries (each on a fresh mini-batch) per layer", ge=1)
+    dropout: float = _opt(0.0, "dropout rate between the two convolutions of every residual branch "
+                          "(as Wide ResNets place it); 0 = off", ge=0.0, lt=1.0)
+    dropout_kind: str = _opt("standard", "standard: inverted dropout of single activations; spatial: of whole "
+                             "channels (SpatialDropout, Tompson et al. 2015)", choices=("standard", "spatial"))
     num_classes: int = _opt(10, "output classes", ge=2)
 
 
@@ -110,6 +120,11 @@ class OptimCfg:
     weight_decay: float = _opt(1e-4, "L2 weight decay on every parameter (He 2015)", ge=0.0)
     warmup_epochs: float = _opt(0.0, "linear per-iteration warmup from lr_per_128 to the scaled lr "
                                 "(Goyal et al. 2017)", ge=0.0)
+    warmup_mode: str = _opt("gradual", "gradual: lr rises linearly over the warmup (Goyal et al. 2017); "
+                            "constant: lr stays at its start value, then jumps (He 2015's ResNet-110)",
+                            choices=("gradual", "constant"))
+    warmup_start: float = _opt(1.0, "the warmup's first lr, as a multiple of lr_per_128 (Goyal: 1; He 2015's "
+                               "ResNet-110: 0.1, i.e. 0.01)", gt=0.0)
     schedule: str = _opt("step", "step: lr * gamma at each milestone; cosine: cosine decay to 0 "
                          "after warmup", choices=("step", "cosine"))
     milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr *= gamma "
@@ -126,12 +141,21 @@ class PrecisionCfg:
 
 
 @dataclass
+class EvalCfg:
+    precise_bn: bool = _opt(False, "before each evaluation, recompute BN statistics with the current weights "
+                            "over un-augmented training images instead of the running averages")
+    precise_bn_batches: int = _opt(200, "precise BN: training batches (per rank, at the training batch size) "
+                                   "to average over", ge=1)
+
+
+@dataclass
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     precision: PrecisionCfg = field(default_factory=PrecisionCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass

@@ -79,3 +79,10 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if dist.is_initialized():
         for b in model.buffers():
             dist.broadcast(b, src=0)
+
+
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (after an init computed on rank 0 alone)."""
+    if dist.is_initialized():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)

@@ -1,4 +1,4 @@
-"""Accuracy on a held-out split, sharded over ranks and summed exactly (no padded duplicates)."""
+"""Evaluation: accuracy sharded over ranks and summed exactly; precise BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from fastres import distributed
 from fastres.data import normalize, to_batch
+from fastres.model import batchnorm_train_mode
 
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256 is the fastest forward batch on our 2-core CPU
 
@@ -31,3 +32,33 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     counts = distributed.all_reduce(torch.stack([correct, torch.tensor(len(y), device=images.device)]))
     model.train(was_training)
     return counts[0].item() / max(1, counts[1].item())
+
+
+@torch.no_grad()
+def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, batches: int, rank: int = 0,
+                world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> int:
+    """Replace BN running averages by statistics of the current weights; the number of images used per rank.
+
+    As fvcore's update_bn_stats (the "precise BN" of Wu & Johnson 2021, "Rethinking Batch in BatchNorm"):
+    reset the statistics, forward ``batches`` un-augmented training batches of ``batch`` images with BN on
+    batch statistics and a cumulative average (momentum None) instead of the exponential one, then
+    average over ranks (each rank uses its own images r, r + world, ...). Every block is kept (stochastic
+    depth in its eval form) and dropout is off: the network is the one that is evaluated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    x = images[rank::world]
+    n = min(batches * batch, (len(x) // batch) * batch or len(x))
+    dtype = amp_dtype or torch.float32
+    with batchnorm_train_mode(model):
+        for i in range(0, n, batch):
+            with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
+                model(to_batch(normalize(x[i:i + batch]), dtype, channels_last))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        for buf in (bn.running_mean, bn.running_var):
+            distributed.all_reduce(buf).div_(world)
+    return n

@@ -7,6 +7,9 @@
   after their BN-ReLU; the others add the raw input.
 - shortcut "A": stride-2 subsampling + zero channels (parameter-free; the paper's CIFAR choice);
   "B": 1x1 conv + BN projection where the shape changes.
+- dropout (off by default): inverted dropout ("standard") or SpatialDropout of whole channels ("spatial",
+  Tompson et al. 2015) between the two convolutions of every residual branch, where Wide ResNets
+  (Zagoruyko & Komodakis 2016) put it. Eval mode is deterministic; rate 0 adds no module at all.
 - stochastic depth (Huang et al. 2016): block l of L survives training with probability 1 - p_l,
   p_l = p_L (uniform) or p_L * l / L (linear decay); a dropped block skips its residual branch entirely
   (the source of the seed's speed-up) for the whole mini-batch, as in the paper. In eval the branch is
@@ -19,12 +22,15 @@ buffers, not parameters.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.config import ModelCfg
+from fastres.init import kaiming_init, orthonormal_init
 
 WIDTHS = (16, 32, 64)
 
@@ -55,14 +61,22 @@ def make_shortcut(kind: str, cin: int, cout: int, stride: int) -> nn.Module | No
                                      bn=nn.BatchNorm2d(cout)))
 
 
+def make_dropout(p: float, kind: str) -> dict[str, nn.Module]:
+    """{"drop": module} to splice into a branch, or {} when off (so off is the baseline, key for key)."""
+    if not p:
+        return {}
+    return {"drop": nn.Dropout2d(p) if kind == "spatial" else nn.Dropout(p)}
+
+
 class PostActBlock(nn.Module):
     """He 2015: relu(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))."""
 
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: str, death_rate: float):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str, death_rate: float,
+                 dropout: dict[str, nn.Module] | None = None):
         super().__init__()
         self.branch = nn.Sequential(OrderedDict(
             conv1=conv3x3(cin, cout, stride), bn1=nn.BatchNorm2d(cout), relu=nn.ReLU(inplace=True),
-            conv2=conv3x3(cout, cout), bn2=nn.BatchNorm2d(cout)))
+            **(dropout or {}), conv2=conv3x3(cout, cout), bn2=nn.BatchNorm2d(cout)))
         self.shortcut = make_shortcut(shortcut, cin, cout, stride)
         self.death_rate = death_rate
 
@@ -83,12 +97,12 @@ class PreActBlock(nn.Module):
     """He 2016: shortcut + conv2(relu(bn2(conv1(relu(bn1(x))))))."""
 
     def __init__(self, cin: int, cout: int, stride: int, shortcut: str, death_rate: float,
-                 split_after_preact: bool):
+                 split_after_preact: bool, dropout: dict[str, nn.Module] | None = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.branch = nn.Sequential(OrderedDict(
             conv1=conv3x3(cin, cout, stride), bn2=nn.BatchNorm2d(cout), relu=nn.ReLU(inplace=True),
-            conv2=conv3x3(cout, cout)))
+            **(dropout or {}), conv2=conv3x3(cout, cout)))
         self.shortcut = make_shortcut(shortcut, cin, cout, stride)
         self.death_rate = death_rate
         self.split_after_preact = split_after_preact or self.shortcut is not None
@@ -118,7 +132,8 @@ def death_rates(num_blocks: int, p_last: float, mode: str) -> list[float]:
 
 class ResNetCifar(nn.Module):
     def __init__(self, depth: int = 20, block: str = "post", shortcut: str = "A",
-                 stochastic_depth: float = 0.0, sd_mode: str = "linear", num_classes: int = 10):
+                 stochastic_depth: float = 0.0, sd_mode: str = "linear", num_classes: int = 10,
+                 dropout: float = 0.0, dropout_kind: str = "standard"):
         super().__init__()
         n = (depth - 2) // 6
         self.pre = block == "pre"
@@ -132,10 +147,12 @@ class ResNetCifar(nn.Module):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
                 p = rates[len(blocks)]
+                drop = make_dropout(dropout, dropout_kind)
                 if self.pre:
-                    blocks.append(PreActBlock(cin, cout, stride, shortcut, p, split_after_preact=not blocks))
+                    blocks.append(PreActBlock(cin, cout, stride, shortcut, p, split_after_preact=not blocks,
+                                              dropout=drop))
                 else:
-                    blocks.append(PostActBlock(cin, cout, stride, shortcut, p))
+                    blocks.append(PostActBlock(cin, cout, stride, shortcut, p, dropout=drop))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.head_bn = nn.BatchNorm2d(cin) if self.pre else None
@@ -158,24 +175,36 @@ class ResNetCifar(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def init_weights(model: ResNetCifar, zero_init_residual: bool = False) -> None:
-    """He init (He 2015 [13]: std sqrt(2 / (k*k*c_out))), BN at identity; optionally zero residual branches."""
+@contextmanager
+def batchnorm_train_mode(model: nn.Module) -> Iterator[None]:
+    """The network as evaluated (every block kept and scaled, no dropout) but BN on batch statistics, which
+    also updates its running averages. For precise BN and LSUV. Modes are restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    if zero_init_residual:  # Goyal et al. 2017, sec. 5.1: each block starts as the identity
-        for blk in model.blocks:
-            blk.zero_init()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def build_model(cfg: ModelCfg) -> ResNetCifar:
-    """The network ``cfg`` describes, initialized with the global torch RNG (seed it first)."""
+    """The network ``cfg`` describes, initialized with the global torch RNG (seed it first).
+
+    With ``init = "lsuv"`` the weights are orthonormal; :func:`fastres.init.lsuv_` then scales them on data.
+    """
     model = ResNetCifar(cfg.depth, cfg.block, cfg.shortcut, cfg.stochastic_depth, cfg.sd_mode,
-                        cfg.num_classes)
-    init_weights(model, cfg.zero_init_residual)
+                        cfg.num_classes, cfg.dropout, cfg.dropout_kind)
+    if cfg.init == "lsuv":  # orthonormal now; the data-driven scaling needs batches: init.lsuv_ (train.py)
+        orthonormal_init(model)
+    else:
+        kaiming_init(model)
+    if cfg.zero_init_residual:  # Goyal et al. 2017, sec. 5.1: each block starts as the identity
+        for blk in model.blocks:
+            blk.zero_init()
     return model
 
 

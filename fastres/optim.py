@@ -2,8 +2,10 @@
 
 - Linear scaling (Goyal et al. 2017): lr = lr_per_128 * global_batch / 128.
 - Gradual warmup (Goyal et al. 2017, sec. 2.2): over ``warmup_epochs`` the lr rises by a constant amount
-  per iteration from lr_per_128 (the batch-128 rate) to the scaled lr; with batch <= 128 there is nothing
-  to warm up from and the warmup is flat.
+  per iteration from warmup_start * lr_per_128 (Goyal: 1, the batch-128 rate) to the scaled lr; with
+  batch <= 128 and warmup_start = 1 there is nothing to warm up from and the warmup is flat.
+  Constant warmup (He 2015, ResNet-110: 0.01 until training error < 80%, ~400 iterations, then 0.1): the lr
+  stays at warmup_start * lr_per_128 for the warmup, then the schedule starts.
 - "step": multiply by ``gamma`` at each milestone, a fraction of all steps (He 2015: /10 at 50% and 75%).
   "cosine": half-cosine from the scaled lr to 0 over the steps after warmup.
 Being a function of the step, the schedule needs no state in a checkpoint to resume exactly.
@@ -28,6 +30,7 @@ def scaled_lr(cfg: OptimCfg) -> float:
 class Schedule:
     peak: float
     start: float
+    constant_warmup: bool
     total_steps: int
     warmup_steps: int
     kind: str
@@ -36,6 +39,8 @@ class Schedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
+            if self.constant_warmup:
+                return self.start
             return self.start + (self.peak - self.start) * step / self.warmup_steps
         if self.kind == "cosine":
             span = max(1, self.total_steps - self.warmup_steps)
@@ -47,7 +52,9 @@ class Schedule:
 def build_schedule(cfg: OptimCfg, steps_per_epoch: int, epochs: int) -> Schedule:
     total = steps_per_epoch * epochs
     peak = scaled_lr(cfg)
-    return Schedule(peak=peak, start=min(cfg.lr_per_128, peak), total_steps=total,
+    start = cfg.warmup_start * cfg.lr_per_128
+    return Schedule(peak=peak, start=start if cfg.warmup_mode == "constant" else min(start, peak),
+                    constant_warmup=cfg.warmup_mode == "constant", total_steps=total,
                     warmup_steps=min(total, round(cfg.warmup_epochs * steps_per_epoch)), kind=cfg.schedule,
                     milestone_steps=tuple(round(m * total) for m in cfg.milestones), gamma=cfg.gamma)
 

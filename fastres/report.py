@@ -92,7 +92,10 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             img_per_s=statistics.fmean([s["img_per_s"] for s in summaries]) if summaries else None,
             git_sha=_joined(short_sha(s["git_sha"]) for s in summaries),
             code_hash=_joined(s.get("code_hash") for s in summaries),
-            torch_version=_joined(s["torch_version"] for s in summaries), curves=curves, speedup_vs_baseline=None))
+            torch_version=_joined(s["torch_version"] for s in summaries), curves=curves, speedup_vs_baseline=None,
+            depth=summaries[0].get("config", {}).get("model", {}).get("depth") if summaries else None,
+            params=summaries[0].get("params") if summaries else None,
+            test_errs=[100 * (1 - s["final_test_acc"]) for s in summaries]))
     base = rows[0] if rows else None
     for r in rows:
         if base and base["time_to_target_s_mean"] and r["time_to_target_s_mean"]:
@@ -185,11 +188,84 @@ def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> No
     plt.close(fig)
 
 
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """The seed's figure (He 2015, Fig. 6): training, validation and test error (%) against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    epochs = [r["epoch"] for r in rows]
+    for key, label, style in (("train_acc", "train (augmented batches)", "--"), ("val_acc", "validation", "-."),
+                              ("test_acc", "test", "-")):
+        pts = [(e, 100 * (1 - r[key])) for e, r in zip(epochs, rows) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, marker=".", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# He et al. 2015, Table 6: CIFAR-10 test error (%) of ResNet-CIFAR with option A (110: best of 5 runs).
+PAPER_ERR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
+DEPTH_COLUMNS = ["depth", "params", "device", "seeds", "test_err_mean", "test_err_std", "paper_err",
+                 "diff_vs_paper", "git_sha", "torch_version"]
+
+
+def depth_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per depth whose every seed finished: final test error (%), against the paper's."""
+    out = []
+    for r in rows:
+        if r["status"].startswith(("needs", "not run")) or r["seeds"] < r["seeds_planned"]:
+            continue
+        mean, std = _mean_std(r["test_errs"])
+        paper = PAPER_ERR.get(r["depth"])
+        out.append(dict(depth=r["depth"], params=r["params"], device=r["device"], seeds=r["seeds"],
+                        test_err_mean=mean, test_err_std=std, paper_err=paper,
+                        diff_vs_paper=None if paper is None else mean - paper, git_sha=r["git_sha"],
+                        torch_version=r["torch_version"]))
+    return out
+
+
+def depth_report(manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """resnet-depths.csv and .md: the paper's Table 6 next to ours."""
+    table = depth_rows(rows)
+    csv_path, md_path = out / "resnet-depths.csv", out / "resnet-depths.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=DEPTH_COLUMNS)
+        w.writeheader()
+        for r in table:
+            w.writerow({k: "" if r[k] is None else r[k] for k in DEPTH_COLUMNS})
+    lines = [f"# {manifest['name']}", "",
+             "Final CIFAR-10 test error (%) of the paper's recipe (option A, post-activation, batch 128, lr 0.1, "
+             "/10 at 50% and 75% of 164 epochs on the 50k training set, pad-4 crop + flip), mean ± std over "
+             "seeds, next to He et al. 2015, Table 6. Built by `python -m fastres.report` from run summaries.",
+             "", "| depth | params | seeds | test error (%) | paper (%) | ours - paper | device |",
+             "|---|---|---|---|---|---|---|"]
+    for r in table:
+        err = f"{r['test_err_mean']:.2f}" + (f" ± {r['test_err_std']:.2f}" if r["test_err_std"] is not None else "")
+        lines.append(f"| {r['depth']} | {r['params']:,} | {r['seeds']} | {err} | {_fmt(r['paper_err'], '.2f')} | "
+                     f"{_fmt(r['diff_vs_paper'], '+.2f')} | {r['device']} |")
+    pending = [f"{r['combination']} ({r['status']})" for r in rows
+               if r["depth"] not in {t["depth"] for t in table}]
+    if pending:
+        lines += ["", "Not measured yet: " + ", ".join(pending) + "."]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
 def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """stack.md, stack.csv, stack.png in ``out_dir`` from the runs under ``runs_dir``."""
+    """The manifest's report in ``out_dir`` (stack.md/.csv/.png, or resnet-depths.csv/.md)."""
     manifest, rows = collect(runs_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if manifest.get("report") == "depths":
+        return depth_report(manifest, rows, out)
     paths = [out / "stack.md", out / "stack.csv", out / "stack.png"]
     paths[0].write_text(markdown(manifest, rows))
     write_csv(paths[1], rows)

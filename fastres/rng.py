@@ -13,6 +13,8 @@ import torch
 # Purposes: distinct streams for the same (seed, epoch).
 AUGMENT = 1
 STOCHASTIC_DEPTH = 2
+LSUV = 3
+EPOCH = 4  # the global torch RNG (dropout), reseeded per epoch and rank
 
 
 def derive_seed(*parts: int) -> int:

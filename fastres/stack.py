@@ -62,6 +62,7 @@ class Stack:
     runs_dir: Path
     out: Path
     rows: list[Row]
+    report: str = "stack"  # "stack": the speed/accuracy table; "depths": the paper's Table 6
 
 
 def slugify(name: str) -> str:
@@ -81,7 +82,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_STACK_KEYS = {"name", "base", "device", "seeds", "runs_dir", "out"}
+_STACK_KEYS = {"name", "base", "device", "seeds", "runs_dir", "out", "report"}
 _ROW_KEYS = {"name", "set", "from", "nproc", "seeds", "note"}
 
 
@@ -103,6 +104,8 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
                           f"(valid: {', '.join(sorted(_STACK_KEYS))})")
     if head.get("device", "cuda") not in ("cuda", "cpu"):
         raise ConfigError(f"{path}: stack.device = {head['device']!r} is not one of: cuda, cpu")
+    if head.get("report", "stack") not in ("stack", "depths"):
+        raise ConfigError(f"{path}: stack.report = {head['report']!r} is not one of: stack, depths")
     base = path.parent / head.get("base", "baseline.toml")
     default_seeds = seeds or int(head.get("seeds", 1))
     rows: list[Row] = []
@@ -142,7 +145,7 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
         raise ConfigError(f"{path}: two rows make the same directory name: {slugs}")
     return Stack(name=head.get("name", path.stem), base=base, device=head.get("device", "cuda"),
                  runs_dir=Path(head.get("runs_dir", f"runs/{path.stem}")), out=Path(head.get("out", "results")),
-                 rows=rows)
+                 rows=rows, report=head.get("report", "stack"))
 
 
 def run_config(stack: Stack, row: Row, seed: int, overrides: list[str]) -> config.Config:
@@ -211,7 +214,7 @@ def launch(cfg: config.Config, nproc: int, run_dir: Path, code: str, timeout_s: 
 
 def write_manifest(stack: Stack) -> None:
     stack.runs_dir.mkdir(parents=True, exist_ok=True)
-    data = {"name": stack.name, "device": stack.device, "base": str(stack.base),
+    data = {"name": stack.name, "device": stack.device, "base": str(stack.base), "report": stack.report,
             "rows": [asdict(r) for r in stack.rows]}
     tmp = stack.runs_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

@@ -13,6 +13,7 @@ whose test accuracy reaches run.target_acc.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -27,18 +28,62 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, config, distributed, provenance, rng
 from fastres.config import Config
-from fastres.data import build_loader, cifar
+from fastres.data import build_loader, cifar, normalize
 from fastres.errors import UserError
-from fastres.evaluate import accuracy
-from fastres.log import RunLog
+from fastres.evaluate import accuracy, precise_bn_
+from fastres.init import lsuv_
+from fastres.log import RunLog, read_metrics
 from fastres.model import build_model, count_params
 from fastres.optim import build_optimizer, build_schedule
+from fastres.report import plot_curves
 from fastres.timing import Timer
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
 RESUME_MAY_DIFFER = ("run.resume", "run.device", "data.dir", "data.num_workers")
 SUMMARY = "summary.json"
+
+
+def _random_batches(split, batch: int, seed: int, device: torch.device, fmt: torch.memory_format):
+    """A callable giving a fresh batch of un-augmented training images each call (for LSUV)."""
+    gen = rng.generator(seed, rng.LSUV)
+    images = torch.from_numpy(split.x)
+
+    def next_batch() -> torch.Tensor:
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        return normalize(images[idx]).to(device, memory_format=fmt)
+    return next_batch
+
+
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+               y: torch.Tensor, *, accum: int = 1, amp_dtype: torch.dtype | None = None,
+               label_smoothing: float = 0.0, before_forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch taken as ``accum`` micro-batches; (summed loss, correct) on the device.
+
+    Micro-batch m holds every accum-th image, exactly what DDP rank m would hold, and gradients are
+    all-reduced only after the last one (DDP's no_sync). Each micro-batch's mean loss is divided by accum,
+    so the gradient is that of the batch mean - with one difference from a single large batch: BatchNorm
+    normalizes each micro-batch over its own images (as each DDP rank does over its share).
+    ``before_forward()`` runs before every forward (stochastic depth reseeds there).
+    """
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for m in range(accum):
+        xm, ym = (x, y) if accum == 1 else (x[m::accum], y[m::accum])
+        if before_forward is not None:
+            before_forward()
+        sync = net.no_sync() if isinstance(net, DDP) and m < accum - 1 else nullcontext()
+        with sync:
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(xm)
+                loss = F.cross_entropy(logits, ym, label_smoothing=label_smoothing)
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach().float() * len(ym)
+        correct += (logits.detach().argmax(1) == ym).sum()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, correct
 
 
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
@@ -72,6 +117,11 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
 
 def main(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says (joining torchrun's process group if launched by it); the run's summary."""
+    if cfg.run.deterministic:  # before CUDA starts: cuBLAS reads this once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.run.deterministic)
+    torch.backends.cudnn.deterministic = cfg.run.deterministic
+    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotuned conv kernels vary run to run
     dist = distributed.setup(cfg.run.device)
     try:
         return _train(cfg, dist)
@@ -87,6 +137,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         raise UserError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
                         f"{accum} accumulation step(s): use a multiple of {world * accum}")
     code = dict(git_sha=provenance.git_sha(), code_hash=provenance.code_hash())  # what runs, read at start
+    micro = batch // (world * accum)  # the images one forward sees: what BN normalizes over
     state = open_run_dir(cfg, dist)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
@@ -120,6 +171,13 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         progress.update(state["progress"])
+    elif cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
+        if dist.is_main:
+            lsuv_records = lsuv_(model, _random_batches(data.train, micro, cfg.run.seed, dev, fmt),
+                                 tol_var=cfg.model.lsuv_tol_var, t_max=cfg.model.lsuv_t_max)
+            (out / "lsuv.json").write_text(json.dumps(lsuv_records, indent=1) + "\n")
+        distributed.broadcast_state(model)
+    train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
     sd_on = cfg.model.stochastic_depth > 0
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
@@ -140,31 +198,30 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
                  f"{steps_per_epoch} steps/epoch, {cfg.run.epochs} epochs -> {out}")
         if progress["epoch"]:
             log.info(f"fastres: resuming from epoch {progress['epoch']} (step {progress['step']})")
+        elif cfg.model.init == "lsuv":
+            log.info("fastres: LSUV output variances (before -> after, tries): " + ", ".join(
+                f"{r['layer']} {r['var_before']:.2f}->{r['var_last']:.2f} ({r['tries']})" for r in lsuv_records))
 
     # ---------------------------------------------------------------- train
     timer = Timer(dev)
     step = progress["step"]
     for epoch in range(progress["epoch"], cfg.run.epochs):
+        torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank, resumable
         loader.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
         timer.start()
         for x, y in loader:
             for group in opt.param_groups:
                 group["lr"] = schedule(step)
-            for m in range(accum):  # micro-batch m takes every accum-th image, as DDP ranks do
-                xm, ym = (x, y) if accum == 1 else (x[m::accum], y[m::accum])
-                if sd_on:  # same drops on every rank and micro-batch of a step (Huang 2016: per mini-batch)
-                    model.sd_gen.manual_seed(rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step))
-                sync = net.no_sync() if world > 1 and m < accum - 1 else nullcontext()
-                with sync:  # no gradient all-reduce until the last micro-batch
-                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = F.cross_entropy(net(xm), ym, label_smoothing=cfg.optim.label_smoothing)
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach().float() * len(ym)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            # stochastic depth: the same drops on every rank and micro-batch of a step (Huang 2016: per batch)
+            sd_seed = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
+            step_loss, step_correct = train_step(
+                net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing,
+                before_forward=(lambda s=sd_seed: model.sd_gen.manual_seed(s)) if sd_on else None)
+            loss_sum += step_loss
+            correct += step_correct
             step += 1
             log.advance()
         epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
@@ -175,25 +232,33 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
 
         # ------------------------------------------------------------ evaluate + checkpoint (untimed)
         t_eval = time.perf_counter()
-        train_loss = distributed.all_reduce(loss_sum).item() / (steps_per_epoch * batch)
+        seen = steps_per_epoch * batch
+        train_loss = distributed.all_reduce(loss_sum).item() / seen
+        train_acc = distributed.all_reduce(correct).item() / seen  # on augmented batches, as trained
         if not np.isfinite(train_loss):
             raise UserError(f"training loss became {train_loss} in epoch {done} (steps {step - steps_per_epoch}"
                             f"..{step}): lower optim.lr_per_128 or use precision.amp=bf16; the last good "
                             f"checkpoint (epoch {progress['epoch']}) is kept")
         distributed.broadcast_buffers(model)
-        acc = {name: accuracy(model, xs, ys, rank=dist.rank, world=world, amp_dtype=amp_dtype,
-                              channels_last=cfg.precision.channels_last) for name, (xs, ys) in evals.items()}
+        score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
+        extra = {}
+        if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
+            extra["test_acc_running_bn"] = accuracy(model, *evals["test"], **score)
+            precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
+        acc = {name: accuracy(model, xs, ys, **score) for name, (xs, ys) in evals.items()}
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
-        row = dict(epoch=done, step=step, train_loss=train_loss, test_acc=acc["test"], val_acc=acc.get("val"),
-                   lr=schedule(step - 1), train_time_s=progress["train_time_s"],
-                   img_per_s=epochs_since * steps_per_epoch * batch / max(1e-9, progress["train_time_s"] - since))
+        row = dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc["test"],
+                   val_acc=acc.get("val"), lr=schedule(step - 1), train_time_s=progress["train_time_s"],
+                   img_per_s=epochs_since * steps_per_epoch * batch / max(1e-9, progress["train_time_s"] - since),
+                   **extra)
         if progress["time_to_target_s"] is None and acc["test"] >= cfg.run.target_acc:
             progress.update(time_to_target_s=progress["train_time_s"], epochs_to_target=done)
         log.evaluation(row)
         progress.update(epoch=done, step=step, last=row)
         progress["eval_time_s"] += time.perf_counter() - t_eval
         if dist.is_main:
+            plot_curves(read_metrics(out), out / "curves.png")
             checkpoint.save(out / checkpoint.NAME, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                 rng=checkpoint.rng_state(), progress=progress, config=config.to_dict(cfg)))

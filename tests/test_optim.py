@@ -65,3 +65,17 @@ def test_optimizer_is_sgd_with_the_configured_terms():
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (pytest.approx(0.2), 0.8, True, 5e-4)
     with pytest.raises(UserError, match="nesterov"):
         build_optimizer(model, OptimCfg(nesterov=True, momentum=0.0))
+
+
+def test_constant_warmup_is_he_2015s_resnet110_trick():
+    # 0.01 for about 400 iterations (one epoch at batch 128), then the usual 0.1 and its steps
+    s = build_schedule(OptimCfg(warmup_epochs=1, warmup_mode="constant", warmup_start=0.1),
+                       steps_per_epoch=391, epochs=164)
+    assert s(0) == pytest.approx(0.01) and s(390) == pytest.approx(0.01)
+    assert s(391) == pytest.approx(0.1) and s(s.milestone_steps[0]) == pytest.approx(0.01)
+
+
+def test_gradual_warmup_from_a_lower_start():
+    s = build_schedule(OptimCfg(batch_size=128, warmup_epochs=1, warmup_start=0.5), steps_per_epoch=10,
+                       epochs=5)
+    assert s(0) == pytest.approx(0.05) and s(5) == pytest.approx(0.075) and s(10) == pytest.approx(0.1)

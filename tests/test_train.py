@@ -57,6 +57,7 @@ def test_outputs_of_a_run(small_cifar, tmp_path):
     assert rows[1]["train_time_s"] > rows[0]["train_time_s"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(s))
+    assert (out / "curves.png").exists()
     for key in ("time_to_target_s", "final_test_acc", "train_time_s", "epochs", "params", "git_sha",
                 "torch_version", "device", "world_size", "seed", "config"):
         assert key in summary
@@ -81,7 +82,7 @@ def test_eval_every(small_cifar, tmp_path):
 @pytest.mark.parametrize("loader", ["gpu", "workers"])
 def test_resume_equals_uninterrupted(small_cifar, tmp_path, monkeypatch, loader):
     """Stop right after the first checkpoint, resume: the same weights, bit for bit, as never stopping."""
-    extra = [f"--data.loader={loader}", "--data.num_workers=1", "--model.stochastic_depth=0.3",
+    extra = [f"--data.loader={loader}", "--data.num_workers=1", "--model.stochastic_depth=0.3", "--model.dropout=0.2",
              "--optim.warmup_epochs=1", "--optim.batch_size=100"]
     train.main(tiny(small_cifar, tmp_path / "a", *extra))
 
@@ -148,7 +149,7 @@ def test_cli_smoke_run_writes_metrics_summary_and_tensorboard(cifar_dir, tmp_pat
                  "--data.subset=1200", "--data.val_size=200", "--data.test_subset=500", "--run.epochs=2"],
                 env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
-    assert "epoch   2" in r.stderr and "fastres: done" in r.stderr
+    assert "epoch   2" in r.stderr and "fastres: done" in r.stderr and "(269,722 params)" in r.stderr
     rows = read_metrics(out)
     summary = json.loads((out / "summary.json").read_text())
     assert len(rows) == 2 and summary["final_test_acc"] == rows[-1]["test_acc"]
@@ -184,11 +185,11 @@ def _has_dali() -> bool:
 
 
 @pytest.mark.parametrize("variant", [
-    ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1"],
+    ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1", "--model.init=lsuv"],
     ["--data.loader=workers", "--data.num_workers=1", "--model.stochastic_depth=0.5", "--model.block=pre"],
     pytest.param(["--data.loader=dali", "--data.num_workers=1", "--model.shortcut=B"],
                  marks=pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")),
-], ids=["gpu-loader", "workers-loader+sd+preact", "dali-loader+shortcut-B"])
+], ids=["gpu-loader+lsuv", "workers-loader+sd+preact", "dali-loader+shortcut-B"])
 def test_two_process_ddp_equals_one_process(cifar_dir, tmp_path, variant):
     """2 gloo ranks x 32 images == 1 process x 64 images taken as 2 micro-batches of 32.
 

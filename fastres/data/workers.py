@@ -61,7 +61,10 @@ class WorkersLoader:
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.loader = DataLoader(_PaddedImages(split), batch_size=batch_per_rank, sampler=self.sampler,
                                  num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0,
+                                 # its own generator: workers draw nothing random, and the global RNG
+                                 # (dropout's) must not depend on when the worker pool starts
+                                 generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
