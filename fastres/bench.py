@@ -1,13 +1,23 @@
-"""Benchmarks that print ratios: ``python -m fastres.bench --what loaders [--config X] [--key=value ...]``.
+"""Benchmarks that print ratios: ``python -m fastres.bench [--what train|loaders|scaling] [--config X] [...]``.
 
-``--what loaders``: for each loader (workers, gpu, dali with host-fed and device-resident images):
-- alone: images/s of iterating the loader over a full epoch (after one warm-up epoch), device-synchronized,
-  median of ``--repeats`` epochs;
-- end to end: the training time of the second epoch (the first warms up and compiles) of a real
-  ``fastres.train`` run with that loader, as the trainer itself measures it.
-Each loader is one row appended to ``--out`` (default results/loaders.json) with the device, torch and
-DALI versions, git SHA and the config, and a table of ratios against the ``gpu`` loader is printed. It
-runs on whatever machine it is started on; on a CPU the numbers describe that CPU.
+``--what train`` (default; configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps
+(compilation happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
+(device-synchronized on a CPU), and the same for the seed's baseline recipe (configs/baseline.toml) in the
+same process. Reports img/s and s/epoch of both, the speed-up, and the fraction of the hardware floor: the
+roofline of this model on this device, from the model's FLOPs and activation bytes per image and the
+device's bf16 (fp32 on a CPU) matmul rate and copy bandwidth, both measured in the same run.
+``--time-to-target`` also trains the config to run.target_acc and records the time (training, and with
+evaluation), compile and data-staging seconds. A row per config goes to ``--out`` (results/bench.json).
+
+``--what loaders`` (configs/bench-loaders.toml): for each loader (workers, gpu, dali host-fed and
+device-resident): images/s of the loader alone over full epochs (after a warm-up epoch, median of
+``--repeats``), and the training time of the second epoch of a real run with it. Rows to
+results/loaders.json, a table of ratios against the gpu loader to results/loaders.md.
+
+``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
+:mod:`fastres.scaling`.
+
+Benchmarks assert no speed: they measure on whatever machine they run and say which.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fastres import config, provenance, train
+from fastres import config, provenance, rng, train
 from fastres.config import Config
 from fastres.data import build_loader, cifar
 from fastres.errors import UserError
@@ -31,7 +41,10 @@ from fastres.report import short_sha
 from fastres.timing import Timer
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench-loaders.toml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
+                  "scaling": CONFIGS / "fast.toml"}
+BASELINE = CONFIGS / "baseline.toml"
 
 
 def _variant(cfg: Config, loader: str) -> Config:
@@ -71,10 +84,158 @@ def end_to_end_epoch(cfg: Config) -> dict[str, Any]:
                 * cfg.optim.batch_size / epoch_s, first_epoch_s=rows[0]["train_time_s"])
 
 
-def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[str, Any]]:
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
-    data = cifar.split(cifar.load(cifar.ensure(cfg.data.dir)), val_size=cfg.data.val_size,
+def _device(cfg: Config) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+
+
+def _split(cfg: Config) -> cifar.Cifar10:
+    return cifar.split(cifar.load(cifar.ensure(cfg.data.dir)), val_size=cfg.data.val_size,
                        split_seed=cfg.data.split_seed, subset=cfg.data.subset, test_subset=cfg.data.test_subset)
+
+
+def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, steps: int,
+                     warmup: int) -> dict[str, Any]:
+    """Images/s of ``steps`` real training steps (loader, model, optimizer as fastres.train builds them)
+    after ``warmup`` steps; the loader runs across epoch boundaries as it would in training."""
+    amp_dtype = train.AMP_DTYPES[cfg.precision.amp]
+    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.run.seed)
+    torch.backends.cudnn.benchmark = True
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    loader = build_loader(cfg.data, split, batch_per_rank=batch, seed=cfg.run.seed, rank=0, world=1,
+                          device=device, channels_last=cfg.precision.channels_last, dtype=amp_dtype or torch.float32)
+    model = train.build_model(cfg.model).to(device, memory_format=fmt)
+    opt = train.build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
+    compile_s = 0.0
+    if cfg.precision.compile:
+        mode = None if cfg.precision.compile_mode == "default" else cfg.precision.compile_mode
+        if cfg.model.stochastic_depth:
+            for blk in model.blocks:
+                blk.branch.compile(mode=mode)
+        else:
+            model.compile(mode=mode)
+        compile_s = train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=accum, device=device,
+                                  fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream, timer, step = batches(), Timer(device), 0
+    for phase, n in (("warmup", warmup), ("timed", steps)):
+        if phase == "timed":
+            timer.start()
+        for _ in range(n):
+            x, y = next(stream)
+            sd = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
+            train.train_step(model, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype,
+                             label_smoothing=cfg.optim.label_smoothing,
+                             before_forward=(lambda s=sd: model.sd_gen.manual_seed(s))
+                             if cfg.model.stochastic_depth else None)
+            step += 1
+    seconds = timer.stop()
+    step_s = seconds / steps
+    del stream  # stops the loader (workers, DALI) before the next measurement
+    return dict(img_per_s=steps * batch / seconds, step_s=step_s, epoch_s=step_s * (len(split) // batch),
+                compile_s=compile_s)
+
+
+def hardware_rates(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> dict[str, float]:
+    """This device's matmul rate (FLOP/s, in ``dtype``) and copy bandwidth (bytes/s: read + write), measured."""
+    timer = Timer(device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    timer.start()
+    for _ in range(repeats):
+        a @ b
+    flops = 2 * n ** 3 * repeats / timer.stop()
+    big = torch.empty(256 * 2**20 if device.type == "cuda" else 32 * 2**20, dtype=torch.uint8, device=device)
+    out = torch.empty_like(big)
+    out.copy_(big)
+    timer.start()
+    for _ in range(repeats):
+        out.copy_(big)
+    bandwidth = 2 * big.numel() * repeats / timer.stop()
+    return dict(matmul_flops=flops, copy_bytes_per_s=bandwidth)
+
+
+# A training step reads and writes every activation several times: written and read once in the forward,
+# read again (saved for backward) and its gradient written and read in the backward: ~5 passes.
+ACTIVATION_PASSES = 5
+
+
+def model_cost(cfg: Config) -> dict[str, float]:
+    """FLOPs (forward + backward, counted by torch's FlopCounterMode) and memory traffic per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = train.build_model(cfg.model)
+    x = torch.randn(2, 3, 32, 32)
+    acts = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: acts.append(o.numel()))
+             for m in model.modules() if not list(m.children())]  # leaves: conv, bn, relu, pool, fc, ...
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    for h in hooks:
+        h.remove()
+    elem = 2 if cfg.precision.amp in ("bf16", "fp16") else 4
+    return dict(flops_per_img=counter.get_total_flops() / 2,
+                bytes_per_img=ACTIVATION_PASSES * elem * sum(acts) / 2)
+
+
+def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
+    """Roofline: the images/s the slower of compute and memory traffic allows."""
+    return min(hw["matmul_flops"] / cost["flops_per_img"], hw["copy_bytes_per_s"] / cost["bytes_per_img"])
+
+
+def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
+                overrides: list[str]) -> dict[str, Any]:
+    device, git_sha = _device(cfg), provenance.git_sha()
+    data = _split(cfg)
+    fast = measure_training(cfg, data.train, device, steps=steps, warmup=warmup)
+    base_cfg = config.override(config.load(BASELINE), [o for o in overrides if o.startswith("--data.")])
+    base = measure_training(base_cfg, _split(base_cfg).train, device, steps=steps, warmup=warmup)
+    amp_dtype = train.AMP_DTYPES[cfg.precision.amp] if device.type == "cuda" else None
+    hw = hardware_rates(device, amp_dtype or torch.float32)
+    cost = model_cost(cfg)
+    floor = floor_img_per_s(cost, hw)
+    row = dict(what="train", device=provenance.device_name(device), config_name=cfg_name, world_size=1,
+               batch_size=cfg.optim.batch_size, amp=cfg.precision.amp, depth=cfg.model.depth,
+               img_per_s=fast["img_per_s"], epoch_s=fast["epoch_s"], step_s=fast["step_s"],
+               compile_s=fast["compile_s"], baseline_img_per_s=base["img_per_s"], baseline_epoch_s=base["epoch_s"],
+               speedup_vs_baseline=fast["img_per_s"] / base["img_per_s"], floor_img_per_s=floor,
+               fraction_of_floor=fast["img_per_s"] / floor, **cost, **hw, steps=steps, warmup_steps=warmup,
+               time_to_target_s=None, git_sha=git_sha, torch_version=torch.__version__,
+               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), config=config.to_dict(cfg))
+    if time_to_target:
+        with tempfile.TemporaryDirectory() as tmp:
+            s = train.main(config.with_values(cfg, {"run.out_dir": tmp, "run.resume": "never"}))
+        row.update(time_to_target_s=s["time_to_target_s"], time_to_target_with_eval_s=s["time_to_target_with_eval_s"],
+                   target_acc=s["target_acc"], final_test_acc=s["final_test_acc"], train_time_s=s["train_time_s"],
+                   ttt_compile_s=s["compile_s"], staging_s=s["staging_s"], eval_time_s=s["eval_time_s"])
+    return row
+
+
+def train_table(rows: list[dict[str, Any]]) -> str:
+    head = ["device", "config", "batch", "amp", "img/s", "s/epoch", "baseline img/s", "speed-up", "floor img/s",
+            "of floor", "time to target (s)", "git"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ttt = "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.2f}"
+        cells = [r["device"], r["config_name"], r["batch_size"], r["amp"], f"{r['img_per_s']:,.0f}",
+                 f"{r['epoch_s']:.3f}", f"{r['baseline_img_per_s']:,.0f}", f"{r['speedup_vs_baseline']:.2f}x",
+                 f"{r['floor_img_per_s']:,.0f}", f"{r['fraction_of_floor']:.1%}", ttt, short_sha(r["git_sha"])]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[str, Any]]:
+    device, data = _device(cfg), _split(cfg)
     try:
         import nvidia.dali
         dali_version = nvidia.dali.__version__
@@ -114,7 +275,18 @@ def loader_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+TABLES = {
+    "loaders": ("Loader benchmark", "`python -m fastres.bench --what loaders`. img/s alone: the loader iterating "
+                "full epochs by itself; s/epoch: the second epoch of a real training run with it. Ratios are "
+                "against the gpu loader of the same bench run.", loader_table),
+    "train": ("Training throughput", "`python -m fastres.bench --what train`: img/s of timed training steps after "
+              "warm-up (CUDA events), the seed's baseline recipe measured in the same process, and the fraction "
+              "of this device's roofline for the model (matmul rate and copy bandwidth measured in the same run).",
+              train_table),
+}
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     """Append to the JSON list at ``path`` and rewrite its markdown table beside it; all rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -123,12 +295,16 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise UserError(f"{path} is not valid JSON ({e}): fix or move it; nothing was written") from None
     everything = old + rows
     path.write_text(json.dumps(everything, indent=1) + "\n")
-    path.with_suffix(".md").write_text(
-        f"# Loader benchmark\n\nRows of `{path.name}`, written by `python -m fastres.bench --what loaders`. "
-        "img/s alone: the loader iterating full epochs by itself; s/epoch: the second epoch of a real "
-        "training run with it. Ratios are against the gpu loader of the same bench run.\n\n"
-        + loader_table(everything))
+    title, intro, table = TABLES[what]
+    path.with_suffix(".md").write_text(f"# {title}\n\nRows of `{path.name}`, written by {intro}\n\n"
+                                       + table(everything))
     return everything
+
+
+def _whole(name: str, value: str, low: int) -> int:
+    if not value.isdigit() or int(value) < low:
+        raise UserError(f"{name} {value!r} must be a whole number >= {low}")
+    return int(value)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -137,22 +313,39 @@ def cli(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        what = config.take_flag(argv, "--what", "loaders")
-        out = Path(config.take_flag(argv, "--out", "results/loaders.json"))
+        what = config.take_flag(argv, "--what", "train")
+        if what not in DEFAULT_CONFIG:
+            raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
+        out = Path(config.take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
+                                                    "scaling": "results/scaling.md"}[what]))
         loaders = [name for name in config.take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
-        repeats = config.take_flag(argv, "--repeats", "3")
+        repeats = _whole("--repeats", config.take_flag(argv, "--repeats", "3"), 1)
+        steps = _whole("--steps", config.take_flag(argv, "--steps", "100"), 1)
+        warmup = _whole("--warmup", config.take_flag(argv, "--warmup", "20"), 0)
+        procs = [_whole("--gloo-procs", p, 1) for p in config.take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
+        ttt = "--time-to-target" in argv
+        argv = [a for a in argv if a != "--time-to-target"]
         path, overrides = config.parse_args(argv)
-        cfg = config.load(path or DEFAULT_CONFIG, overrides)
-        if what != "loaders":
-            raise UserError(f"--what {what!r} is not one of: loaders")
-        unknown = sorted(set(loaders) - set(LOADERS))
-        if unknown:
-            raise UserError(f"--loaders: unknown {', '.join(unknown)} (valid: {', '.join(LOADERS)})")
-        if not repeats.isdigit() or int(repeats) < 1:
-            raise UserError(f"--repeats {repeats!r} must be a whole number >= 1")
-        rows = bench_loaders(cfg, loaders, repeats=int(repeats))
-        append_rows(out, rows)
-        print(loader_table(rows), end="")
+        path = path or DEFAULT_CONFIG[what]
+        cfg = config.load(path, overrides)
+        if what == "loaders":
+            unknown = sorted(set(loaders) - set(LOADERS))
+            if unknown:
+                raise UserError(f"--loaders: unknown {', '.join(unknown)} (valid: {', '.join(LOADERS)})")
+            rows = bench_loaders(cfg, loaders, repeats=repeats)
+            append_rows(out, rows, "loaders")
+            print(loader_table(rows), end="")
+        elif what == "train":
+            row = bench_train(cfg, Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
+                              overrides=overrides)
+            append_rows(out, [row], "train")
+            print(train_table([row]), end="")
+        else:
+            from fastres.scaling import scaling_report
+            text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(text, end="")
     except UserError as e:
         print(f"fastres: error: {e}", file=sys.stderr)
         return 2

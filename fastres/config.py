@@ -130,6 +130,9 @@ class OptimCfg:
     milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr *= gamma "
                                    "(He 2015: 32k and 48k of 64k iterations)", check=_check_milestones)
     gamma: float = _opt(0.1, "step schedule: lr factor at each milestone", gt=0.0, le=1.0)
+    impl: str = _opt("default", "SGD implementation: default (torch's choice), foreach (one kernel per op "
+                     "over all tensors) or fused (one kernel for the whole update)",
+                     choices=("default", "foreach", "fused"))
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
 
 
@@ -137,7 +140,9 @@ class OptimCfg:
 class PrecisionCfg:
     amp: str = _opt("off", "autocast: fp16 (with GradScaler) or bf16", choices=("off", "fp16", "bf16"))
     channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the model (compiled before training; compile_s in the summary)")
+    compile_mode: str = _opt("default", "torch.compile mode; reduce-overhead replays the compiled step as CUDA "
+                             "graphs", choices=("default", "reduce-overhead", "max-autotune"))
 
 
 @dataclass
@@ -146,6 +151,8 @@ class EvalCfg:
                             "over un-augmented training images instead of the running averages")
     precise_bn_batches: int = _opt(200, "precise BN: training batches (per rank, at the training batch size) "
                                    "to average over", ge=1)
+    on_test: bool = _opt(True, "evaluate on the test set; false (for tuning) never touches it and measures "
+                         "time to target on the validation split")
 
 
 @dataclass

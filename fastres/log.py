@@ -79,9 +79,10 @@ class RunLog:
         self.tb.flush()
         done = row["step"] / max(1, self.total_steps)
         eta = row["train_time_s"] * (1 - done) / done if done else 0.0
-        val = f"  val {row['val_acc']:.2%}" if row.get("val_acc") is not None else ""
+        accs = "".join(f"  {name} {row[name + '_acc']:.2%}" for name in ("test", "val")
+                       if row.get(name + "_acc") is not None)
         self.info(f"epoch {row['epoch']:>3}  step {row['step']}/{self.total_steps}  loss {row['train_loss']:.4f}"
-                  f"  test {row['test_acc']:.2%}{val}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s"
+                  f"{accs}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s"
                   f"  train {fmt_time(row['train_time_s'])}  eta {fmt_time(eta)}")
 
     def close(self) -> None:

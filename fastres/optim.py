@@ -64,5 +64,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("optim.nesterov = true needs optim.momentum > 0")
     params = [p for p in model.parameters() if p.requires_grad]
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.impl]
     return torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, **impl)

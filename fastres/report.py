@@ -4,8 +4,10 @@ Reads the stack manifest (``<runs>/stack.json``, written by fastres.stack) for t
 directories, then each run's summary.json and metrics.jsonl, and writes to ``--out``:
 - stack.md: the table users read (also pasted into the README from results/);
 - stack.csv: the same numbers, one row per combination;
-- stack.png: time to target per combination (mean, error bar = std over seeds), and test accuracy
-  against training wall-clock for every run.
+- stack.png: time to target per combination (mean, error bar = std over seeds), and accuracy against
+  training wall-clock for every run.
+Accuracy is test accuracy, except for stacks whose runs measure the validation split (eval.on_test = false,
+for tuning): then every number is on the validation split and the columns say so.
 A time is reported only when every seed of a row reached the target; otherwise the row says how many did.
 Rows that need more GPUs than the machine had say so and carry no number. Nothing here is typed by hand.
 """
@@ -24,6 +26,7 @@ from fastres.errors import UserError
 from fastres.log import read_metrics
 
 MANIFEST = "stack.json"
+_WORD = {"test": "test", "val": "validation"}
 CSV_COLUMNS = ["combination", "group", "status", "device", "world_size", "seeds", "seeds_reached", "target_acc",
                "time_to_target_s_mean", "time_to_target_s_std", "final_test_acc_mean", "final_test_acc_std",
                "epochs_to_target_mean", "img_per_s", "speedup_vs_baseline", "git_sha", "code_hash",
@@ -66,7 +69,8 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         complete = len(summaries) == row["seeds"]
         t_mean, t_std = _mean_std([s["time_to_target_s"] for s in reached]) if (
             complete and len(reached) == len(summaries)) else (None, None)
-        a_mean, a_std = _mean_std([s["final_test_acc"] for s in summaries])
+        split = summaries[0].get("target_split", "test") if summaries else "test"
+        a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
         status = row["status"]
         if status.startswith("needs"):
             shown = status
@@ -86,7 +90,7 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             target_acc=summaries[0]["target_acc"] if summaries else None,
             device=_joined(s["device"] for s in summaries), world_size=_joined(s["world_size"] for s in summaries),
             time_to_target_s_mean=t_mean, time_to_target_s_std=t_std,
-            final_test_acc_mean=a_mean, final_test_acc_std=a_std,
+            split=split, final_acc_mean=a_mean, final_acc_std=a_std,
             epochs_to_target_mean=statistics.fmean([s["epochs_to_target"] for s in reached])
             if t_mean is not None else None,
             img_per_s=statistics.fmean([s["img_per_s"] for s in summaries]) if summaries else None,
@@ -95,12 +99,18 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             torch_version=_joined(s["torch_version"] for s in summaries), curves=curves, speedup_vs_baseline=None,
             depth=summaries[0].get("config", {}).get("model", {}).get("depth") if summaries else None,
             params=summaries[0].get("params") if summaries else None,
-            test_errs=[100 * (1 - s["final_test_acc"]) for s in summaries]))
+            test_errs=[100 * (1 - s["final_test_acc"]) for s in summaries if s.get("final_test_acc") is not None]))
     base = rows[0] if rows else None
     for r in rows:
         if base and base["time_to_target_s_mean"] and r["time_to_target_s_mean"]:
             r["speedup_vs_baseline"] = base["time_to_target_s_mean"] / r["time_to_target_s_mean"]
     return manifest, rows
+
+
+def split_of(rows: list[dict[str, Any]]) -> str:
+    """"test", or "val" when the runs were tuning runs that never looked at the test set."""
+    splits = {r["split"] for r in rows if r["seeds"]}
+    return "val" if splits == {"val"} else "test"
 
 
 def _fmt(v, spec: str, none: str = "") -> str:
@@ -118,20 +128,21 @@ def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
     tgt = f"{target:.0%}" if target is not None else "target"
     lines = [
-        f"# {manifest['name']}: time to {tgt} test accuracy",
+        f"# {manifest['name']}: time to {tgt} {_WORD[split_of(rows)]} accuracy",
         "",
         f"Training wall-clock seconds (device-synchronized, evaluation excluded) until the first evaluation at "
         f"or above {tgt}; mean ± std over seeds, each row a fixed recipe. Speed-up is against the first row. "
         f"Built by `python -m fastres.report` from the runs' summary.json files.",
         "",
-        f"| combination | GPUs | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final test acc | img/s "
+        f"| combination | GPUs | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final {split_of(rows)} acc"
+        " | img/s "
         f"| device |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = "" if r["final_test_acc_mean"] is None else f"{r['final_test_acc_mean']:.2%}"
-        if r["final_test_acc_std"] is not None:
-            acc += f" ± {r['final_test_acc_std']:.2%}"
+        acc = "" if r["final_acc_mean"] is None else f"{r['final_acc_mean']:.2%}"
+        if r["final_acc_std"] is not None:
+            acc += f" ± {r['final_acc_std']:.2%}"
         name = r["combination"] + (" *(alone)*" if r["group"] == "alone" else "")
         lines.append(f"| {name} | {r['nproc']} | {r['seeds']}/{r['seeds_planned']} | {_time(r)} | "
                      f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'x' if r['speedup_vs_baseline'] else ''} | "
@@ -145,11 +156,15 @@ def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """CSV_COLUMNS; on a validation-split stack the accuracy columns are named final_val_acc_*."""
+    split = split_of(rows)
+    names = [c.replace("test", split) for c in CSV_COLUMNS]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
+        w = csv.writer(f)
+        w.writerow(names)
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+            values = {**r, "final_test_acc_mean": r["final_acc_mean"], "final_test_acc_std": r["final_acc_std"]}
+            w.writerow(["" if values.get(k) is None else values.get(k) for k in CSV_COLUMNS])
 
 
 def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -170,17 +185,18 @@ def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> No
     ax1.set_yticks(ys, names, fontsize=8)
     target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
     tgt = f"{target:.0%}" if target is not None else "target"
-    ax1.set_xlabel(f"training seconds to {tgt} test accuracy (mean ± std over seeds)")
+    split = split_of(rows)
+    ax1.set_xlabel(f"training seconds to {tgt} {_WORD[split]} accuracy (mean ± std over seeds)")
     ax1.set_title(manifest["name"])
     for color, r, name in zip(colors, rows, names):
         for k, curve in enumerate(r["curves"]):
-            ax2.plot([m["train_time_s"] for m in curve], [m["test_acc"] for m in curve], color=color,
+            ax2.plot([m["train_time_s"] for m in curve], [m[f"{split}_acc"] for m in curve], color=color,
                      lw=1, marker=".", ms=3, alpha=0.8, label=name if k == 0 else None)
     if target is not None:
         ax2.axhline(target, color="k", ls="--", lw=0.8)
     ax2.set_xscale("log")
     ax2.set_xlabel("training wall-clock (s, log scale)")
-    ax2.set_ylabel("test accuracy")
+    ax2.set_ylabel(f"{_WORD[split]} accuracy")
     if any(r["curves"] for r in rows):
         ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

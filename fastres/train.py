@@ -12,6 +12,7 @@ whose test accuracy reaches run.target_acc.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -53,6 +54,30 @@ def _random_batches(split, batch: int, seed: int, device: torch.device, fmt: tor
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         return normalize(images[idx]).to(device, memory_format=fmt)
     return next_batch
+
+
+def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device: torch.device, fmt, dtype,
+            amp_dtype, steps: int = 3) -> float:
+    """Compile (and capture CUDA graphs) before training, on random batches of the real shape; seconds taken.
+
+    Weights, optimizer and scaler state are put back afterwards, so training starts exactly where it would
+    have; only the compiled code remains (as cifar10-airbench warms up before its timer starts). Every
+    stochastic-depth branch is kept meanwhile, so each is compiled.
+    """
+    timer = Timer(device)
+    timer.start()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
+    rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
+    x = torch.randn(batch_per_rank, 3, 32, 32, device=device).to(dtype=dtype, memory_format=fmt)
+    y = torch.randint(0, 10, (batch_per_rank,), device=device)
+    model.train()
+    for _ in range(steps):
+        train_step(net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype)
+    model.death_rates = rates
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    scaler.load_state_dict(saved[2])
+    return timer.stop()
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
@@ -146,6 +171,9 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
 
     # ---------------------------------------------------------------- build
+    if not cfg.eval.on_test and not cfg.data.val_size:
+        raise UserError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
+    t_staging = time.perf_counter()
     if dist.is_main:
         cifar.ensure(cfg.data.dir)  # downloads once, on rank 0
     distributed.barrier()
@@ -154,8 +182,13 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     loader = build_loader(cfg.data, data.train, batch_per_rank=batch // world, seed=cfg.run.seed,
                           rank=dist.rank, world=world, device=dev, channels_last=cfg.precision.channels_last,
                           dtype=amp_dtype or torch.float32)
+    target_split = "test" if cfg.eval.on_test else "val"  # tuning runs never look at the test set
     evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
-             for name, s in (("test", data.test), ("val", data.val)) if s is not None}
+             for name, s in (("test", data.test if cfg.eval.on_test else None), ("val", data.val))
+             if s is not None}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    staging_s = time.perf_counter() - t_staging  # read, validate, split, copy to the device, build the loader
     model = build_model(cfg.model).to(dev, memory_format=fmt)
     params = count_params(model)
     opt = build_optimizer(model, cfg.optim)
@@ -164,7 +197,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     schedule = build_schedule(cfg.optim, steps_per_epoch, cfg.run.epochs)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
     progress = dict(epoch=0, step=0, train_time_s=0.0, eval_time_s=0.0, time_to_target_s=None,
-                    epochs_to_target=None, t0=time.time(), last=None)
+                    time_to_target_with_eval_s=None, epochs_to_target=None, t0=time.time(), last=None)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -183,12 +216,16 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                   find_unused_parameters=sd_on, gradient_as_bucket_view=True)
+    compile_s = 0.0
     if cfg.precision.compile:
+        mode = None if cfg.precision.compile_mode == "default" else cfg.precision.compile_mode
         if sd_on:  # per-step drop decisions are Python branches: compile the branches, not the whole net
             for blk in model.blocks:
-                blk.branch.compile()
+                blk.branch.compile(mode=mode)
         else:
-            net.compile()
+            net.compile(mode=mode)
+        compile_s = warm_up(net, model, opt, scaler, batch_per_rank=batch // world, accum=accum, device=dev,
+                            fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
@@ -243,20 +280,24 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
         extra = {}
         if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
-            extra["test_acc_running_bn"] = accuracy(model, *evals["test"], **score)
+            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *evals[target_split], **score)
             precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
         acc = {name: accuracy(model, xs, ys, **score) for name, (xs, ys) in evals.items()}
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
-        row = dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc["test"],
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        eval_s = time.perf_counter() - t_eval
+        progress["eval_time_s"] += eval_s
+        row = dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
                    val_acc=acc.get("val"), lr=schedule(step - 1), train_time_s=progress["train_time_s"],
                    img_per_s=epochs_since * steps_per_epoch * batch / max(1e-9, progress["train_time_s"] - since),
-                   **extra)
-        if progress["time_to_target_s"] is None and acc["test"] >= cfg.run.target_acc:
-            progress.update(time_to_target_s=progress["train_time_s"], epochs_to_target=done)
+                   eval_s=eval_s, **extra)
+        if progress["time_to_target_s"] is None and acc[target_split] >= cfg.run.target_acc:
+            progress.update(time_to_target_s=progress["train_time_s"], epochs_to_target=done,
+                            time_to_target_with_eval_s=progress["train_time_s"] + progress["eval_time_s"])
         log.evaluation(row)
         progress.update(epoch=done, step=step, last=row)
-        progress["eval_time_s"] += time.perf_counter() - t_eval
         if dist.is_main:
             plot_curves(read_metrics(out), out / "curves.png")
             checkpoint.save(out / checkpoint.NAME, dict(
@@ -268,9 +309,12 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     last = progress["last"]
     summary = dict(
         name=cfg.run.name, finished=True, target_acc=cfg.run.target_acc,
-        time_to_target_s=progress["time_to_target_s"], epochs_to_target=progress["epochs_to_target"],
+        target_split=target_split, time_to_target_s=progress["time_to_target_s"],
+        time_to_target_with_eval_s=progress["time_to_target_with_eval_s"],
+        epochs_to_target=progress["epochs_to_target"],
         final_test_acc=last["test_acc"], final_val_acc=last["val_acc"], train_time_s=progress["train_time_s"],
-        eval_time_s=progress["eval_time_s"], epochs=cfg.run.epochs, steps=total_steps,
+        eval_time_s=progress["eval_time_s"], staging_s=staging_s, compile_s=compile_s, epochs=cfg.run.epochs,
+        steps=total_steps,
         img_per_s=total_steps * batch / max(1e-9, progress["train_time_s"]), params=params,
         **code, torch_version=torch.__version__,
         device=provenance.device_name(dev), world_size=world, seed=cfg.run.seed, train_images=len(data.train),
@@ -278,8 +322,10 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if dist.is_main:
         (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         ttt = summary["time_to_target_s"]
-        log.info(f"fastres: done: test {last['test_acc']:.2%}, train {summary['train_time_s']:.1f} s, "
-                 f"time to {cfg.run.target_acc:.0%}: " + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
+        log.info(f"fastres: done: {target_split} {last[target_split + '_acc']:.2%}, train "
+                 f"{summary['train_time_s']:.1f} s (+ eval {summary['eval_time_s']:.1f} s, staging {staging_s:.1f} s"
+                 f", compile {compile_s:.1f} s), time to {cfg.run.target_acc:.0%}: "
+                 + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
     return summary
 
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fastres import bench, config
 from fastres.log import read_metrics
 
@@ -44,9 +46,38 @@ def test_end_to_end_epoch_is_the_trainers_second_epoch(small_cifar, tmp_path, mo
     assert read_metrics is real
 
 
-def test_bad_bench_arguments(capsys):
+def test_bad_bench_arguments(capsys, small_cifar):
     assert bench.cli(["--what", "nothing"]) == 2
-    assert bench.cli(["--loaders", "gpu,turbo"]) == 2
+    assert bench.cli(["--what", "loaders", "--loaders", "gpu,turbo", f"--data.dir={small_cifar}"]) == 2
     assert bench.cli(["--repeats", "0"]) == 2
+    assert bench.cli(["--steps", "x"]) == 2
     err = capsys.readouterr().err
-    assert "--what" in err and "turbo" in err and "--repeats" in err
+    assert "--what" in err and "turbo" in err and "--repeats" in err and "--steps" in err
+
+
+def test_train_bench_row_and_ratios(small_cifar, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["--config", "configs/fast.toml", f"--out={out}", "--steps", "3", "--warmup", "1", "--time-to-target",
+            f"--data.dir={small_cifar}", "--precision.amp=off", "--precision.compile=false", "--model.depth=8",
+            "--optim.batch_size=100", "--run.epochs=2", "--run.eval_every=1", "--run.target_acc=0.01",
+            "--data.num_workers=1"]
+    assert bench.cli(args) == 0
+    (row,) = json.loads(out.read_text())
+    for key in ("device", "config_name", "world_size", "batch_size", "amp", "img_per_s", "epoch_s",
+                "floor_img_per_s", "speedup_vs_baseline", "time_to_target_s", "git_sha", "torch_version"):
+        assert key in row, key
+    assert row["config_name"] == "fast" and row["world_size"] == 1 and row["batch_size"] == 100
+    assert row["speedup_vs_baseline"] == pytest.approx(row["img_per_s"] / row["baseline_img_per_s"])
+    floor = min(row["matmul_flops"] / row["flops_per_img"], row["copy_bytes_per_s"] / row["bytes_per_img"])
+    assert row["floor_img_per_s"] == pytest.approx(floor)
+    assert row["fraction_of_floor"] == pytest.approx(row["img_per_s"] / floor)
+    assert row["epoch_s"] == pytest.approx(row["step_s"] * (500 // 100))
+    assert row["time_to_target_s"] is not None and row["time_to_target_with_eval_s"] > row["time_to_target_s"]
+    assert "of floor" in capsys.readouterr().out and (tmp_path / "bench.md").exists()
+
+
+def test_model_cost_counts_resnet20():
+    cost = bench.model_cost(config.load(None))
+    # forward: about 41M multiply-adds per image (He 2015 Table 6 era estimates); backward twice that
+    assert 2.2e8 < cost["flops_per_img"] < 2.7e8
+    assert cost["bytes_per_img"] > 1e6

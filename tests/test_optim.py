@@ -79,3 +79,20 @@ def test_gradual_warmup_from_a_lower_start():
     s = build_schedule(OptimCfg(batch_size=128, warmup_epochs=1, warmup_start=0.5), steps_per_epoch=10,
                        epochs=5)
     assert s(0) == pytest.approx(0.05) and s(5) == pytest.approx(0.075) and s(10) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_sgd_implementations_agree(impl):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(models[0], OptimCfg(nesterov=True)), build_optimizer(models[1], OptimCfg(nesterov=True,
+                                                                                                     impl=impl))]
+    for _ in range(3):
+        x = torch.randn(16, 8)
+        for m, o in zip(models, opts):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)

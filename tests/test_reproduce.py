@@ -175,7 +175,7 @@ def test_same_seed_twice_gives_identical_metrics(small_cifar, tmp_path):
              "--model.dropout=0.2", "--model.stochastic_depth=0.3", "--model.init=lsuv"]
     train.main(tiny(small_cifar, tmp_path / "a", *extra))
     train.main(tiny(small_cifar, tmp_path / "b", *extra))
-    timing = {"train_time_s", "img_per_s"}
+    timing = {"train_time_s", "img_per_s", "eval_s"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "a" / "run")) == strip(read_metrics(tmp_path / "b" / "run"))
     wa = checkpoint.load(tmp_path / "a" / "run" / checkpoint.NAME)["model"]
@@ -233,3 +233,21 @@ def test_depth_table_header_without_runs(tmp_path):
     stack.run_stack(st, [], dry_run=True, say=lambda *a: None)
     report.build_report(st.runs_dir, st.out)
     assert (st.out / "resnet-depths.csv").read_text().strip() == ",".join(report.DEPTH_COLUMNS)
+
+
+def test_tuning_runs_never_touch_the_test_set(small_cifar, tmp_path, monkeypatch):
+    seen = []
+    real = train.accuracy
+
+    def spy(model, images, labels, **kw):
+        seen.append(len(labels))
+        return real(model, images, labels, **kw)
+
+    monkeypatch.setattr(train, "accuracy", spy)
+    s = train.main(tiny(small_cifar, tmp_path, "--eval.on_test=false", "--run.target_acc=0.01",
+                        "--data.test_subset=77"))
+    assert 77 not in seen and set(seen) == {50}  # only the 50 validation images were ever scored
+    assert s["target_split"] == "val" and s["final_test_acc"] is None and s["time_to_target_s"] is not None
+    assert all(r["test_acc"] is None for r in read_metrics(tmp_path / "run"))
+    with pytest.raises(train.UserError, match="data.val_size"):
+        train.main(tiny(small_cifar, tmp_path / "x", "--eval.on_test=false", "--data.val_size=0"))

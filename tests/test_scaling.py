@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from fastres import config, scaling
+from fastres.model import build_model, count_params
+
+
+def test_ring_allreduce_formula():
+    assert scaling.ring_allreduce_s(1, 1e6, 1e-5, 1e9) == 0.0
+    # 2 (N-1) latency steps, 2 (N-1)/N of the bytes through each link
+    assert scaling.ring_allreduce_s(4, 8e6, 1e-5, 1e9) == pytest.approx(6e-5 + 1.5 * 8e6 / 1e9)
+    assert scaling.ring_allreduce_s(8, 8e6, 0, 1e9) < 2 * 8e6 / 1e9  # bounded by 2 S / beta
+
+
+def test_buckets_cover_every_gradient():
+    model = build_model(config.ModelCfg())
+    sizes = [4 * p.numel() for p in model.parameters()]
+    b = scaling.buckets(sizes)
+    assert sum(b) == 4 * count_params(model) and b[0] >= scaling.FIRST_BUCKET
+
+
+def test_overlap_hides_early_buckets_but_not_the_last():
+    buckets = [10_000_000, 10_000_000]
+    alpha, beta = 0.0, 1e9
+    total = sum(scaling.ring_allreduce_s(2, b, alpha, beta) for b in buckets)
+    long = scaling.exposed_comm_s(2, t_comp=1.0, bucket_bytes=buckets, alpha=alpha, beta=beta)
+    assert long == pytest.approx(scaling.ring_allreduce_s(2, buckets[1], alpha, beta))  # only the last is exposed
+    short = scaling.exposed_comm_s(2, t_comp=1e-4, bucket_bytes=buckets, alpha=alpha, beta=beta)
+    assert long < short <= total
+
+
+def test_fit_recovers_the_formula():
+    alpha, beta = 3e-5, 2e9
+    measured = {(n, s): scaling.ring_allreduce_s(n, s, alpha, beta) for n in (2, 4) for s in (1e5, 1e6, 4e6)}
+    a, b = scaling.fit_ring(measured)
+    assert a == pytest.approx(alpha) and b == pytest.approx(beta)
+
+
+def test_scaling_report_on_cpu(tmp_path):
+    cfg = config.load(None, ["--model.depth=8"])
+    text = scaling.scaling_report(cfg, "baseline", steps=2, warmup=1, gloo_procs=[1, 2, 3])
+    assert "Not produced: the compute term has to be measured on a GPU" in text
+    assert "| 2 |" in text and "| 3 |" in text and "fitted alpha" in text
