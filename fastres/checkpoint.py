@@ -8,6 +8,7 @@ tensors and plain Python values (RNG states included, converted where needed).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,20 @@ NAME = "checkpoint.pt"
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` so that ``path`` is always a whole checkpoint: the old one or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+        raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}): free space or fix permissions "
+                        f"there and run the same command again; {kept}") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -38,9 +46,10 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read ({msg}): delete it to start over, or use "
+    except Exception as e:  # truncated, not a zip, foreign objects refused by weights_only, unreadable, ...
+        reason = "it holds objects other than tensors and plain values" if isinstance(
+            e, pickle.UnpicklingError) else (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        raise UserError(f"checkpoint {path} cannot be read ({reason}): move it away to start over, or use "
                         "another --run.out_dir") from None
 
 

@@ -41,10 +41,10 @@ def setup(device: str = "auto") -> Dist:
     if use_cuda:
         if not torch.cuda.is_available():
             raise UserError("run.device = 'cuda' but torch sees no CUDA device (no GPU, driver or CUDA "
-                            f"build; torch {torch.__version__}): use --run.device=cpu or auto")
+                            f"build; torch {torch.__version__}): use --run.device=cpu or auto", per_rank=True)
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
-                            "visible: lower torchrun's --nproc_per_node")
+                            "visible: lower torchrun's --nproc_per_node", per_rank=True)
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

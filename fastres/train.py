@@ -117,9 +117,9 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     ckpt = out / checkpoint.NAME
     if out.exists() and not out.is_dir():
         raise UserError(f"run.out_dir {out} is a file, not a directory: choose another --run.out_dir")
-    if cfg.run.resume == "never" and any((out / f).exists() for f in (checkpoint.NAME, "metrics.jsonl", SUMMARY)):
-        raise UserError(f"run.resume = 'never' but {out} already holds a run: choose another --run.out_dir "
-                        "or --run.name, or delete it")
+    if cfg.run.resume == "never" and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"run.resume = 'never' but {out} is not empty: choose another --run.out_dir or "
+                        "--run.name, or delete it")
     if cfg.run.resume == "require" and not ckpt.exists():
         raise UserError(f"run.resume = 'require' but there is no {ckpt} to resume from")
     if dist.is_main:
@@ -248,6 +248,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         model.train()
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
+        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss
         timer.start()
         for x, y in loader:
             for group in opt.param_groups:
@@ -259,11 +260,17 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
                 before_forward=(lambda s=sd_seed: model.sd_gen.manual_seed(s)) if sd_on else None)
             loss_sum += step_loss
             correct += step_correct
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync
             step += 1
             log.advance()
         epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
         progress["train_time_s"] += distributed.all_reduce(epoch_time, op="max").item()  # the slowest rank's
         done = epoch + 1
+        bad = distributed.all_reduce(bad_step, op="max").item()  # once an epoch: stop a diverged run
+        if bad >= 0:
+            raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
+                            f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
+                            f"the last good checkpoint (epoch {progress['epoch']}) is kept")
         if done % cfg.run.eval_every and done != cfg.run.epochs:
             continue
 
@@ -272,10 +279,6 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         seen = steps_per_epoch * batch
         train_loss = distributed.all_reduce(loss_sum).item() / seen
         train_acc = distributed.all_reduce(correct).item() / seen  # on augmented batches, as trained
-        if not np.isfinite(train_loss):
-            raise UserError(f"training loss became {train_loss} in epoch {done} (steps {step - steps_per_epoch}"
-                            f"..{step}): lower optim.lr_per_128 or use precision.amp=bf16; the last good "
-                            f"checkpoint (epoch {progress['epoch']}) is kept")
         distributed.broadcast_buffers(model)
         score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
         extra = {}
@@ -339,8 +342,9 @@ def cli(argv: list[str] | None = None) -> int:
         cfg = config.load(path, overrides)
         main(cfg)
     except UserError as e:
-        if distributed.env_rank() == 0 or not isinstance(e, config.ConfigError):
-            print(f"fastres: error: {e}", file=sys.stderr)
+        rank = distributed.env_rank()
+        if rank == 0 or e.per_rank:
+            print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     return 0
 

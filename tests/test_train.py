@@ -111,7 +111,7 @@ def test_resume_modes_and_config_mismatch(small_cifar, tmp_path):
     with pytest.raises(UserError, match="no .* to resume from"):
         train.main(tiny(small_cifar, tmp_path, "--run.resume=require", "--run.epochs=1"))
     train.main(tiny(small_cifar, tmp_path, "--run.epochs=1"))
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="is not empty"):
         train.main(tiny(small_cifar, tmp_path, "--run.resume=never", "--run.epochs=1"))
     with pytest.raises(UserError, match=r"different config \(model.depth, optim.lr_per_128\)"):
         train.main(tiny(small_cifar, tmp_path, "--run.epochs=1", "--model.depth=14", "--optim.lr_per_128=0.2"))
