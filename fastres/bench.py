@@ -35,7 +35,7 @@ import torch
 from fastres import config, provenance, rng, train
 from fastres.config import Config
 from fastres.data import build_loader, cifar
-from fastres.errors import UserError
+from fastres.errors import UserError, entry
 from fastres.log import read_metrics
 from fastres.report import short_sha
 from fastres.timing import Timer
@@ -301,55 +301,45 @@ def append_rows(path: Path, rows: list[dict[str, Any]], what: str) -> list[dict[
     return everything
 
 
-def _whole(name: str, value: str, low: int) -> int:
-    if not value.isdigit() or int(value) < low:
-        raise UserError(f"{name} {value!r} must be a whole number >= {low}")
-    return int(value)
-
-
 def cli(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        what = config.take_flag(argv, "--what", "train")
-        if what not in DEFAULT_CONFIG:
-            raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
-        out = Path(config.take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
-                                                    "scaling": "results/scaling.md"}[what]))
-        loaders = [name for name in config.take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
-        repeats = _whole("--repeats", config.take_flag(argv, "--repeats", "3"), 1)
-        steps = _whole("--steps", config.take_flag(argv, "--steps", "100"), 1)
-        warmup = _whole("--warmup", config.take_flag(argv, "--warmup", "20"), 0)
-        procs = [_whole("--gloo-procs", p, 1) for p in config.take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
-        ttt = "--time-to-target" in argv
-        argv = [a for a in argv if a != "--time-to-target"]
-        path, overrides = config.parse_args(argv)
-        path = path or DEFAULT_CONFIG[what]
-        cfg = config.load(path, overrides)
-        if what == "loaders":
-            unknown = sorted(set(loaders) - set(LOADERS))
-            if unknown:
-                raise UserError(f"--loaders: unknown {', '.join(unknown)} (valid: {', '.join(LOADERS)})")
-            rows = bench_loaders(cfg, loaders, repeats=repeats)
-            append_rows(out, rows, "loaders")
-            print(loader_table(rows), end="")
-        elif what == "train":
-            row = bench_train(cfg, Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
-                              overrides=overrides)
-            append_rows(out, [row], "train")
-            print(train_table([row]), end="")
-        else:
-            from fastres.scaling import scaling_report
-            text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-            print(text, end="")
-    except UserError as e:
-        print(f"fastres: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return entry(_main, argv, __doc__)
+
+
+def _main(argv: list[str]) -> None:
+    what = config.take_flag(argv, "--what", "train")
+    if what not in DEFAULT_CONFIG:
+        raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
+    out = Path(config.take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
+                                                "scaling": "results/scaling.md"}[what]))
+    loaders = [name for name in config.take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
+    repeats = config.whole_number("--repeats", config.take_flag(argv, "--repeats", "3"), 1)
+    steps = config.whole_number("--steps", config.take_flag(argv, "--steps", "100"), 1)
+    warmup = config.whole_number("--warmup", config.take_flag(argv, "--warmup", "20"), 0)
+    procs = [config.whole_number("--gloo-procs", p, 1)
+             for p in config.take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
+    ttt = "--time-to-target" in argv
+    argv = [a for a in argv if a != "--time-to-target"]
+    path, overrides = config.parse_args(argv)
+    path = path or DEFAULT_CONFIG[what]
+    cfg = config.load(path, overrides)
+    if what == "loaders":
+        unknown = sorted(set(loaders) - set(LOADERS))
+        if unknown:
+            raise UserError(f"--loaders: unknown {', '.join(unknown)} (valid: {', '.join(LOADERS)})")
+        rows = bench_loaders(cfg, loaders, repeats=repeats)
+        append_rows(out, rows, "loaders")
+        print(loader_table(rows), end="")
+    elif what == "train":
+        row = bench_train(cfg, Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
+                          overrides=overrides)
+        append_rows(out, [row], "train")
+        print(train_table([row]), end="")
+    else:
+        from fastres.scaling import scaling_report
+        text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(text, end="")
 
 
 if __name__ == "__main__":

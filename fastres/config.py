@@ -371,6 +371,13 @@ def take_flag(argv: list[str], flag: str, default: str) -> str:
     return default
 
 
+def whole_number(flag: str, value: str, low: int = 0) -> int:
+    """A command-line flag's value as an int >= ``low``; ConfigError naming the flag otherwise."""
+    if not value.isdigit() or int(value) < low:
+        raise ConfigError(f"{flag} {value!r} must be a whole number >= {low}")
+    return int(value)
+
+
 def help_text(prog: str) -> str:
     """Every key with its type, default and meaning, for ``--help``."""
     lines = [f"usage: {prog} [--config FILE.toml] [--section.key=value ...]", ""]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,11 +51,24 @@ def setup(device: str = "auto") -> Dist:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=dev)
-        else:
-            dist.init_process_group(backend="gloo")
+        kw = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_store(rank, world), rank=rank,
+                                world_size=world, **kw)
     return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
+
+
+def _store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store, with keys private to this restart attempt.
+
+    After torchrun restarts its workers (--max-restarts), the new process group would otherwise read the
+    previous attempt's addresses from torchrun's store and fail to connect ("Connection refused",
+    pytorch/pytorch#167288). Prefixing every key with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world_size=world, is_master=not agent_store and rank == 0,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"fastres/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

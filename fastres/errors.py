@@ -1,8 +1,13 @@
-"""The one exception type for mistakes a user can make (bad config, bad data, bad launch).
-
-Entry points catch it and print one line ``fastres: error: <cause and fix>`` with a non-zero exit, never a
+"""The one exception type for mistakes a user can make (bad config, bad data, bad launch), and the entry
+point wrapper that turns it into one line ``fastres: error: <cause and fix>`` and exit code 2, never a
 traceback. Anything else that escapes is a bug in fastres and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -15,3 +20,18 @@ class UserError(Exception):
     def __init__(self, message: str, per_rank: bool = False):
         super().__init__(message)
         self.per_rank = per_rank
+
+
+def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage: str) -> int:
+    """Run a command-line ``body(argv)``: ``--help`` prints ``usage``; a UserError becomes one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return 0
+    try:
+        return body(argv) or 0
+    except UserError as e:
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
+        if rank == 0 or e.per_rank:
+            print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+        return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastres.config import take_flag
-from fastres.errors import UserError
+from fastres.errors import UserError, entry
 from fastres.log import read_metrics
 
 MANIFEST = "stack.json"
@@ -290,21 +290,16 @@ def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        runs = take_flag(argv, "--runs", "runs/stack")
-        out = take_flag(argv, "--out", "results")
-        if argv:
-            raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR")
-        paths = build_report(runs, out)
-    except UserError as e:
-        print(f"fastres: error: {e}", file=sys.stderr)
-        return 2
+    return entry(_main, argv, __doc__)
+
+
+def _main(argv: list[str]) -> int | None:
+    runs = take_flag(argv, "--runs", "runs/stack")
+    out = take_flag(argv, "--out", "results")
+    if argv:
+        raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR")
+    paths = build_report(runs, out)
     print("report: " + ", ".join(map(str, paths)))
-    return 0
 
 
 if __name__ == "__main__":

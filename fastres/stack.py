@@ -33,7 +33,7 @@ import torch
 
 from fastres import config, provenance
 from fastres.config import ConfigError, tomllib
-from fastres.errors import UserError
+from fastres.errors import UserError, entry
 from fastres.train import RESUME_MAY_DIFFER, SUMMARY
 
 MANIFEST = "stack.json"
@@ -267,46 +267,39 @@ def run_stack(stack: Stack, overrides: list[str], *, budget_s: float | None = No
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        out = config.take_flag(argv, "--out", "")
-        runs = config.take_flag(argv, "--runs", "")
-        budget = config.take_flag(argv, "--budget-s", "")
-        only = [x for x in config.take_flag(argv, "--only", "").split(",") if x]
-        seeds = config.take_flag(argv, "--seeds", "")
-        dry_run = "--dry-run" in argv
-        argv = [a for a in argv if a != "--dry-run"]
-        path, overrides = config.parse_args(argv)
-        if path is None:
-            raise UserError("--config is required, e.g. --config configs/stack.toml")
-        for name, value in (("--budget-s", budget), ("--seeds", seeds)):
-            if value and not value.isdigit():
-                raise UserError(f"{name} {value!r} must be a whole number")
-        config.load(None, overrides)  # bad overrides fail here, before anything runs
-        stack = load_stack(path, seeds=int(seeds) if seeds else None)
-        if runs:
-            stack.runs_dir = Path(runs)
-        if out:
-            stack.out = Path(out)
-        if only:
-            unknown = [o for o in only if o not in {r.name for r in stack.rows} | {r.slug for r in stack.rows}]
-            if unknown:
-                raise UserError(f"--only: no row named {', '.join(unknown)}")
-        ok = run_stack(stack, overrides, budget_s=float(budget) if budget else None, only=only,
-                       dry_run=dry_run)
-        from fastres.report import build_report
-        paths = build_report(stack.runs_dir, stack.out)
-        print(f"stack: report -> {', '.join(str(p) for p in paths)}")
-        left = [r.name for r in stack.rows if r.status in ("pending", "incomplete")]
-        if left:
-            print(f"stack: not finished: {', '.join(left)}; run the same command again to continue")
-        return 0 if ok else 1
-    except UserError as e:
-        print(f"fastres: error: {e}", file=sys.stderr)
-        return 2
+    return entry(_main, argv, __doc__)
+
+
+def _main(argv: list[str]) -> int | None:
+    out = config.take_flag(argv, "--out", "")
+    runs = config.take_flag(argv, "--runs", "")
+    budget = config.take_flag(argv, "--budget-s", "")
+    only = [x for x in config.take_flag(argv, "--only", "").split(",") if x]
+    seeds = config.take_flag(argv, "--seeds", "")
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    path, overrides = config.parse_args(argv)
+    if path is None:
+        raise UserError("--config is required, e.g. --config configs/stack.toml")
+    budget_s = config.whole_number("--budget-s", budget, 1) if budget else None
+    config.load(None, overrides)  # bad overrides fail here, before anything runs
+    stack = load_stack(path, seeds=config.whole_number("--seeds", seeds, 1) if seeds else None)
+    if runs:
+        stack.runs_dir = Path(runs)
+    if out:
+        stack.out = Path(out)
+    if only:
+        unknown = [o for o in only if o not in {r.name for r in stack.rows} | {r.slug for r in stack.rows}]
+        if unknown:
+            raise UserError(f"--only: no row named {', '.join(unknown)}")
+    ok = run_stack(stack, overrides, budget_s=budget_s, only=only, dry_run=dry_run)
+    from fastres.report import build_report
+    paths = build_report(stack.runs_dir, stack.out)
+    print(f"stack: report -> {', '.join(str(p) for p in paths)}")
+    left = [r.name for r in stack.rows if r.status in ("pending", "incomplete")]
+    if left:
+        print(f"stack: not finished: {', '.join(left)}; run the same command again to continue")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

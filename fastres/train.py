@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastres import checkpoint, config, distributed, provenance, rng
 from fastres.config import Config
 from fastres.data import build_loader, cifar, normalize
-from fastres.errors import UserError
+from fastres.errors import UserError, entry
 from fastres.evaluate import accuracy, precise_bn_
 from fastres.init import lsuv_
 from fastres.log import RunLog, read_metrics
@@ -333,20 +333,10 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(config.help_text("python -m fastres.train"))
-        return 0
-    try:
-        path, overrides = config.parse_args(argv)
-        cfg = config.load(path, overrides)
-        main(cfg)
-    except UserError as e:
-        rank = distributed.env_rank()
-        if rank == 0 or e.per_rank:
-            print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
-        return 2
-    return 0
+    def body(args: list[str]) -> None:
+        path, overrides = config.parse_args(args)
+        main(config.load(path, overrides))
+    return entry(body, argv, config.help_text("python -m fastres.train"))
 
 
 if __name__ == "__main__":
