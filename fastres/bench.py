@@ -195,7 +195,7 @@ def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
 
 def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
                 overrides: list[str]) -> dict[str, Any]:
-    device, git_sha = _device(cfg), provenance.git_sha()
+    device, git_sha, code_hash = _device(cfg), provenance.git_sha(), provenance.code_hash()
     data = _split(cfg)
     fast = measure_training(cfg, data.train, device, steps=steps, warmup=warmup)
     base_cfg = config.override(config.load(BASELINE), [o for o in overrides if o.startswith("--data.")])
@@ -210,7 +210,7 @@ def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_
                compile_s=fast["compile_s"], baseline_img_per_s=base["img_per_s"], baseline_epoch_s=base["epoch_s"],
                speedup_vs_baseline=fast["img_per_s"] / base["img_per_s"], floor_img_per_s=floor,
                fraction_of_floor=fast["img_per_s"] / floor, **cost, **hw, steps=steps, warmup_steps=warmup,
-               time_to_target_s=None, git_sha=git_sha, torch_version=torch.__version__,
+               time_to_target_s=None, git_sha=git_sha, code_hash=code_hash, torch_version=torch.__version__,
                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), config=config.to_dict(cfg))
     if time_to_target:
         with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +241,8 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
         dali_version = nvidia.dali.__version__
     except ImportError:
         dali_version = None
-    rows, run_id, git_sha = [], time.strftime("%Y%m%dT%H%M%S"), provenance.git_sha()  # the code as started
+    rows, run_id = [], time.strftime("%Y%m%dT%H%M%S")
+    git_sha, code_hash = provenance.git_sha(), provenance.code_hash()  # the code as started
     for name in loaders:
         if name.startswith("dali") and dali_version is None:
             print(f"bench: skipping {name}: NVIDIA DALI does not import", file=sys.stderr)
@@ -254,7 +255,7 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
             epoch_s=e2e["epoch_s"], train_img_per_s=e2e["train_img_per_s"], first_epoch_s=e2e["first_epoch_s"],
             batch_size=cfg.optim.batch_size, images=len(data.train), amp=cfg.precision.amp,
             channels_last=cfg.precision.channels_last, compile=cfg.precision.compile, depth=cfg.model.depth,
-            num_workers=cfg.data.num_workers, repeats=repeats, world_size=1, git_sha=git_sha,
+            num_workers=cfg.data.num_workers, repeats=repeats, world_size=1, git_sha=git_sha, code_hash=code_hash,
             torch_version=torch.__version__, dali_version=dali_version,
             run_id=run_id, config=config.to_dict(var)))
         print(f"bench: {name}: {alone:,.0f} img/s alone, {e2e['epoch_s']:.3f} s/epoch end to end", file=sys.stderr)

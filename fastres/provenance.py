@@ -14,12 +14,14 @@ _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_sha() -> str:
-    """HEAD of the fastres checkout, with '-dirty' if tracked files differ from it; 'unknown' outside git."""
+    """HEAD of the fastres checkout, with '-dirty' if the code or configs differ from it (results and docs
+    do not count); 'unknown' outside git."""
     try:
         sha = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                                "fastres", "configs"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 from fastres import provenance, train
 from fastres.config import Config
 from fastres.model import count_params
+from fastres.report import short_sha
 from fastres.timing import Timer
 
 LINKS = {"NVLink (H100 SXM)": (5e-6, 350e9), "PCIe Gen5 x16": (10e-6, 40e9)}  # (alpha s, beta bytes/s)
@@ -149,7 +150,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
     B = cfg.optim.batch_size
     lines = [f"# Scaling model: {name} (ResNet-{cfg.model.depth}, global batch {B}, amp {cfg.precision.amp})", "",
              f"Produced by `python -m fastres.bench --what scaling --config configs/{name}.toml` at "
-             f"{provenance.git_sha()[:12]} (torch {torch.__version__}). The model is described in "
+             f"{short_sha(provenance.git_sha())} (torch {torch.__version__}). The model is described in "
              "fastres/scaling.py.", "",
              f"- gradient bytes per step: {grad_bytes:,} ({count_params(model):,} fp32 parameters) in "
              f"{len(bucket_bytes)} DDP bucket(s) of {', '.join(f'{b:,}' for b in bucket_bytes)} bytes",
