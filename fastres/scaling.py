@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -109,11 +110,13 @@ def _gloo_worker(rank: int, world: int, port: int, sizes: list[int], repeats: in
             t = torch.ones(nbytes // 4)
             for _ in range(3):
                 dist.all_reduce(t)
-            dist.barrier()
-            start = time.perf_counter()
+            each = []
             for _ in range(repeats):
+                dist.barrier()  # start together: time the all-reduce, not the wait for a late rank
+                start = time.perf_counter()
                 dist.all_reduce(t)
-            times.append((time.perf_counter() - start) / repeats)
+                each.append(time.perf_counter() - start)
+            times.append(statistics.median(each))  # a shared 2-core CPU preempts: the median resists it
         if rank == 0:
             Path(out).write_text(" ".join(map(repr, times)))
     finally:
@@ -121,7 +124,7 @@ def _gloo_worker(rank: int, world: int, port: int, sizes: list[int], repeats: in
 
 
 def gloo_allreduce_s(world: int, sizes: list[int], repeats: int = 50) -> list[float]:
-    """Measured seconds per all-reduce of each size among ``world`` local gloo processes."""
+    """Median measured seconds per all-reduce of each size among ``world`` local gloo processes."""
     if world == 1:
         return [0.0] * len(sizes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +184,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
         lines.append("")
 
     lines += ["## Check of the communication term: gloo on this machine's CPU", ""]
-    sizes = [grad_bytes // 4, grad_bytes, 4 * grad_bytes]
+    sizes = [grad_bytes // 16, grad_bytes // 4, grad_bytes, 4 * grad_bytes, 16 * grad_bytes]
     measured: dict[tuple[int, int], float] = {}
     for n in gloo_procs:
         for s, t in zip(sizes, gloo_allreduce_s(n, sizes)):
