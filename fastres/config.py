@@ -65,6 +65,8 @@ class RunCfg:
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
     deterministic: bool = _opt(False, "deterministic kernels (torch.use_deterministic_algorithms, no cuDNN "
                                "autotuning): the same seed gives the same metrics, bit for bit")
+    sync_debug: bool = _opt(False, "CUDA only: raise at any host-device synchronization inside the training "
+                            "loop (torch.cuda.set_sync_debug_mode), to check the fast path has none")
 
 
 @dataclass

@@ -15,7 +15,8 @@ _REPO = Path(__file__).resolve().parent.parent
 
 def git_sha() -> str:
     """HEAD of the fastres checkout, with '-dirty' if the code or configs differ from it (results and docs
-    do not count); 'unknown' outside git."""
+    do not count). Where there is no .git (a GPU machine gets a copy of the working tree), what
+    ``launch/device.sh prepare`` recorded in .device/git_sha; else 'unknown'."""
     try:
         sha = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -24,7 +25,8 @@ def git_sha() -> str:
                                check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        recorded = _REPO / ".device" / "git_sha"
+        return recorded.read_text().strip() if recorded.is_file() else "unknown"
 
 
 def code_hash() -> str:

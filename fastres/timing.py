@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -27,3 +29,20 @@ class Timer:
         end.record()
         end.synchronize()
         return self.begin.elapsed_time(end) / 1000.0
+
+
+@contextmanager
+def forbid_host_sync(enabled: bool) -> Iterator[None]:
+    """Inside, any host-device synchronization raises (torch.cuda.set_sync_debug_mode("error")): an
+    ``.item()``, a blocking copy, ``nonzero`` or a boolean mask stalls the host until the GPU drains, which
+    costs a fast loop its lead. Off (or without CUDA) it does nothing.
+    """
+    if not (enabled and torch.cuda.is_available()):
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)

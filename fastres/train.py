@@ -37,11 +37,11 @@ from fastres.log import RunLog, read_metrics
 from fastres.model import build_model, count_params
 from fastres.optim import build_optimizer, build_schedule
 from fastres.report import plot_curves
-from fastres.timing import Timer
+from fastres.timing import Timer, forbid_host_sync
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
-RESUME_MAY_DIFFER = ("run.resume", "run.device", "data.dir", "data.num_workers")
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "data.dir", "data.num_workers")
 SUMMARY = "summary.json"
 
 
@@ -250,19 +250,20 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss
         timer.start()
-        for x, y in loader:
-            for group in opt.param_groups:
-                group["lr"] = schedule(step)
-            # stochastic depth: the same drops on every rank and micro-batch of a step (Huang 2016: per batch)
-            sd_seed = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
-            step_loss, step_correct = train_step(
-                net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing,
-                before_forward=(lambda s=sd_seed: model.sd_gen.manual_seed(s)) if sd_on else None)
-            loss_sum += step_loss
-            correct += step_correct
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync
-            step += 1
-            log.advance()
+        with forbid_host_sync(cfg.run.sync_debug and dev.type == "cuda"):  # nothing in the loop waits
+            for x, y in loader:
+                for group in opt.param_groups:
+                    group["lr"] = schedule(step)
+                # stochastic depth: the same drops on every rank and micro-batch of a step (Huang 2016: per batch)
+                sd_seed = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
+                step_loss, step_correct = train_step(
+                    net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing,
+                    before_forward=(lambda s=sd_seed: model.sd_gen.manual_seed(s)) if sd_on else None)
+                loss_sum += step_loss
+                correct += step_correct
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync
+                step += 1
+                log.advance()
         epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
         progress["train_time_s"] += distributed.all_reduce(epoch_time, op="max").item()  # the slowest rank's
         done = epoch + 1

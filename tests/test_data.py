@@ -153,20 +153,32 @@ def test_split_holds_out_a_seeded_validation_set(small_cifar):
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("n", [96, 100, 101])
 def test_shards_are_disjoint_and_complete(n, world):
-    shards = [epoch_indices(n, seed=0, epoch=4, rank=r, world=world) for r in range(world)]
+    shards = [epoch_indices(n, seed=0, epoch=4, rank=r, world=world).tolist() for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank gets the same number of images
     flat = [i for s in shards for i in s]
     assert len(flat) == len(set(flat)) == (n // world) * world
     assert set(flat) <= set(range(n))
-    assert shards != [epoch_indices(n, seed=0, epoch=5, rank=r, world=world) for r in range(world)]
+    assert shards != [epoch_indices(n, seed=0, epoch=5, rank=r, world=world).tolist() for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [100, 101, 50000])
+def test_order_is_distributed_samplers(n, world):
+    """The tensor-op order is exactly torch's DistributedSampler's (shuffle, drop_last), rank for rank."""
+    from torch.utils.data import DistributedSampler
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=11,
+                                     drop_last=True)
+        sampler.set_epoch(3)
+        assert epoch_indices(n, seed=11, epoch=3, rank=rank, world=world).tolist() == list(sampler)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_global_batches_do_not_depend_on_world_size(world):
     n, B = 1000, 48
     b = B // world
-    one = epoch_indices(n, seed=7, epoch=2, rank=0, world=1)
-    shards = [epoch_indices(n, seed=7, epoch=2, rank=r, world=world) for r in range(world)]
+    one = epoch_indices(n, seed=7, epoch=2, rank=0, world=1).tolist()
+    shards = [epoch_indices(n, seed=7, epoch=2, rank=r, world=world).tolist() for r in range(world)]
     steps = steps_per_epoch(n, b, world)
     assert steps == n // B
     for k in range(steps):
@@ -217,7 +229,7 @@ def test_batch_contract(small_cifar, kind):
     # each label belongs to an image whose crop matches the batch: find it through the epoch order
     order = epoch_indices(len(split), 3, 0, 0, 1)
     dy, dx, flip = aug_params(len(split), 3, 0)
-    i = order[5]
+    i = order[5].item()
     padded = np.pad(split.x[i], ((0, 0), (PAD, PAD), (PAD, PAD)))[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
     padded = padded[:, :, ::-1] if flip[i] else padded
     torch.testing.assert_close(x[5], normalize(torch.from_numpy(padded.copy())))

@@ -72,7 +72,7 @@ class _EpochSource:
     def _epoch(self, epoch: int):
         if self.cached is None or self.cached[0] != epoch:
             ld = self.loader
-            order = np.asarray(epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world), dtype=np.int64)
+            order = epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world).numpy()
             dy, dx, flip = (t.numpy() for t in aug_params(ld.n, ld.seed, epoch))
             # crop_mirror_normalize puts the window at pos * (40 - 32): pos = offset / 8 is exact in fp32
             pos_x = (dx / (2 * PAD)).astype(np.float32)

@@ -48,8 +48,7 @@ class GpuLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world),
-                             dtype=torch.int64).to(self.device, non_blocking=True)
+        order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).to(self.device, non_blocking=True)
         dy, dx, flip = (t.to(self.device, non_blocking=True) for t in aug_params(self.n, self.seed, self.epoch))
         for k in range(len(self)):
             idx = order[k * self.b:(k + 1) * self.b]

@@ -33,7 +33,7 @@ class _AugmentedSampler(Sampler):
 
     def __iter__(self):
         dy, dx, flip = (t.tolist() for t in aug_params(self.n, self.seed, self.epoch))
-        for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world):
+        for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist():
             yield i, dy[i], dx[i], flip[i]
 
 

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# A GPU session's runbook: the device tool lends one H100 for 30 minutes of device time, 10 minutes a
+# command, given back ~30 s after each call, with no CIFAR-10, no DALI and no .git. This script does what
+# each call needs, so the session's minutes go to measurements.
+#
+# Here (the dev machine, repo root):
+#   bash launch/device.sh prepare        # stage CIFAR-10 + DALI wheels (.stage/NN), record HEAD in .device/;
+#                                        # prints the staging calls to make back to back
+#   bash launch/device.sh unpack DIR     # after a call: DIR = its files_at; puts results/ and runs/ back here
+# There (device `run`, carry [".device", ...], after the staging calls, on the still-warm machine):
+#   bash launch/device.sh run check bench         # phases in order, each logged; then packs $OUT/back.tgz
+#   bash launch/device.sh run stack=500           # a phase with its time budget in seconds
+#
+# Phases (minutes are budgets, not measurements):
+#   check    ~2   the tests only a GPU can run (tests/test_cuda.py) and the DALI tests; stops the call on failure
+#   bench    ~4   fast.toml: img/s, s/epoch, vs baseline, vs floor, time to 91% (results/bench.json)
+#   loaders  ~2   each loader alone and in a training epoch (results/loaders.json)
+#   scaling  ~1   the scaling model's GPU table (results/scaling.md)
+#   stack=S       the ladder for S seconds, resuming (results/stack.*)
+#   tune=S        configs/tune-fast.toml for S seconds (validation split only; runs/tune-fast/report)
+#   depths=S      the paper's depths for S seconds, resuming (results/resnet-depths.*)
+# Runs that are not finished keep their checkpoints in back.tgz; `unpack` puts them under runs/ and the next
+# call carries them (carry ["runs/stack"]) so the ladder resumes on a fresh machine.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+die() { echo "launch/device.sh: $*" >&2; exit 2; }
+
+prepare() {
+  mkdir -p .device
+  local sha dirty
+  sha=$(git rev-parse HEAD)
+  dirty=$(git status --porcelain --untracked-files=no -- fastres configs)
+  echo "$sha${dirty:+-dirty}" > .device/git_sha  # provenance.git_sha() reads it where .git is absent
+  echo "device runs will record git_sha $(cat .device/git_sha)"
+  bash ../shared/device/stage.sh data dali
+  echo "Then: run command 'bash launch/device.sh run check bench loaders scaling', carry [\".device\"]"
+}
+
+unpack() {
+  local dir=${1:?usage: launch/device.sh unpack FILES_AT}
+  [ -f "$dir/back.tgz" ] || die "no back.tgz in $dir"
+  tar -xzf "$dir/back.tgz" -C "$root"
+  echo "unpacked: $(tar -tzf "$dir/back.tgz" | grep -c .) entries into results/ and runs/"
+  [ -f "$dir/device.log" ] && tail -n 5 "$dir/device.log"
+  git status --short results
+}
+
+pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.json beside them)
+  local out=${OUT:-/tmp/out} list
+  mkdir -p "$out"
+  list=$(mktemp)
+  find results -type f > "$list"
+  if [ -d runs ]; then
+    find runs -type f ! -name checkpoint.pt >> "$list"
+    find runs -name checkpoint.pt | while read -r c; do
+      [ -f "$(dirname "$c")/summary.json" ] || echo "$c"
+    done >> "$list"
+  fi
+  tar -czf "$out/back.tgz" -T "$list"
+  echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
+}
+
+phase() {  # name[=budget_s]
+  local name=${1%%=*} budget=${1#*=}
+  [ "$budget" = "$1" ] && budget=500
+  echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
+  case $name in
+    check) python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py ;;
+    bench) python3 -m fastres.bench --config configs/fast.toml --time-to-target ;;
+    loaders) python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml ;;
+    scaling) python3 -m fastres.bench --what scaling --config configs/fast.toml ;;
+    stack) python3 -m fastres.stack --config configs/stack.toml --budget-s="$budget" ;;
+    tune) python3 -m fastres.stack --config configs/tune-fast.toml --budget-s="$budget" ;;
+    depths) python3 -m fastres.stack --config configs/depths.toml --budget-s="$budget" ;;
+    *) die "unknown phase '$name' (check, bench, loaders, scaling, stack=S, tune=S, depths=S)" ;;
+  esac
+}
+
+run() {
+  [ $# -gt 0 ] || die "name phases: check bench loaders scaling stack=S tune=S depths=S"
+  for p in "$@"; do case ${p%%=*} in check|bench|loaders|scaling|stack|tune|depths) ;;
+    *) die "unknown phase '$p' (check, bench, loaders, scaling, stack=S, tune=S, depths=S)" ;; esac; done
+  local data=${FASTRES_DATA:-/root/payload/cifar-10-batches-py}
+  [ -d "$data" ] || die "no CIFAR-10 at $data: make the staging calls 'launch/device.sh prepare' printed first"
+  [ -f .device/git_sha ] || [ -d .git ] || die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
+  export FASTRES_DATA=$data PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:$root${PYTHONPATH:+:$PYTHONPATH}
+  local out=${OUT:-/tmp/out} rc=0
+  mkdir -p "$out"
+  set +e
+  (
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not importable"
+    for p in "$@"; do
+      phase "$p" && continue
+      rc=$?
+      echo "=== $p failed (exit $rc)"
+      [ "${p%%=*}" = check ] && break  # a broken fast path is not worth benchmarking
+    done
+    exit "$rc"
+  ) 2>&1 | tee -a "$out/device.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  pack
+  return "$rc"
+}
+
+cmd=${1:-}; shift || true
+case $cmd in
+  prepare) prepare ;;
+  unpack) unpack "$@" ;;
+  run) run "$@" ;;
+  pack) pack ;;
+  *) die "usage: launch/device.sh prepare | run PHASE... | unpack FILES_AT | pack" ;;
+esac

@@ -1,0 +1,95 @@
+"""What only a CUDA GPU can check (skipped elsewhere): the fast path's claims about the device.
+
+Run these first in a GPU session (`bash launch/device.sh check`): they take about a minute and catch a
+broken fast path before the benchmarks spend the session's device time on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastres import checkpoint, config, train
+from fastres.config import DataCfg
+from fastres.data import build_loader, cifar
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def tiny(small_cifar, out, *overrides: str) -> config.Config:
+    return config.load(None, [f"--data.dir={small_cifar}", f"--run.out_dir={out}", "--run.device=cuda",
+                              "--model.depth=8", "--optim.batch_size=50", "--run.epochs=2", "--data.loader=gpu",
+                              "--data.val_size=50", "--data.test_subset=100", *overrides])
+
+
+def epoch(loader, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(e)
+    return [(x.cpu(), y.cpu()) for x, y in loader]
+
+
+def test_gpu_loader_on_cuda_gives_the_cpu_batches(small_cifar):
+    """The same crops, flips and order on the GPU as the CPU tests check image by image."""
+    split = cifar.load(small_cifar).train
+    on = {d: build_loader(DataCfg(loader="gpu"), split, batch_per_rank=32, seed=5, rank=1, world=2, device=d)
+          for d in (CPU, CUDA)}
+    for e in (0, 3):
+        a, b = epoch(on[CPU], e), epoch(on[CUDA], e)
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb)
+            torch.testing.assert_close(xa, xb, rtol=0, atol=1e-6)
+
+
+FAST = ["--data.loader=gpu", "--precision.amp=bf16", "--precision.channels_last=true", "--optim.impl=fused",
+        "--optim.warmup_epochs=1", "--optim.schedule=cosine"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--model.stochastic_depth=0.5", "--model.sd_mode=linear"],
+    ["--precision.compile=true"],
+    ["--precision.compile=true", "--precision.compile_mode=reduce-overhead"],
+    ["--precision.compile=true", "--model.stochastic_depth=0.5"],
+], ids=["eager", "eager-sd", "compile", "cuda-graphs", "compile-sd"])
+def test_fast_loop_never_waits_for_the_gpu(small_cifar, tmp_path, extra):
+    """run.sync_debug turns any host-device synchronization inside the timed loop into an error."""
+    s = train.main(tiny(small_cifar, tmp_path / "run", *FAST, *extra, "--run.sync_debug=true"))
+    assert s["finished"] and s["steps"] == 2 * (250 // 50) and s["device"].startswith("cuda")
+    state = checkpoint.load(tmp_path / "run" / checkpoint.NAME)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sync_debug_catches_a_sync(small_cifar, tmp_path, monkeypatch):
+    """The check can fail: fp16's GradScaler reads found_inf on the host every step."""
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        train.main(tiny(small_cifar, tmp_path / "run", "--precision.amp=fp16", "--run.sync_debug=true"))
+    assert torch.cuda.get_sync_debug_mode() == 0  # put back after the error
+
+
+@pytest.mark.parametrize("extra", [["--precision.compile=true"],
+                                   ["--precision.compile=true", "--precision.compile_mode=reduce-overhead"]],
+                         ids=["compile", "cuda-graphs"])
+def test_compiled_training_matches_eager_on_the_gpu(small_cifar, tmp_path, extra):
+    base = ["--run.epochs=1", "--optim.impl=fused"]
+    train.main(tiny(small_cifar, tmp_path / "eager", *base))
+    train.main(tiny(small_cifar, tmp_path / "compiled", *base, *extra))
+    a = checkpoint.load(tmp_path / "eager" / checkpoint.NAME)["model"]
+    b = checkpoint.load(tmp_path / "compiled" / checkpoint.NAME)["model"]
+    for k in a:  # TF32 / kernel choice differ between eager and Inductor: close, not equal
+        torch.testing.assert_close(a[k], b[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+@pytest.mark.parametrize("source", ["host", "device"])
+def test_dali_on_the_gpu_gives_the_gpu_loaders_batches(small_cifar, source):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    split = cifar.load(small_cifar).train
+    args = dict(batch_per_rank=32, seed=5, rank=1, world=2, device=CUDA)
+    gpu = build_loader(DataCfg(loader="gpu"), split, **args)
+    dali = build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2), split, **args)
+    for e in (0, 1):
+        a, b = epoch(gpu, e), epoch(dali, e)
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb)
+            torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)

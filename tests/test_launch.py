@@ -1,0 +1,67 @@
+"""launch/device.sh, the GPU session's runbook: what a CPU can check of it (phases, pack and unpack)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+from fastres import provenance
+
+from conftest import ROOT
+
+
+def copy_of_script(root: Path) -> Path:
+    (root / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "device.sh", root / "launch" / "device.sh")
+    return root / "launch" / "device.sh"
+
+
+def sh(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+
+
+def test_unknown_phase_and_missing_data_are_one_line_errors(tmp_path):
+    script = copy_of_script(tmp_path / "repo")
+    r = sh(script, "run", "check", "benchh")
+    assert r.returncode == 2 and "unknown phase 'benchh'" in r.stderr
+    r = sh(script, "run", "check", env={"FASTRES_DATA": str(tmp_path / "nowhere")})
+    assert r.returncode == 2 and "no CIFAR-10 at" in r.stderr and "staging" in r.stderr
+    r = sh(script, "frobnicate")
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_pack_keeps_unfinished_checkpoints_and_unpack_puts_everything_back(tmp_path):
+    there = tmp_path / "there"
+    script = copy_of_script(there)
+    files = {"results/bench.json": "[]\n", "runs/stack/a/seed0/summary.json": "{}\n",
+             "runs/stack/a/seed0/metrics.jsonl": "{}\n", "runs/stack/a/seed0/checkpoint.pt": "done",
+             "runs/stack/b/seed0/metrics.jsonl": "{}\n", "runs/stack/b/seed0/checkpoint.pt": "half"}
+    for name, text in files.items():
+        (there / name).parent.mkdir(parents=True, exist_ok=True)
+        (there / name).write_text(text)
+    out = tmp_path / "out"
+    r = sh(script, "pack", env={"OUT": str(out)})
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out / "back.tgz") as tar:
+        names = set(tar.getnames())
+    assert "runs/stack/a/seed0/checkpoint.pt" not in names  # finished: its summary is what counts
+    assert names == set(files) - {"runs/stack/a/seed0/checkpoint.pt"}
+    here = tmp_path / "here"
+    script_here = copy_of_script(here)
+    subprocess.run(["git", "init", "-q", str(here)], check=True)
+    r = sh(script_here, "unpack", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (here / "runs/stack/b/seed0/checkpoint.pt").read_text() == "half"
+    assert (here / "results/bench.json").read_text() == "[]\n"
+    assert sh(script_here, "unpack", str(tmp_path)).returncode == 2  # no back.tgz there
+
+
+def test_git_sha_outside_git_is_what_prepare_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "_REPO", tmp_path)
+    assert provenance.git_sha() == "unknown"
+    (tmp_path / ".device").mkdir()
+    (tmp_path / ".device" / "git_sha").write_text("0123abc-dirty\n")
+    assert provenance.git_sha() == "0123abc-dirty"
