@@ -34,6 +34,7 @@ prepare() {
   dirty=$(git status --porcelain --untracked-files=no -- fastres configs)
   echo "$sha${dirty:+-dirty}" > .device/git_sha  # provenance.git_sha() reads it where .git is absent
   echo "device runs will record git_sha $(cat .device/git_sha)"
+  mkdir -p "$(git rev-parse --git-dir)/info"  # stage.sh adds .stage/ to info/exclude, which a fresh clone may lack
   bash ../shared/device/stage.sh data dali
   echo "Then: run command 'bash launch/device.sh run check bench loaders scaling', carry [\".device\"]"
 }
