@@ -16,7 +16,11 @@ _REPO = Path(__file__).resolve().parent.parent
 def git_sha() -> str:
     """HEAD of the fastres checkout, with '-dirty' if the code or configs differ from it (results and docs
     do not count). Where there is no .git (a GPU machine gets a copy of the working tree), what
-    ``launch/device.sh prepare`` recorded in .device/git_sha; else 'unknown'."""
+    ``launch/device.sh prepare`` recorded in .device/git_sha; else 'unknown'. Only the checkout's own .git
+    counts: a copy that happens to lie inside another repository must not report that one's HEAD."""
+    recorded = _REPO / ".device" / "git_sha"
+    if not (_REPO / ".git").exists():
+        return recorded.read_text().strip() if recorded.is_file() else "unknown"
     try:
         sha = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -25,8 +29,7 @@ def git_sha() -> str:
                                check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        recorded = _REPO / ".device" / "git_sha"
-        return recorded.read_text().strip() if recorded.is_file() else "unknown"
+        return "unknown"
 
 
 def code_hash() -> str:

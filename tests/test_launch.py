@@ -60,8 +60,19 @@ def test_pack_keeps_unfinished_checkpoints_and_unpack_puts_everything_back(tmp_p
 
 
 def test_git_sha_outside_git_is_what_prepare_recorded(tmp_path, monkeypatch):
-    monkeypatch.setattr(provenance, "_REPO", tmp_path)
-    assert provenance.git_sha() == "unknown"
-    (tmp_path / ".device").mkdir()
-    (tmp_path / ".device" / "git_sha").write_text("0123abc-dirty\n")
+    outer = tmp_path / "outer"  # a copy of the tree inside some other repository
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    copy = outer / "copy"
+    copy.mkdir()
+    monkeypatch.setattr(provenance, "_REPO", copy)
+    assert provenance.git_sha() == "unknown"  # not the outer repository's HEAD
+    (copy / ".device").mkdir()
+    (copy / ".device" / "git_sha").write_text("0123abc-dirty\n")
     assert provenance.git_sha() == "0123abc-dirty"
+
+
+def test_git_sha_in_this_checkout_is_its_head():
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert provenance.git_sha().removesuffix("-dirty") == head
+
