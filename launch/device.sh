@@ -8,14 +8,16 @@
 #                                        # prints the staging calls to make back to back
 #   bash launch/device.sh unpack DIR     # after a call: DIR = its files_at; puts results/ and runs/ back here
 # There (device `run`, carry [".device", ...], after the staging calls, on the still-warm machine):
-#   bash launch/device.sh run check bench         # phases in order, each logged; then packs $OUT/back.tgz
-#   bash launch/device.sh run stack=500           # a phase with its time budget in seconds
+#   bash launch/device.sh run check               # phases in order, logged; $OUT/back.tgz packed after each
+#   bash launch/device.sh run bench
+#   bash launch/device.sh run loaders scaling     # phases whose budgets sum to under 600 s share a call
+#   bash launch/device.sh run stack=480           # a phase with its time budget in seconds
 #
-# Phases (minutes are budgets, not measurements):
-#   check    ~2   the tests only a GPU can run (tests/test_cuda.py) and the DALI tests; stops the call on failure
-#   bench    ~4   fast.toml: img/s, s/epoch, vs baseline, vs floor, time to 91% (results/bench.json)
-#   loaders  ~2   each loader alone and in a training epoch (results/loaders.json)
-#   scaling  ~1   the scaling model's GPU table (results/scaling.md)
+# Phases and their default budgets (a phase is stopped at its budget; a call has 600 s in all):
+#   check    300 s  the tests only a GPU can run (tests/test_cuda.py) and the DALI tests; stops the call on failure
+#   bench    420 s  fast.toml: img/s, s/epoch, vs baseline, vs floor, time to 91% (results/bench.json)
+#   loaders  240 s  each loader alone and in a training epoch (results/loaders.json)
+#   scaling  150 s  the scaling model's GPU table (results/scaling.md)
 #   stack=S       the ladder for S seconds, resuming (results/stack.*)
 #   tune=S        configs/tune-fast.toml for S seconds (validation split only; runs/tune-fast/report)
 #   depths=S      the paper's depths for S seconds, resuming (results/resnet-depths.*)
@@ -36,7 +38,7 @@ prepare() {
   echo "device runs will record git_sha $(cat .device/git_sha)"
   mkdir -p "$(git rev-parse --git-dir)/info"  # stage.sh adds .stage/ to info/exclude, which a fresh clone may lack
   bash ../shared/device/stage.sh data dali
-  echo "Then: run command 'bash launch/device.sh run check bench loaders scaling', carry [\".device\"]"
+  echo "Then, carry [\".device\"]: 'bash launch/device.sh run check', 'run bench', 'run loaders scaling', 'run stack=480'"
 }
 
 unpack() {
@@ -63,18 +65,22 @@ pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.j
   echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
 }
 
-phase() {  # name[=budget_s]
-  local name=${1%%=*} budget=${1#*=}
-  [ "$budget" = "$1" ] && budget=500
+phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
+  local name=${1%%=*} budget=${1#*=} t=(timeout -k 15)
+  if [ "$budget" = "$1" ]; then
+    case $name in check) budget=300 ;; bench) budget=420 ;; loaders) budget=240 ;; scaling) budget=150 ;;
+      *) budget=500 ;; esac
+  fi
   echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
   case $name in
-    check) python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py ;;
-    bench) python3 -m fastres.bench --config configs/fast.toml --time-to-target ;;
-    loaders) python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml ;;
-    scaling) python3 -m fastres.bench --what scaling --config configs/fast.toml ;;
-    stack) python3 -m fastres.stack --config configs/stack.toml --budget-s="$budget" ;;
-    tune) python3 -m fastres.stack --config configs/tune-fast.toml --budget-s="$budget" ;;
-    depths) python3 -m fastres.stack --config configs/depths.toml --budget-s="$budget" ;;
+    check) "${t[@]}" "$budget" python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py ;;
+    bench) "${t[@]}" "$budget" python3 -m fastres.bench --config configs/fast.toml --time-to-target ;;
+    loaders) "${t[@]}" "$budget" python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml ;;
+    scaling) "${t[@]}" "$budget" python3 -m fastres.bench --what scaling --config configs/fast.toml ;;
+    # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
+    stack) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/stack.toml --budget-s="$budget" ;;
+    tune) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/tune-fast.toml --budget-s="$budget" ;;
+    depths) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/depths.toml --budget-s="$budget" ;;
     *) die "unknown phase '$name' (check, bench, loaders, scaling, stack=S, tune=S, depths=S)" ;;
   esac
 }
@@ -95,16 +101,16 @@ run() {
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not importable"
     for p in "$@"; do
-      phase "$p" && continue
+      phase "$p" && { pack; continue; }
       rc=$?
-      echo "=== $p failed (exit $rc)"
+      echo "=== $p failed (exit $rc$([ $rc = 124 ] && echo ': out of its time budget'))"
+      pack  # after every phase: a call killed at its limit still brings back what finished
       [ "${p%%=*}" = check ] && break  # a broken fast path is not worth benchmarking
     done
     exit "$rc"
   ) 2>&1 | tee -a "$out/device.log"
   rc=${PIPESTATUS[0]}
   set -e
-  pack
   return "$rc"
 }
 

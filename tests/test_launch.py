@@ -76,3 +76,22 @@ def test_git_sha_in_this_checkout_is_its_head():
                           check=True).stdout.strip()
     assert provenance.git_sha().removesuffix("-dirty") == head
 
+
+
+def test_a_phase_past_its_budget_is_stopped_and_what_finished_comes_back(tmp_path, small_cifar):
+    import os
+    there = tmp_path / "there"
+    script = copy_of_script(there)
+    shutil.copytree(ROOT / "configs", there / "configs")
+    (there / ".device").mkdir()
+    (there / ".device" / "git_sha").write_text("abc\n")
+    (there / "results").mkdir()
+    (there / "results" / "loaders.json").write_text("[]\n")
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(script), "run", "scaling=2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OUT": str(out), "FASTRES_DATA": str(small_cifar)})
+    assert r.returncode == 124, r.stdout + r.stderr
+    assert "=== scaling=2 failed (exit 124: out of its time budget)" in r.stdout
+    assert (out / "device.log").read_text().count("=== scaling") == 2
+    with tarfile.open(out / "back.tgz") as tar:
+        assert "results/loaders.json" in tar.getnames()
