@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fastres import config, provenance, rng, train
+from fastres import config, provenance, train
 from fastres.config import Config
 from fastres.data import build_loader, cifar
 from fastres.errors import UserError, entry
@@ -109,12 +109,7 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
     compile_s = 0.0
     if cfg.precision.compile:
-        mode = None if cfg.precision.compile_mode == "default" else cfg.precision.compile_mode
-        if cfg.model.stochastic_depth:
-            for blk in model.blocks:
-                blk.branch.compile(mode=mode)
-        else:
-            model.compile(mode=mode)
+        train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
         compile_s = train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=accum, device=device,
                                   fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
 
@@ -131,11 +126,9 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
             timer.start()
         for _ in range(n):
             x, y = next(stream)
-            sd = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
             train.train_step(model, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype,
                              label_smoothing=cfg.optim.label_smoothing,
-                             before_forward=(lambda s=sd: model.sd_gen.manual_seed(s))
-                             if cfg.model.stochastic_depth else None)
+                             before_forward=train.sd_reseed(model, cfg.run.seed, step, cfg.model.stochastic_depth > 0))
             step += 1
     seconds = timer.stop()
     step_s = seconds / steps

@@ -5,7 +5,6 @@ traceback. Anything else that escapes is a bug in fastres and keeps its tracebac
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
@@ -31,7 +30,9 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
     try:
         return body(argv) or 0
     except UserError as e:
-        rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
+        from fastres.distributed import env_rank  # here: distributed imports this module
+
+        rank = env_rank()  # under torchrun: rank 0 speaks for all, see UserError
         if rank == 0 or e.per_rank:
             print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2

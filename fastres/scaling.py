@@ -81,7 +81,7 @@ def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, wa
     opt = train.build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
     if cfg.precision.compile:
-        model.compile(mode=None if cfg.precision.compile_mode == "default" else cfg.precision.compile_mode)
+        train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
     x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=amp_dtype or torch.float32, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     timer = Timer(device)

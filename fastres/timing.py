@@ -32,12 +32,12 @@ class Timer:
 
 
 @contextmanager
-def forbid_host_sync(enabled: bool) -> Iterator[None]:
+def forbid_host_sync(device: torch.device, enabled: bool) -> Iterator[None]:
     """Inside, any host-device synchronization raises (torch.cuda.set_sync_debug_mode("error")): an
     ``.item()``, a blocking copy, ``nonzero`` or a boolean mask stalls the host until the GPU drains, which
-    costs a fast loop its lead. Off (or without CUDA) it does nothing.
+    costs a fast loop its lead. Off, or on a device other than CUDA, it does nothing.
     """
-    if not (enabled and torch.cuda.is_available()):
+    if not (enabled and device.type == "cuda"):
         yield
         return
     before = torch.cuda.get_sync_debug_mode()

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, config, distributed, provenance, rng
-from fastres.config import Config
+from fastres.config import Config, PrecisionCfg
 from fastres.data import build_loader, cifar, normalize
 from fastres.errors import UserError, entry
 from fastres.evaluate import accuracy, precise_bn_
@@ -78,6 +79,26 @@ def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device:
     opt.load_state_dict(saved[1])
     scaler.load_state_dict(saved[2])
     return timer.stop()
+
+
+def compile_model(net: torch.nn.Module, model: torch.nn.Module, cfg: PrecisionCfg, stochastic_depth: bool) -> None:
+    """torch.compile as ``cfg`` says: the whole net, or each residual branch when stochastic depth is on
+    (its per-step drop decisions are Python branches, which would break the whole-net graph)."""
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    if stochastic_depth:
+        for blk in model.blocks:
+            blk.branch.compile(mode=mode)
+    else:
+        net.compile(mode=mode)
+
+
+def sd_reseed(model: torch.nn.Module, seed: int, step: int, on: bool) -> Callable[[], Any] | None:
+    """``before_forward`` for a step: the same stochastic-depth drops on every rank and micro-batch of the
+    step (Huang 2016: per batch), drawn from (seed, step); None, and no seed derived, when it is off."""
+    if not on:
+        return None
+    sd_seed = rng.derive_seed(seed, rng.STOCHASTIC_DEPTH, step)
+    return lambda: model.sd_gen.manual_seed(sd_seed)
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
@@ -218,12 +239,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
                   find_unused_parameters=sd_on, gradient_as_bucket_view=True)
     compile_s = 0.0
     if cfg.precision.compile:
-        mode = None if cfg.precision.compile_mode == "default" else cfg.precision.compile_mode
-        if sd_on:  # per-step drop decisions are Python branches: compile the branches, not the whole net
-            for blk in model.blocks:
-                blk.branch.compile(mode=mode)
-        else:
-            net.compile(mode=mode)
+        compile_model(net, model, cfg.precision, sd_on)
         compile_s = warm_up(net, model, opt, scaler, batch_per_rank=batch // world, accum=accum, device=dev,
                             fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
@@ -250,15 +266,13 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss
         timer.start()
-        with forbid_host_sync(cfg.run.sync_debug and dev.type == "cuda"):  # nothing in the loop waits
+        with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
             for x, y in loader:
                 for group in opt.param_groups:
                     group["lr"] = schedule(step)
-                # stochastic depth: the same drops on every rank and micro-batch of a step (Huang 2016: per batch)
-                sd_seed = rng.derive_seed(cfg.run.seed, rng.STOCHASTIC_DEPTH, step)
                 step_loss, step_correct = train_step(
                     net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing,
-                    before_forward=(lambda s=sd_seed: model.sd_gen.manual_seed(s)) if sd_on else None)
+                    before_forward=sd_reseed(model, cfg.run.seed, step, sd_on))
                 loss_sum += step_loss
                 correct += step_correct
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync

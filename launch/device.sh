@@ -65,33 +65,42 @@ pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.j
   echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
 }
 
-phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
-  local name=${1%%=*} budget=${1#*=} t=(timeout -k 15)
-  if [ "$budget" = "$1" ]; then
-    case $name in check) budget=300 ;; bench) budget=420 ;; loaders) budget=240 ;; scaling) budget=150 ;;
-      *) budget=500 ;; esac
-  fi
-  echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
-  case $name in
-    check) "${t[@]}" "$budget" python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py ;;
-    bench) "${t[@]}" "$budget" python3 -m fastres.bench --config configs/fast.toml --time-to-target ;;
-    loaders) "${t[@]}" "$budget" python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml ;;
-    scaling) "${t[@]}" "$budget" python3 -m fastres.bench --what scaling --config configs/fast.toml ;;
-    # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
-    stack) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/stack.toml --budget-s="$budget" ;;
-    tune) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/tune-fast.toml --budget-s="$budget" ;;
-    depths) "${t[@]}" $((budget + 60)) python3 -m fastres.stack --config configs/depths.toml --budget-s="$budget" ;;
-    *) die "unknown phase '$name' (check, bench, loaders, scaling, stack=S, tune=S, depths=S)" ;;
+PHASES="check, bench, loaders, scaling, stack=S, tune=S, depths=S"
+
+# Phase NAME: sets argv (its command) and budget (its default seconds); fails for a name that is not one.
+phase_command() {
+  case $1 in
+    check) budget=300 argv=(python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py) ;;
+    bench) budget=420 argv=(python3 -m fastres.bench --config configs/fast.toml --time-to-target) ;;
+    loaders) budget=240 argv=(python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml) ;;
+    scaling) budget=150 argv=(python3 -m fastres.bench --what scaling --config configs/fast.toml) ;;
+    stack) budget=500 argv=(python3 -m fastres.stack --config configs/stack.toml) ;;
+    tune) budget=500 argv=(python3 -m fastres.stack --config configs/tune-fast.toml) ;;
+    depths) budget=500 argv=(python3 -m fastres.stack --config configs/depths.toml) ;;
+    *) return 1 ;;
   esac
 }
 
+phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
+  local name=${1%%=*} budget argv limit
+  phase_command "$name"
+  [ "$1" = "$name" ] || budget=${1#*=}
+  limit=$budget
+  if [ "${argv[2]}" = fastres.stack ]; then
+    # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
+    argv+=(--budget-s="$budget") limit=$((budget + 60))
+  fi
+  echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
+  timeout -k 15 "$limit" "${argv[@]}"
+}
+
 run() {
-  [ $# -gt 0 ] || die "name phases: check bench loaders scaling stack=S tune=S depths=S"
-  for p in "$@"; do case ${p%%=*} in check|bench|loaders|scaling|stack|tune|depths) ;;
-    *) die "unknown phase '$p' (check, bench, loaders, scaling, stack=S, tune=S, depths=S)" ;; esac; done
+  [ $# -gt 0 ] || die "name phases: $PHASES"
+  local p budget argv prc
+  for p in "$@"; do phase_command "${p%%=*}" || die "unknown phase '$p' ($PHASES)"; done
   local data=${FASTRES_DATA:-/root/payload/cifar-10-batches-py}
   [ -d "$data" ] || die "no CIFAR-10 at $data: make the staging calls 'launch/device.sh prepare' printed first"
-  [ -f .device/git_sha ] || [ -d .git ] || die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
+  [ -f .device/git_sha ] || [ -e .git ] || die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
   export FASTRES_DATA=$data PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:$root${PYTHONPATH:+:$PYTHONPATH}
   local out=${OUT:-/tmp/out} rc=0
   mkdir -p "$out"
@@ -101,11 +110,11 @@ run() {
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not importable"
     for p in "$@"; do
-      phase "$p" && { pack; continue; }
-      rc=$?
-      echo "=== $p failed (exit $rc$([ $rc = 124 ] && echo ': out of its time budget'))"
+      prc=0
+      phase "$p" || prc=$?
+      [ "$prc" = 0 ] || { rc=$prc; echo "=== $p failed (exit $prc$([ "$prc" = 124 ] && echo ': out of its time budget'))"; }
       pack  # after every phase: a call killed at its limit still brings back what finished
-      [ "${p%%=*}" = check ] && break  # a broken fast path is not worth benchmarking
+      [ "$prc" != 0 ] && [ "${p%%=*}" = check ] && break  # a broken fast path is not worth benchmarking
     done
     exit "$rc"
   ) 2>&1 | tee -a "$out/device.log"
