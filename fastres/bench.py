@@ -7,7 +7,8 @@ same process. Reports img/s and s/epoch of both, the speed-up, and the fraction 
 roofline of this model on this device, from the model's FLOPs and activation bytes per image and the
 device's bf16 (fp32 on a CPU) matmul rate and copy bandwidth, both measured in the same run.
 ``--time-to-target`` also trains the config to run.target_acc and records the time (training, and with
-evaluation), compile and data-staging seconds. A row per config goes to ``--out`` (results/bench.json).
+evaluation), compile and data-staging seconds. A row per config goes to ``--out`` (results/bench.json),
+named ``--label`` (default: the config file's stem; the row also records the whole config).
 
 ``--what loaders`` (configs/bench-loaders.toml): for each loader (workers, gpu, dali host-fed and
 device-resident): images/s of the loader alone over full epochs (after a warm-up epoch, median of
@@ -45,6 +46,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
                   "scaling": CONFIGS / "fast.toml"}
 BASELINE = CONFIGS / "baseline.toml"
+RECIPE_DATA_KEYS = ("--data.loader", "--data.num_workers", "--data.dali_source")  # how, not what, it loads
 
 
 def _variant(cfg: Config, loader: str) -> Config:
@@ -191,7 +193,9 @@ def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_
     device, git_sha, code_hash = _device(cfg), provenance.git_sha(), provenance.code_hash()
     data = _split(cfg)
     fast = measure_training(cfg, data.train, device, steps=steps, warmup=warmup)
-    base_cfg = config.override(config.load(BASELINE), [o for o in overrides if o.startswith("--data.")])
+    # the baseline trains on the same data (dir, subset, split), with its own loader
+    same_data = [o for o in overrides if o.startswith("--data.") and o.split("=")[0] not in RECIPE_DATA_KEYS]
+    base_cfg = config.override(config.load(BASELINE), same_data)
     base = measure_training(base_cfg, _split(base_cfg).train, device, steps=steps, warmup=warmup)
     amp_dtype = train.AMP_DTYPES[cfg.precision.amp] if device.type == "cuda" else None
     hw = hardware_rates(device, amp_dtype or torch.float32)
@@ -311,6 +315,7 @@ def _main(argv: list[str]) -> None:
     warmup = config.whole_number("--warmup", config.take_flag(argv, "--warmup", "20"), 0)
     procs = [config.whole_number("--gloo-procs", p, 1)
              for p in config.take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
+    label = config.take_flag(argv, "--label", "")
     ttt = "--time-to-target" in argv
     argv = [a for a in argv if a != "--time-to-target"]
     path, overrides = config.parse_args(argv)
@@ -324,7 +329,7 @@ def _main(argv: list[str]) -> None:
         append_rows(out, rows, "loaders")
         print(loader_table(rows), end="")
     elif what == "train":
-        row = bench_train(cfg, Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
+        row = bench_train(cfg, label or Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
                           overrides=overrides)
         append_rows(out, [row], "train")
         print(train_table([row]), end="")

@@ -10,6 +10,11 @@ Accuracy is test accuracy, except for stacks whose runs measure the validation s
 for tuning): then every number is on the validation split and the columns say so.
 A time is reported only when every seed of a row reached the target; otherwise the row says how many did.
 Rows that need more GPUs than the machine had say so and carry no number. Nothing here is typed by hand.
+
+``--pick`` (for a tuning stack on the validation split) prints instead the chosen row's keys as override
+flags, by a rule fixed before any run: the smallest mean time to target among rows every seed of which
+reached it; if none did, the highest mean final accuracy. Keys that only make it a tuning run
+(data.val_size, eval.on_test, run.eval_every) are left out, so the flags apply to the recipe itself.
 """
 
 from __future__ import annotations
@@ -289,6 +294,31 @@ def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+TUNING_ONLY = ("data.val_size", "eval.on_test", "run.eval_every")
+
+
+def _flag_value(v: Any) -> str:
+    """A value as an override flag takes it, with no spaces (the flags are joined by spaces)."""
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def pick(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """(row name, override flags) of the row the --pick rule chooses (module docstring)."""
+    if split_of(rows) != "val":
+        raise UserError("--pick chooses on the validation split only: this stack's runs measured the test set")
+    timed = [r for r in rows if r["time_to_target_s_mean"] is not None]
+    run = [r for r in rows if r["seeds"] == r["seeds_planned"] and r["final_acc_mean"] is not None]
+    if timed:
+        best = min(timed, key=lambda r: r["time_to_target_s_mean"])
+    elif run:
+        best = max(run, key=lambda r: r["final_acc_mean"])
+    else:
+        raise UserError("--pick: no row has all its seeds finished")
+    values = next(m["values"] for m in manifest["rows"] if m["name"] == best["combination"])
+    flags = [f"--{k}={_flag_value(v)}" for k, v in sorted(values.items()) if k not in TUNING_ONLY]
+    return best["combination"], flags
+
+
 def cli(argv: list[str] | None = None) -> int:
     return entry(_main, argv, __doc__)
 
@@ -296,8 +326,15 @@ def cli(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int | None:
     runs = take_flag(argv, "--runs", "runs/stack")
     out = take_flag(argv, "--out", "results")
+    want_pick = "--pick" in argv
+    argv = [a for a in argv if a != "--pick"]
     if argv:
-        raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR")
+        raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR [--pick]")
+    if want_pick:
+        name, flags = pick(*collect(runs))
+        print(f"report: picked {name!r} on the validation split", file=sys.stderr)
+        print(" ".join(flags))
+        return None
     paths = build_report(runs, out)
     print("report: " + ", ".join(map(str, paths)))
 

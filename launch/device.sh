@@ -16,6 +16,9 @@
 # Phases and their default budgets (a phase is stopped at its budget; a call has 600 s in all):
 #   check    300 s  the tests only a GPU can run (tests/test_cuda.py) and the DALI tests; stops the call on failure
 #   bench    420 s  fast.toml: img/s, s/epoch, vs baseline, vs floor, time to 91% (results/bench.json)
+#   steps    330 s  the fast path step by step, a bench row per technique added (launch/fastpath.sh)
+#   final    240 s  fast.toml + the keys `fastres.report --pick` chose from the tune runs (validation split),
+#                   with time to 91% on test: the row that checks the tuned recipe (label fast-tuned)
 #   loaders  240 s  each loader alone and in a training epoch (results/loaders.json)
 #   scaling  150 s  the scaling model's GPU table (results/scaling.md)
 #   stack=S       the ladder for S seconds, resuming (results/stack.*)
@@ -37,7 +40,7 @@ prepare() {
   echo "$sha${dirty:+-dirty}" > .device/git_sha  # provenance.git_sha() reads it where .git is absent
   echo "device runs will record git_sha $(cat .device/git_sha)"
   mkdir -p "$(git rev-parse --git-dir)/info"  # stage.sh adds .stage/ to info/exclude, which a fresh clone may lack
-  bash ../shared/device/stage.sh data dali
+  bash ../shared/device/stage.sh ${STAGE_PARTS:-data dali}
   echo "Then, carry [\".device\"]: 'bash launch/device.sh run check', 'run bench', 'run loaders scaling', 'run stack=480'"
 }
 
@@ -65,13 +68,16 @@ pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.j
   echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
 }
 
-PHASES="check, bench, loaders, scaling, stack=S, tune=S, depths=S"
+PHASES="check, bench, steps, final, loaders, scaling, stack=S, tune=S, depths=S"
 
 # Phase NAME: sets argv (its command) and budget (its default seconds); fails for a name that is not one.
 phase_command() {
   case $1 in
     check) budget=300 argv=(python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py) ;;
     bench) budget=420 argv=(python3 -m fastres.bench --config configs/fast.toml --time-to-target) ;;
+    steps) budget=330 argv=(bash launch/fastpath.sh) ;;
+    final) budget=240 argv=(bash -c 'f=$(python3 -m fastres.report --runs=runs/tune-fast --pick) && set -x &&
+      python3 -m fastres.bench --config configs/fast.toml --label=fast-tuned --time-to-target $f') ;;
     loaders) budget=240 argv=(python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml) ;;
     scaling) budget=150 argv=(python3 -m fastres.bench --what scaling --config configs/fast.toml) ;;
     stack) budget=500 argv=(python3 -m fastres.stack --config configs/stack.toml) ;;

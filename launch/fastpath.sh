@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The fast path measured step by step (issue 7): one `fastres.bench` row per step, each step adding one
+# technique to the previous ones, starting from the seed's baseline (configs/baseline.toml). Rows go to
+# results/bench.json labelled "step N: ..."; each row also measures the baseline in the same process, so
+# its speed-up is against a baseline timed minutes apart, not days. A step that fails is reported and the
+# ladder goes on (the rows after it still carry its flags).
+#   bash launch/fastpath.sh [--steps=200 --warmup=30] [--data.dir=...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+extra=("$@")
+[ ${#extra[@]} -gt 0 ] || extra=(--steps=200 --warmup=30)
+ladder=(
+  "step 0: baseline (workers, fp32, batch 128)|"
+  "step 1: + GPU-resident data, on-device augmentation|--data.loader=gpu"
+  "step 2: + batch 512, linear LR scaling|--optim.batch_size=512"
+  "step 3: + bf16 autocast|--precision.amp=bf16"
+  "step 4: + channels_last|--precision.channels_last=true"
+  "step 5: + fused SGD|--optim.impl=fused"
+  "step 6: + torch.compile|--precision.compile=true"
+  "step 7: + CUDA graphs (compile mode reduce-overhead)|--precision.compile_mode=reduce-overhead"
+  "step 8: + batch 1024|--optim.batch_size=1024"
+)
+flags=() rc=0
+for entry in "${ladder[@]}"; do
+  label=${entry%%|*}
+  [ -z "${entry#*|}" ] || flags+=("${entry#*|}")
+  echo "--- $label: ${flags[*]}"
+  python3 -m fastres.bench --config configs/baseline.toml --label="$label" "${extra[@]}" "${flags[@]}" \
+    || { rc=1; echo "--- $label failed"; }
+done
+exit $rc
