@@ -92,7 +92,7 @@ phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
   phase_command "$name"
   [ "$1" = "$name" ] || budget=${1#*=}
   limit=$budget
-  if [ "${argv[2]}" = fastres.stack ]; then
+  if [ "${argv[2]:-}" = fastres.stack ]; then
     # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
     argv+=(--budget-s="$budget") limit=$((budget + 60))
   fi

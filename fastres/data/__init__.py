@@ -8,6 +8,8 @@ epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -24,10 +26,16 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+@functools.cache
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel mean and std on ``device``, made once: building them per batch copied host memory to the
+    GPU every step, a host sync the first GPU run (sync_debug, tests/test_cuda.py) caught in the loop."""
+    return (torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1))
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 standardized with the CIFAR-10 channel statistics."""
-    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(3, 1, 1)
+    mean, std = _stats(x.device)
     return (x.float().div_(255) - mean) / std
 
 
@@ -41,6 +49,7 @@ def build_loader(cfg: DataCfg, split: Split, *, batch_per_rank: int, seed: int, 
                  device: torch.device, channels_last: bool = False,
                  dtype: torch.dtype = torch.float32) -> Loader:
     """The training loader named by ``cfg.loader`` over ``split``; ``batch_per_rank`` = global / world."""
+    _stats(device)  # made here, before any timed loop
     if (len(split) // world) // batch_per_rank == 0:
         raise UserError(f"{len(split)} training images make no full batch of {batch_per_rank} per rank on "
                         f"{world} rank(s): lower optim.batch_size or raise data.subset")
