@@ -65,5 +65,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
         raise UserError("optim.nesterov = true needs optim.momentum > 0")
     params = [p for p in model.parameters() if p.requires_grad]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.impl]
-    return torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, **impl)
+    opt = torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay, **impl)
+    if cfg.momentum:
+        # Momentum buffers made up front, as zeros: the first step then gives buf = 0 * momentum + grad, exactly
+        # the copy of the gradient torch makes when the buffer is missing. Needed for fused SGD with stochastic
+        # depth: a branch dropped on the first step has no gradient, so no buffer, and on a later step torch's
+        # fused kernel gets None in its buffer list and raises (found on the H100, torch 2.11; also torch 2.13
+        # on the CPU; tests/test_optim.py).
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt

@@ -15,10 +15,17 @@ _REPO = Path(__file__).resolve().parent.parent
 
 def git_sha() -> str:
     """HEAD of the fastres checkout, with '-dirty' if the code or configs differ from it (results and docs
-    do not count). Where there is no .git (a GPU machine gets a copy of the working tree), what
-    ``launch/device.sh prepare`` recorded in .device/git_sha; else 'unknown'. Only the checkout's own .git
+    do not count). What ``launch/device.sh prepare`` recorded in .device/git_sha, where .device/code_hash
+    says it was recorded for the code now here (a GPU machine's copy of the working tree); else, where there
+    is no .git, that record or 'unknown'. Only the checkout's own .git
     counts: a copy that happens to lie inside another repository must not report that one's HEAD."""
     recorded = _REPO / ".device" / "git_sha"
+    recorded_code = _REPO / ".device" / "code_hash"
+    if recorded.is_file() and recorded_code.is_file() and recorded_code.read_text().strip() == code_hash():
+        # The GPU machine's copy has a .git of its own, holding a commit from the session's start, not the
+        # commit it runs (its first results said "90edc17-dirty" for code of 45a1702): what prepare recorded
+        # for exactly this code wins.
+        return recorded.read_text().strip()
     if not (_REPO / ".git").exists():
         return recorded.read_text().strip() if recorded.is_file() else "unknown"
     try:

@@ -38,7 +38,8 @@ prepare() {
   sha=$(git rev-parse HEAD)
   dirty=$(git status --porcelain --untracked-files=no -- fastres configs)
   echo "$sha${dirty:+-dirty}" > .device/git_sha  # provenance.git_sha() reads it where .git is absent
-  echo "device runs will record git_sha $(cat .device/git_sha)"
+  python3 -c "from fastres import provenance; print(provenance.code_hash())" > .device/code_hash  # for this code only
+  echo "device runs will record git_sha $(cat .device/git_sha) (code hash $(cat .device/code_hash))"
   mkdir -p "$(git rev-parse --git-dir)/info"  # stage.sh adds .stage/ to info/exclude, which a fresh clone may lack
   bash ../shared/device/stage.sh ${STAGE_PARTS:-data dali}
   echo "Then, carry [\".device\"]: 'bash launch/device.sh run check', 'run bench', 'run loaders scaling', 'run stack=480'"

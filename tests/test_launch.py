@@ -95,3 +95,18 @@ def test_a_phase_past_its_budget_is_stopped_and_what_finished_comes_back(tmp_pat
     assert (out / "device.log").read_text().count("=== scaling") == 2
     with tarfile.open(out / "back.tgz") as tar:
         assert "results/loaders.json" in tar.getnames()
+
+
+def test_what_prepare_recorded_wins_over_a_stale_git_for_the_same_code(tmp_path, monkeypatch):
+    """The GPU machine's copy carried a .git at an older commit; the record made for this code wins, and a
+    record made for other code does not."""
+    copy = tmp_path / "copy"
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    shutil.copytree(ROOT / "fastres", copy / "fastres")
+    monkeypatch.setattr(provenance, "_REPO", copy)
+    (copy / ".device").mkdir()
+    (copy / ".device" / "git_sha").write_text("45a1702\n")
+    (copy / ".device" / "code_hash").write_text(provenance.code_hash() + "\n")
+    assert provenance.git_sha() == "45a1702"
+    (copy / ".device" / "code_hash").write_text("0" * 16 + "\n")  # recorded for other code
+    assert provenance.git_sha() != "45a1702"

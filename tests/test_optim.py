@@ -96,3 +96,29 @@ def test_sgd_implementations_agree(impl):
             o.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["default", "foreach", "fused"])
+def test_a_parameter_without_gradient_on_the_first_step_trains_later(impl):
+    """Stochastic depth drops a branch: its parameters have no gradient on that step. torch's fused SGD then
+    had no momentum buffer for them and raised on the next step; ours has zero buffers from the start, and
+    matches torch's own SGD (which copies the first gradient into a missing buffer) bit for bit."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = build_optimizer(models[0], OptimCfg(nesterov=True, impl=impl))
+    torch_own = torch.optim.SGD(models[1].parameters(), lr=scaled_lr(OptimCfg()), momentum=0.9, nesterov=True,
+                                weight_decay=OptimCfg().weight_decay)
+    for step in range(4):
+        x = torch.randn(16, 8)
+        for m, o in ((models[0], ours), (models[1], torch_own)):
+            skip = step == 0  # the first layer is "dropped" on step 0: no gradient reaches it
+            h = m[0](x).detach() if skip else m[0](x)
+            m[1](h).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        if impl == "default":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
