@@ -9,7 +9,6 @@ epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Iterator
 from typing import Protocol
 
