@@ -335,7 +335,8 @@ def _main(argv: list[str]) -> None:
         print(train_table([row]), end="")
     else:
         from fastres.scaling import scaling_report
-        text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs)
+        flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else [])
+        text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(text, end="")

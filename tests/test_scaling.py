@@ -42,3 +42,23 @@ def test_scaling_report_on_cpu(tmp_path):
     text = scaling.scaling_report(cfg, "baseline", steps=2, warmup=1, gloo_procs=[1, 2, 3])
     assert "Not produced: the compute term has to be measured on a GPU" in text
     assert "| 2 |" in text and "| 3 |" in text and "fitted alpha" in text
+
+
+def test_prediction_tables_from_a_measured_step(monkeypatch):
+    """The GPU tables, with the GPU measurement replaced by a step time that does not shrink with the batch
+    (as the H100 showed for ResNet-20 at 128-512 images): splitting the batch cannot scale, keeping the
+    per-GPU batch does, as far as the exposed all-reduce allows."""
+    monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(scaling.provenance, "device_name", lambda device: f"fake {device.type}")
+    monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
+    cfg = config.load(None, ["--optim.batch_size=512"])
+    text = scaling.scaling_report(cfg, "fast", steps=2, warmup=1, gloo_procs=[1], flags=["--x=1"])
+    assert "--config configs/fast.toml --x=1`" in text
+    strong, weak = text.split("### Weak scaling")
+    row4 = next(line for line in strong.splitlines() if line.startswith("| 4 | 128 |"))
+    assert float(row4.split("|")[-2].strip(" %")) < 26  # 4 GPUs each taking as long as one
+    weak4 = [line for line in weak.splitlines() if line.startswith("| 4 | 2048 |")]
+    assert len(weak4) == 2
+    for line in weak4:
+        exposed_ms, eff = float(line.split("|")[5]), float(line.split("|")[7].strip(" %"))
+        assert eff == pytest.approx(100 * 4 / (4 + exposed_ms), abs=0.06) and 90 < eff <= 100
