@@ -10,6 +10,7 @@ import pytest
 
 from fastres import provenance, report, stack
 from fastres.config import ConfigError
+from fastres.stack import slugify
 
 from conftest import ROOT
 
@@ -179,3 +180,55 @@ def test_report_from_hand_made_summaries(tmp_path):
 def test_report_without_a_stack_is_one_line(tmp_path, capsys):
     assert report.cli([f"--runs={tmp_path}"]) == 2
     assert "run fastres.stack first" in capsys.readouterr().err
+
+
+def _val_stack(runs, rows_spec, split="val"):
+    rows = []
+    for name, values, results in rows_spec:
+        dirs = []
+        for seed, (ttt, acc) in enumerate(results):
+            d = runs / slugify(name) / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps(dict(
+                finished=True, target_acc=0.91, target_split=split, time_to_target_s=ttt,
+                epochs_to_target=3 if ttt else None, final_val_acc=acc, final_test_acc=acc if split == "test" else None,
+                img_per_s=1.0, device="GPU X", world_size=1, git_sha="a" * 40, code_hash="c" * 16,
+                torch_version="2.x", seed=seed, config={})))
+            (d / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, train_time_s=1.0, val_acc=acc)) + "\n")
+            dirs.append(str(d))
+        dirs += [str(runs / slugify(name) / f"seed{k}") for k in range(len(dirs), 2)]
+        rows.append(dict(name=name, group="ladder", values=values, nproc=1, seeds=2, note="", slug=slugify(name),
+                         status="done", runs=dirs))
+    (runs / "stack.json").write_text(json.dumps(dict(name="tune", device="cuda", rows=rows)))
+    return runs
+
+
+def test_pick_takes_the_fastest_row_every_seed_of_which_reached_the_target(tmp_path, capsys):
+    tuning = {"data.val_size": 5000, "eval.on_test": False, "run.eval_every": 1}
+    runs = _val_stack(tmp_path / "a", [
+        ("as written", tuning, [(9.0, 0.915), (11.0, 0.912)]),
+        ("short", {**tuning, "run.epochs": 20, "optim.milestones": [0.3, 0.6]}, [(6.0, 0.911), (7.0, 0.913)]),
+        ("faster once", {**tuning, "run.epochs": 10}, [(3.0, 0.912), (None, 0.905)]),  # one seed missed
+        ("one seed", {**tuning, "run.epochs": 5}, [(1.0, 0.95)]),  # incomplete
+    ])
+    assert report.cli([f"--runs={runs}", "--pick"]) == 0
+    out = capsys.readouterr()
+    assert "picked 'short'" in out.err
+    assert out.out.split() == ["--optim.milestones=[0.3,0.6]", "--run.epochs=20"]  # tuning-only keys left out
+
+
+def test_pick_without_a_timed_row_takes_the_most_accurate_complete_row(tmp_path, capsys):
+    runs = _val_stack(tmp_path / "b", [
+        ("40 epochs", {}, [(None, 0.892), (None, 0.894)]),
+        ("30 epochs", {"run.epochs": 30}, [(None, 0.887), (None, 0.888)]),
+        ("100 epochs", {"run.epochs": 100}, [(None, 0.908)]),  # 1 of 2 seeds: not eligible
+    ])
+    assert report.cli([f"--runs={runs}", "--pick"]) == 0
+    out = capsys.readouterr()
+    assert "picked '40 epochs'" in out.err and out.out.strip() == ""
+
+
+def test_pick_refuses_a_stack_measured_on_the_test_set(tmp_path, capsys):
+    runs = _val_stack(tmp_path / "c", [("r", {}, [(5.0, 0.92), (5.0, 0.92)])], split="test")
+    assert report.cli([f"--runs={runs}", "--pick"]) == 2
+    assert "validation split only" in capsys.readouterr().err
