@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fastres import config, provenance, train
+from fastres import config, distributed, provenance, train
 from fastres.config import Config
 from fastres.data import build_loader, cifar
 from fastres.errors import UserError, entry
@@ -84,10 +84,6 @@ def end_to_end_epoch(cfg: Config) -> dict[str, Any]:
     epoch_s = rows[1]["train_time_s"] - rows[0]["train_time_s"]
     return dict(epoch_s=epoch_s, train_img_per_s=summary["train_images"] // cfg.optim.batch_size
                 * cfg.optim.batch_size / epoch_s, first_epoch_s=rows[0]["train_time_s"])
-
-
-def _device(cfg: Config) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
 
 
 def _split(cfg: Config) -> cifar.Cifar10:
@@ -190,7 +186,8 @@ def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
 
 def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
                 overrides: list[str]) -> dict[str, Any]:
-    device, git_sha, code_hash = _device(cfg), provenance.git_sha(), provenance.code_hash()
+    device = distributed.measurement_device(cfg.run.device)
+    git_sha, code_hash = provenance.git_sha(), provenance.code_hash()
     data = _split(cfg)
     fast = measure_training(cfg, data.train, device, steps=steps, warmup=warmup)
     # the baseline trains on the same data (dir, subset, split), with its own loader
@@ -232,7 +229,7 @@ def train_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[str, Any]]:
-    device, data = _device(cfg), _split(cfg)
+    device, data = distributed.measurement_device(cfg.run.device), _split(cfg)
     try:
         import nvidia.dali
         dali_version = nvidia.dali.__version__

@@ -34,6 +34,12 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def measurement_device(device: str = "auto") -> torch.device:
+    """The device of a one-process measurement (fastres.bench, the scaling model): CUDA when torch sees
+    one, unless run.device = "cpu"."""
+    return torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
+
+
 def setup(device: str = "auto") -> Dist:
     """Pick the device (run.device) and join the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

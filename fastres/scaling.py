@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastres import provenance, train
+from fastres import distributed, provenance, train
 from fastres.config import Config
 from fastres.model import count_params
 from fastres.report import short_sha
@@ -156,7 +156,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
     model = train.build_model(cfg.model)
     grad_bytes = 4 * count_params(model)
     bucket_bytes = buckets([4 * p.numel() for p in model.parameters() if p.requires_grad])
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    device = distributed.measurement_device(cfg.run.device)
     B = cfg.optim.batch_size
     lines = [f"# Scaling model: {name} (ResNet-{cfg.model.depth}, global batch {B}, amp {cfg.precision.amp})", "",
              f"Produced by `python -m fastres.bench --what scaling --config configs/{name}.toml"
@@ -196,13 +196,13 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
                   "| GPUs | global batch | steps/epoch | link | exposed (ms) | epoch (s) | efficiency |",
                   "|---|---|---|---|---|---|---|"]
         for n in (1, 2, 4, 8):
-            if 50_000 // (n * B) == 0:
+            weak_steps = 50_000 // (n * B)
+            if weak_steps == 0:
                 continue
             for link, (alpha, beta) in LINKS.items():
                 exposed = exposed_comm_s(n, t1, bucket_bytes, alpha, beta)
-                epoch = 50_000 // (n * B) * (t1 + exposed)
-                lines.append(f"| {n} | {n * B} | {50_000 // (n * B)} | {link} | {exposed * 1e3:.3f} | {epoch:.3f} "
-                             f"| {t1 / (t1 + exposed):.1%} |")
+                lines.append(f"| {n} | {n * B} | {weak_steps} | {link} | {exposed * 1e3:.3f} "
+                             f"| {weak_steps * (t1 + exposed):.3f} | {t1 / (t1 + exposed):.1%} |")
         lines.append("")
 
     lines += ["## Check of the communication term: gloo on this machine's CPU", ""]
