@@ -110,6 +110,11 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
         train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
         compile_s = train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=accum, device=device,
                                   fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+    lr = opt.param_groups[0]["lr"]  # the scaled lr throughout (no schedule: a fixed number of steps)
+    t_capture = Timer(device)
+    t_capture.start()
+    run_step = train.make_step(model, model, opt, scaler, cfg, batch_per_rank=batch, world=1, device=device)
+    compile_s += t_capture.stop()  # step graph warm-up and capture, if any
 
     def batches():
         epoch = 0
@@ -124,9 +129,7 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
             timer.start()
         for _ in range(n):
             x, y = next(stream)
-            train.train_step(model, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype,
-                             label_smoothing=cfg.optim.label_smoothing,
-                             before_forward=train.sd_reseed(model, cfg.run.seed, step, cfg.model.stochastic_depth > 0))
+            run_step(x, y, lr, train.sd_reseed(model, cfg.run.seed, step, cfg.model.stochastic_depth > 0))
             step += 1
     seconds = timer.stop()
     step_s = seconds / steps
@@ -332,7 +335,8 @@ def _main(argv: list[str]) -> None:
         print(train_table([row]), end="")
     else:
         from fastres.scaling import scaling_report
-        flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else [])
+        flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else []) + (
+            [f"--out={out}"] if out != Path("results/scaling.md") else [])
         text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

@@ -144,7 +144,11 @@ class PrecisionCfg:
     channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs")
     compile: bool = _opt(False, "torch.compile the model (compiled before training; compile_s in the summary)")
     compile_mode: str = _opt("default", "torch.compile mode; reduce-overhead replays the compiled step as CUDA "
-                             "graphs", choices=("default", "reduce-overhead", "max-autotune"))
+                             "graphs", choices=("default", "reduce-overhead", "max-autotune",
+                                                "max-autotune-no-cudagraphs"))
+    step_graph: bool = _opt(False, "capture the whole training step (forward, loss, backward, fused SGD) as one "
+                            "CUDA graph and replay it (fastres/graph.py); needs optim.impl = fused, no stochastic "
+                            "depth, no fp16, one rank, and a compile_mode without CUDA graphs of its own")
 
 
 @dataclass

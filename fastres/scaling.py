@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastres import distributed, provenance, train
+from fastres import config, distributed, provenance, train
 from fastres.config import Config
 from fastres.model import count_params
 from fastres.report import short_sha
@@ -88,13 +88,18 @@ def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, wa
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
     if cfg.precision.compile:
         train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
+        train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=1, device=device, fmt=fmt,
+                      dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+    lr = opt.param_groups[0]["lr"]
+    one_step = config.with_values(cfg, {"optim.accum_steps": 1})  # one micro-batch per step, as before
+    run_step = train.make_step(model, model, opt, scaler, one_step, batch_per_rank=batch, world=1, device=device)
     x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=amp_dtype or torch.float32, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     timer = Timer(device)
     for i in range(warmup + steps):
         if i == warmup:
             timer.start()
-        train.train_step(model, opt, scaler, x, y, amp_dtype=amp_dtype)
+        run_step(x, y, lr)
     return timer.stop() / steps
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastres import checkpoint, config, distributed, provenance, rng
+from fastres import checkpoint, config, distributed, graph, provenance, rng
 from fastres.config import Config, PrecisionCfg
 from fastres.data import build_loader, cifar, normalize
 from fastres.errors import UserError, entry
@@ -132,6 +132,26 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.a
     return loss_sum, correct
 
 
+def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler, cfg: Config, *, batch_per_rank: int, world: int, device: torch.device):
+    """The step the loop calls, ``step(x, y, lr, before_forward) -> (summed loss, correct)``: train_step with
+    the lr set, or with precision.step_graph its CUDA graph (fastres/graph.py; captured here, after compile)."""
+    graph.check(cfg, world)
+    amp_dtype = AMP_DTYPES[cfg.precision.amp]
+    kw = dict(accum=cfg.optim.accum_steps, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing)
+    if not cfg.precision.step_graph:
+        def step(x, y, lr: float, before_forward=None):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            return train_step(net, opt, scaler, x, y, before_forward=before_forward, **kw)
+        return step
+    captured = graph.StepGraph(lambda x, y: train_step(net, opt, scaler, x, y, **kw), model, opt,
+                               batch=batch_per_rank, dtype=amp_dtype or torch.float32, device=device,
+                               memory_format=torch.channels_last if cfg.precision.channels_last else
+                               torch.contiguous_format)
+    return lambda x, y, lr, before_forward=None: captured(x, y, lr)  # check() ruled stochastic depth out
+
+
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     """Apply run.resume to out_dir; the checkpoint's state to continue from, or None to start fresh."""
     out = Path(cfg.run.out_dir)
@@ -182,6 +202,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if batch % (world * accum):
         raise UserError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
                         f"{accum} accumulation step(s): use a multiple of {world * accum}")
+    graph.check(cfg, world)  # before anything is written or staged
     code = dict(git_sha=provenance.git_sha(), code_hash=provenance.code_hash())  # what runs, read at start
     micro = batch // (world * accum)  # the images one forward sees: what BN normalizes over
     state = open_run_dir(cfg, dist)
@@ -242,6 +263,10 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         compile_model(net, model, cfg.precision, sd_on)
         compile_s = warm_up(net, model, opt, scaler, batch_per_rank=batch // world, accum=accum, device=dev,
                             fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+    t_capture = Timer(dev)
+    t_capture.start()
+    run_step = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world, device=dev)
+    compile_s += t_capture.stop()  # the step graph's warm-up and capture (nothing without step_graph)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
@@ -268,11 +293,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         timer.start()
         with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
             for x, y in loader:
-                for group in opt.param_groups:
-                    group["lr"] = schedule(step)
-                step_loss, step_correct = train_step(
-                    net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing,
-                    before_forward=sd_reseed(model, cfg.run.seed, step, sd_on))
+                step_loss, step_correct = run_step(x, y, schedule(step), sd_reseed(model, cfg.run.seed, step, sd_on))
                 loss_sum += step_loss
                 correct += step_correct
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync

@@ -19,6 +19,9 @@
 #   steps    330 s  the fast path step by step, a bench row per technique added (launch/fastpath.sh)
 #   final    240 s  fast.toml + the keys `fastres.report --pick` chose from the tune runs (validation split),
 #                   with time to 91% on test: the row that checks the tuned recipe (label fast-tuned)
+#   graph    540 s  fast.toml with the whole step as one CUDA graph (precision.step_graph, compile mode default):
+#                   a bench row with time to 91% (label fast+step-graph), and its scaling model
+#                   (results/scaling-step-graph.md); run `check` first, which tests the graph's capture
 #   loaders  240 s  each loader alone and in a training epoch (results/loaders.json)
 #   scaling  150 s  the scaling model's GPU table (results/scaling.md)
 #   stack=S       the ladder for S seconds, resuming (results/stack.*)
@@ -69,7 +72,7 @@ pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.j
   echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
 }
 
-PHASES="check, bench, steps, final, loaders, scaling, stack=S, tune=S, depths=S"
+PHASES="check, bench, steps, final, graph, loaders, scaling, stack=S, tune=S, depths=S"
 
 # Phase NAME: sets argv (its command) and budget (its default seconds); fails for a name that is not one.
 phase_command() {
@@ -79,6 +82,10 @@ phase_command() {
     steps) budget=330 argv=(bash launch/fastpath.sh) ;;
     final) budget=240 argv=(bash -c 'f=$(python3 -m fastres.report --runs=runs/tune-fast --pick) && set -x &&
       python3 -m fastres.bench --config configs/fast.toml --label=fast-tuned --time-to-target $f') ;;
+    graph) budget=540 argv=(bash -c 'g="--precision.compile_mode=default --precision.step_graph=true" && set -x &&
+      python3 -m fastres.bench --config configs/fast.toml --label=fast+step-graph --time-to-target $g &&
+      python3 -m fastres.bench --what scaling --config configs/fast.toml --gloo-procs=1 $g \
+        --out=results/scaling-step-graph.md') ;;
     loaders) budget=240 argv=(python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml) ;;
     scaling) budget=150 argv=(python3 -m fastres.bench --what scaling --config configs/fast.toml) ;;
     stack) budget=500 argv=(python3 -m fastres.stack --config configs/stack.toml) ;;

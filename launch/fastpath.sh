@@ -19,11 +19,13 @@ ladder=(
   "step 6: + torch.compile|--precision.compile=true"
   "step 7: + CUDA graphs (compile mode reduce-overhead)|--precision.compile_mode=reduce-overhead"
   "step 8: + batch 1024|--optim.batch_size=1024"
+  "step 9: + the whole step as one CUDA graph (compile mode default inside it)|--precision.compile_mode=default --precision.step_graph=true"
 )
 flags=() rc=0
 for entry in "${ladder[@]}"; do
   label=${entry%%|*}
-  [ -z "${entry#*|}" ] || flags+=("${entry#*|}")
+  read -ra added <<< "${entry#*|}"  # a step may add several flags, separated by spaces
+  flags+=("${added[@]}")
   echo "--- $label: ${flags[*]}"
   python3 -m fastres.bench --config configs/baseline.toml --label="$label" "${extra[@]}" "${flags[@]}" \
     || { rc=1; echo "--- $label failed"; }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres import checkpoint, config, train
+from fastres import checkpoint, config, graph, train
 from fastres.config import DataCfg
 from fastres.data import build_loader, cifar
 
@@ -51,7 +51,9 @@ FAST = ["--data.loader=gpu", "--precision.amp=bf16", "--precision.channels_last=
     ["--precision.compile=true"],
     ["--precision.compile=true", "--precision.compile_mode=reduce-overhead"],
     ["--precision.compile=true", "--model.stochastic_depth=0.5"],
-], ids=["eager", "eager-sd", "compile", "cuda-graphs", "compile-sd"])
+    ["--precision.step_graph=true", "--model.dropout=0.1"],
+    ["--precision.compile=true", "--precision.step_graph=true"],
+], ids=["eager", "eager-sd", "compile", "cuda-graphs", "compile-sd", "step-graph", "compile-step-graph"])
 def test_fast_loop_never_waits_for_the_gpu(small_cifar, tmp_path, extra):
     """run.sync_debug turns any host-device synchronization inside the timed loop into an error."""
     s = train.main(tiny(small_cifar, tmp_path / "run", *FAST, *extra, "--run.sync_debug=true"))
@@ -68,8 +70,10 @@ def test_sync_debug_catches_a_sync(small_cifar, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [["--precision.compile=true"],
-                                   ["--precision.compile=true", "--precision.compile_mode=reduce-overhead"]],
-                         ids=["compile", "cuda-graphs"])
+                                   ["--precision.compile=true", "--precision.compile_mode=reduce-overhead"],
+                                   ["--precision.step_graph=true"],
+                                   ["--precision.compile=true", "--precision.step_graph=true"]],
+                         ids=["compile", "cuda-graphs", "step-graph", "compile-step-graph"])
 def test_compiled_training_matches_eager_on_the_gpu(small_cifar, tmp_path, extra):
     base = ["--run.epochs=1", "--optim.impl=fused"]
     train.main(tiny(small_cifar, tmp_path / "eager", *base))
@@ -93,3 +97,34 @@ def test_dali_on_the_gpu_gives_the_gpu_loaders_batches(small_cifar, source):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(ya, yb)
             torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
+
+
+def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
+    """The whole step as one CUDA graph: after capture the model is as it was, and replays with a new lr
+    each step give what eager steps give (float32 lr on the device against a Python float: close)."""
+    cfg = config.load(None, ["--model.depth=8", "--optim.impl=fused", "--optim.nesterov=true"])
+    models, opts = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(train.build_model(cfg.model).to(CUDA))
+        opts.append(train.build_optimizer(models[-1], cfg.optim))
+    (m_eager, m_graph), (o_eager, o_graph) = models, opts
+    before = {k: v.clone() for k, v in m_graph.state_dict().items()}
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    g = graph.StepGraph(lambda x, y: train.train_step(m_graph, o_graph, scaler, x, y), m_graph, o_graph, batch=16,
+                        dtype=torch.float32, memory_format=torch.contiguous_format, device=CUDA)
+    assert g.graph is not None
+    for k, v in m_graph.state_dict().items():
+        assert torch.equal(before[k], v), k
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    for i, lr in enumerate([0.1, 0.05, 0.2, 0.01, 0.1]):
+        x = torch.randn(16, 3, 32, 32, device=CUDA, generator=gen)
+        y = torch.randint(0, 10, (16,), device=CUDA, generator=gen)
+        for group in o_eager.param_groups:
+            group["lr"] = lr
+        loss_e, _ = train.train_step(m_eager, o_eager, scaler, x, y)
+        loss_g, _ = g(x, y, lr)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-3, atol=1e-4, msg=f"step {i}")
+    a, b = m_eager.state_dict(), m_graph.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-4, msg=k)

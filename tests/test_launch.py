@@ -1,4 +1,5 @@
-"""launch/device.sh, the GPU session's runbook: what a CPU can check of it (phases, pack and unpack)."""
+"""launch/device.sh, the GPU session's runbook, and launch/fastpath.sh: what a CPU can check of them (phases,
+pack and unpack; the commands the fast-path ladder runs)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,23 @@ def test_what_prepare_recorded_wins_over_a_stale_git_for_the_same_code(tmp_path,
     assert provenance.git_sha() == "45a1702"
     (copy / ".device" / "code_hash").write_text("0" * 16 + "\n")  # recorded for other code
     assert provenance.git_sha() != "45a1702"
+
+
+def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
+    """Each step's bench command carries every earlier step's flags, split into single arguments."""
+    (tmp_path / "launch").mkdir()
+    shutil.copy(ROOT / "launch" / "fastpath.sh", tmp_path / "launch" / "fastpath.sh")
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/bash\n(IFS=$\'\\t\'; echo "$*") >> {log}\n')  # one call per line
+    (bin_dir / "python3").chmod(0o755)
+    r = subprocess.run(["bash", str(tmp_path / "launch" / "fastpath.sh"), "--steps=1"], capture_output=True,
+                       text=True, timeout=60, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    assert len(calls) == 10
+    assert calls[0] == ["-m", "fastres.bench", "--config", "configs/baseline.toml",
+                        "--label=step 0: baseline (workers, fp32, batch 128)", "--steps=1"]
+    assert [len(c) - 6 for c in calls] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # step 9 adds two flags
+    assert calls[9][-2:] == ["--precision.compile_mode=default", "--precision.step_graph=true"]
+    assert calls[9][6:-2] == calls[8][6:] and calls[8][-1] == "--optim.batch_size=1024"

@@ -1,0 +1,108 @@
+"""precision.step_graph on a CPU: everything but the capture itself (tests/test_cuda.py checks that).
+
+On a CPU the step runs eagerly on the graph's static buffers with the lr as a tensor, so a run must equal
+step_graph = false bit for bit; the settings a fixed graph cannot hold are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastres import bench, checkpoint, config, graph, scaling, train
+from fastres.data import cifar
+from fastres.errors import UserError
+from fastres.log import read_metrics
+
+GRAPHABLE = ["--optim.impl=fused", "--optim.warmup_epochs=1", "--optim.schedule=cosine", "--optim.nesterov=true"]
+
+
+def tiny(small_cifar, out, *overrides: str) -> config.Config:
+    return config.load(None, [f"--data.dir={small_cifar}", f"--run.out_dir={out}", "--model.depth=8",
+                              "--optim.batch_size=50", "--run.epochs=2", "--data.loader=gpu", "--data.val_size=50",
+                              *GRAPHABLE, *overrides])
+
+
+def state(out) -> dict:
+    return checkpoint.load(out / checkpoint.NAME)
+
+
+@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps=2", "--model.dropout=0.2", "--optim.label_smoothing=0.1"]],
+                         ids=["plain", "accum-dropout-smoothing"])
+def test_step_graph_run_equals_the_plain_run_on_cpu(small_cifar, tmp_path, extra):
+    plain = train.main(tiny(small_cifar, tmp_path / "plain", *extra))
+    graphed = train.main(tiny(small_cifar, tmp_path / "graph", *extra, "--precision.step_graph=true"))
+    a, b = state(tmp_path / "plain"), state(tmp_path / "graph")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for p in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][p]["momentum_buffer"], b["optimizer"]["state"][p]["momentum_buffer"])
+    rows_a, rows_b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "graph")
+    assert [(r["train_loss"], r["train_acc"], r["lr"]) for r in rows_a] == \
+           [(r["train_loss"], r["train_acc"], r["lr"]) for r in rows_b]
+    assert plain["final_test_acc"] == graphed["final_test_acc"]
+
+
+def test_step_graph_run_resumes_exactly(small_cifar, tmp_path, monkeypatch):
+    """Its checkpoint holds the lr as a tensor; resuming from it continues as if never stopped."""
+    extra = ["--precision.step_graph=true", "--optim.batch_size=100"]
+    train.main(tiny(small_cifar, tmp_path / "a", *extra))
+    real_save = checkpoint.save
+
+    def save_then_die(path, st):
+        real_save(path, st)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(small_cifar, tmp_path / "b", *extra))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    train.main(tiny(small_cifar, tmp_path / "b", *extra))
+    a, b = state(tmp_path / "a")["model"], state(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--model.stochastic_depth=0.5", "cannot capture stochastic depth"),
+    ("--precision.amp=fp16", "cannot capture fp16's GradScaler"),
+    ("--optim.impl=foreach", "needs optim.impl = fused"),
+    ("--precision.compile=true --precision.compile_mode=reduce-overhead", "makes CUDA graphs of its own"),
+    ("--precision.compile=true --precision.compile_mode=max-autotune", "makes CUDA graphs of its own"),
+])
+def test_what_a_graph_cannot_hold_is_refused_before_anything_is_written(small_cifar, tmp_path, override, match):
+    cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true", *override.split())
+    with pytest.raises(UserError, match=match):
+        train.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_than_one_rank_is_refused():
+    cfg = config.load(None, ["--precision.step_graph=true", "--optim.impl=fused"])
+    graph.check(cfg, world=1)
+    with pytest.raises(UserError, match="one rank only"):
+        graph.check(cfg, world=2)
+    graph.check(config.load(None, ["--model.stochastic_depth=0.5"]), world=4)  # off: nothing to refuse
+
+
+def test_step_graph_takes_only_its_batch_shape():
+    model = train.build_model(config.load(None, ["--model.depth=8"]).model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    g = graph.StepGraph(lambda x, y: (x.sum(), y.sum()), model, opt, batch=4, dtype=torch.float32,
+                        memory_format=torch.contiguous_format, device=torch.device("cpu"))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and g.graph is None  # nothing to capture on a CPU
+    g(torch.ones(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64), 0.05)
+    assert opt.param_groups[0]["lr"].item() == 0.05
+    with pytest.raises(ValueError, match=r"batches of \(4, 3, 32, 32\), got \(3, 3, 32, 32\)"):
+        g(torch.ones(3, 3, 32, 32), torch.zeros(3, dtype=torch.int64), 0.05)
+
+
+@pytest.mark.parametrize("step_graph", ["false", "true"])
+def test_scaling_model_times_the_configured_step(step_graph):
+    cfg = config.load(None, ["--model.depth=8", *GRAPHABLE, f"--precision.step_graph={step_graph}"])
+    assert 0 < scaling.compute_step_s(cfg, 8, torch.device("cpu"), steps=2, warmup=1) < 10
+
+
+def test_bench_times_the_graphed_step(small_cifar, tmp_path):
+    cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true")
+    m = bench.measure_training(cfg, cifar.load(small_cifar).train, torch.device("cpu"), steps=2, warmup=1)
+    assert m["img_per_s"] > 0 and m["step_s"] > 0
