@@ -43,6 +43,7 @@ import torch.multiprocessing as mp
 
 from fastres import config, distributed, provenance, train
 from fastres.config import Config
+from fastres.data import cifar
 from fastres.model import count_params
 from fastres.report import short_sha
 from fastres.timing import Timer
@@ -178,7 +179,8 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
         lines += [f"Not produced: the compute term has to be measured on a GPU and this run had none "
                   f"({provenance.device_name(device)}). Run this command on a GPU machine.", ""]
     else:
-        steps_per_epoch = 50_000 // B
+        images = cifar.train_size(val_size=cfg.data.val_size, subset=cfg.data.subset)
+        steps_per_epoch = images // B
         t1 = compute_step_s(cfg, B, device, steps, warmup)
         lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", "",
                   "| GPUs | per-GPU batch | t_comp (ms) | link | all-reduce (ms) | exposed (ms) | epoch (s) | "
@@ -201,7 +203,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
                   "| GPUs | global batch | steps/epoch | link | exposed (ms) | epoch (s) | efficiency |",
                   "|---|---|---|---|---|---|---|"]
         for n in (1, 2, 4, 8):
-            weak_steps = 50_000 // (n * B)
+            weak_steps = images // (n * B)
             if weak_steps == 0:
                 continue
             for link, (alpha, beta) in LINKS.items():

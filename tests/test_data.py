@@ -256,3 +256,10 @@ def test_loader_rejects_a_set_smaller_than_a_batch(small_cifar):
     split = cifar.load(small_cifar).train
     with pytest.raises(UserError, match="no full batch"):
         _loader("gpu", split, batch_per_rank=300, world=2, rank=0)
+
+
+def test_train_size_matches_split(small_cifar):
+    data = cifar.load(small_cifar)
+    for val_size, subset in ((0, 0), (50, 0), (30, 200)):
+        n = len(cifar.split(data, val_size=val_size, subset=subset).train)
+        assert cifar.train_size(val_size=val_size, subset=subset) == n

@@ -162,6 +162,11 @@ def load(root: str | os.PathLike, per_file: int | None = None) -> Cifar10:
     return Cifar10(train=train, test=read_batch(folder / TEST_FILE, per_file))
 
 
+def train_size(*, val_size: int = 0, subset: int = 0) -> int:
+    """How many images :func:`split` trains on from the full set, without reading it."""
+    return (subset or len(TRAIN_FILES) * PER_FILE) - val_size
+
+
 def split(data: Cifar10, *, val_size: int = 0, split_seed: int = 0, subset: int = 0,
           test_subset: int = 0) -> Cifar10:
     """Take the first ``subset`` training images, then hold ``val_size`` of them out (a seeded draw).
