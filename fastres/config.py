@@ -157,6 +157,9 @@ class EvalCfg:
                             "over un-augmented training images instead of the running averages")
     precise_bn_batches: int = _opt(200, "precise BN: training batches (per rank, at the training batch size) "
                                    "to average over", ge=1)
+    tta: str = _opt("off", "test-time augmentation: flip averages each image's logits with its mirror "
+                    "image's (cifar10-airbench); the plain accuracy is logged beside it as <split>_acc_no_tta",
+                    choices=("off", "flip"))
     on_test: bool = _opt(True, "evaluate on the test set; false (for tuning) never touches it and measures "
                          "time to target on the validation split")
 

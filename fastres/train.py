@@ -32,7 +32,7 @@ from fastres import checkpoint, config, distributed, graph, provenance, rng
 from fastres.config import Config, PrecisionCfg
 from fastres.data import build_loader, cifar, normalize
 from fastres.errors import UserError, entry
-from fastres.evaluate import accuracy, precise_bn_
+from fastres.evaluate import accuracies, accuracy, precise_bn_
 from fastres.init import lsuv_
 from fastres.log import RunLog, read_metrics
 from fastres.model import build_model, count_params
@@ -318,10 +318,14 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         distributed.broadcast_buffers(model)
         score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
         extra = {}
+        tta = cfg.eval.tta
         if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
-            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *evals[target_split], **score)
+            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *evals[target_split], tta=tta, **score)
             precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
-        acc = {name: accuracy(model, xs, ys, **score) for name, (xs, ys) in evals.items()}
+        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in evals.items()}
+        acc = {name: a[tta] for name, a in scored.items()}
+        if tta != "off":  # the same forward passes without the mirror images: what TTA adds
+            extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
         if dev.type == "cuda":

@@ -237,13 +237,16 @@ def test_depth_table_header_without_runs(tmp_path):
 
 def test_tuning_runs_never_touch_the_test_set(small_cifar, tmp_path, monkeypatch):
     seen = []
-    real = train.accuracy
+    real_one, real_all = train.accuracy, train.accuracies
 
-    def spy(model, images, labels, **kw):
-        seen.append(len(labels))
-        return real(model, images, labels, **kw)
+    def spy(real):
+        def scored(model, images, labels, **kw):
+            seen.append(len(labels))
+            return real(model, images, labels, **kw)
+        return scored
 
-    monkeypatch.setattr(train, "accuracy", spy)
+    monkeypatch.setattr(train, "accuracy", spy(real_one))
+    monkeypatch.setattr(train, "accuracies", spy(real_all))
     s = train.main(tiny(small_cifar, tmp_path, "--eval.on_test=false", "--run.target_acc=0.01",
                         "--data.test_subset=77"))
     assert 77 not in seen and set(seen) == {50}  # only the 50 validation images were ever scored
