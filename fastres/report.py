@@ -76,6 +76,10 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             complete and len(reached) == len(summaries)) else (None, None)
         split = summaries[0].get("target_split", "test") if summaries else "test"
         a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
+        plain = [s.get(f"final_{split}_acc_no_tta") for s in summaries]
+        note = row.get("note", "")
+        if summaries and None not in plain:  # eval.tta runs: what the same evaluation gave without it
+            note = "; ".join(filter(None, [note, f"without TTA: {statistics.fmean(plain):.2%}"]))
         status = row["status"]
         if status.startswith("needs"):
             shown = status
@@ -90,7 +94,7 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         else:
             shown = "done"
         rows.append(dict(
-            combination=row["name"], group=row["group"], status=shown, note=row.get("note", ""),
+            combination=row["name"], group=row["group"], status=shown, note=note,
             nproc=row["nproc"], seeds=len(summaries), seeds_planned=row["seeds"], seeds_reached=len(reached),
             target_acc=summaries[0]["target_acc"] if summaries else None,
             device=_joined(s["device"] for s in summaries), world_size=_joined(s["world_size"] for s in summaries),

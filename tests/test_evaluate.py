@@ -56,4 +56,5 @@ def test_a_run_with_tta_logs_both_accuracies(small_cifar, tmp_path):
     (row,) = read_metrics(tmp_path / "run")
     for split in ("test", "val"):
         assert 0 <= row[f"{split}_acc_no_tta"] <= 1 and 0 <= row[f"{split}_acc"] <= 1
-    assert s["final_test_acc"] == row["test_acc"]
+    assert s["final_test_acc"] == row["test_acc"] and s["final_test_acc_no_tta"] == row["test_acc_no_tta"]
+    assert s["final_val_acc_no_tta"] == row["val_acc_no_tta"]

@@ -232,3 +232,14 @@ def test_pick_refuses_a_stack_measured_on_the_test_set(tmp_path, capsys):
     runs = _val_stack(tmp_path / "c", [("r", {}, [(5.0, 0.92), (5.0, 0.92)])], split="test")
     assert report.cli([f"--runs={runs}", "--pick"]) == 2
     assert "validation split only" in capsys.readouterr().err
+
+
+def test_report_notes_the_accuracy_without_tta(tmp_path):
+    runs = _val_stack(tmp_path / "t", [("flip", {"eval.tta": "flip"}, [(None, 0.905), (None, 0.907)]),
+                                       ("plain", {}, [(None, 0.90), (None, 0.90)])])
+    for seed, plain in enumerate((0.90, 0.902)):
+        path = runs / "flip" / f"seed{seed}" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "final_val_acc_no_tta": plain}))
+    _, rows = report.collect(runs)
+    notes = {r["combination"]: r["note"] for r in rows}
+    assert notes == {"flip": "without TTA: 90.10%", "plain": ""}
