@@ -99,22 +99,15 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.run.seed)
     torch.backends.cudnn.benchmark = True
-    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    batch = cfg.optim.batch_size
     loader = build_loader(cfg.data, split, batch_per_rank=batch, seed=cfg.run.seed, rank=0, world=1,
                           device=device, channels_last=cfg.precision.channels_last, dtype=amp_dtype or torch.float32)
     model = train.build_model(cfg.model).to(device, memory_format=fmt)
     opt = train.build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
-    compile_s = 0.0
-    if cfg.precision.compile:
-        train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
-        compile_s = train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=accum, device=device,
-                                  fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
     lr = opt.param_groups[0]["lr"]  # the scaled lr throughout (no schedule: a fixed number of steps)
-    t_capture = Timer(device)
-    t_capture.start()
-    run_step = train.make_step(model, model, opt, scaler, cfg, batch_per_rank=batch, world=1, device=device)
-    compile_s += t_capture.stop()  # step graph warm-up and capture, if any
+    run_step, compile_s = train.make_step(model, model, opt, scaler, cfg, batch_per_rank=batch, world=1,
+                                          device=device)
 
     def batches():
         epoch = 0

@@ -87,13 +87,10 @@ def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, wa
     model = train.build_model(cfg.model).to(device, memory_format=fmt)
     opt = train.build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
-    if cfg.precision.compile:
-        train.compile_model(model, model, cfg.precision, cfg.model.stochastic_depth > 0)
-        train.warm_up(model, model, opt, scaler, batch_per_rank=batch, accum=1, device=device, fmt=fmt,
-                      dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
     lr = opt.param_groups[0]["lr"]
     one_step = config.with_values(cfg, {"optim.accum_steps": 1})  # one micro-batch per step, as before
-    run_step = train.make_step(model, model, opt, scaler, one_step, batch_per_rank=batch, world=1, device=device)
+    run_step, _ = train.make_step(model, model, opt, scaler, one_step, batch_per_rank=batch, world=1,
+                                  device=device)
     x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=amp_dtype or torch.float32, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     timer = Timer(device)

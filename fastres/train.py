@@ -58,15 +58,14 @@ def _random_batches(split, batch: int, seed: int, device: torch.device, fmt: tor
 
 
 def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device: torch.device, fmt, dtype,
-            amp_dtype, steps: int = 3) -> float:
-    """Compile (and capture CUDA graphs) before training, on random batches of the real shape; seconds taken.
+            amp_dtype, steps: int = 3) -> None:
+    """Compile (and capture CUDA graphs) before training, on random batches of the real shape (make_step
+    times it).
 
     Weights, optimizer and scaler state are put back afterwards, so training starts exactly where it would
     have; only the compiled code remains (as cifar10-airbench warms up before its timer starts). Every
     stochastic-depth branch is kept meanwhile, so each is compiled.
     """
-    timer = Timer(device)
-    timer.start()
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
     rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
     x = torch.randn(batch_per_rank, 3, 32, 32, device=device).to(dtype=dtype, memory_format=fmt)
@@ -78,7 +77,6 @@ def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device:
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     scaler.load_state_dict(saved[2])
-    return timer.stop()
 
 
 def compile_model(net: torch.nn.Module, model: torch.nn.Module, cfg: PrecisionCfg, stochastic_depth: bool) -> None:
@@ -134,22 +132,30 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.a
 
 def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, cfg: Config, *, batch_per_rank: int, world: int, device: torch.device):
-    """The step the loop calls, ``step(x, y, lr, before_forward) -> (summed loss, correct)``: train_step with
-    the lr set, or with precision.step_graph its CUDA graph (fastres/graph.py; captured here, after compile)."""
+    """(step, seconds it took to make): the step the loop calls, ``step(x, y, lr, before_forward) -> (summed
+    loss, correct)``. torch.compile'd and warmed up first if precision.compile says so; then train_step with
+    the lr set, or with precision.step_graph its CUDA graph (fastres/graph.py), captured here."""
     graph.check(cfg, world)
+    timer = Timer(device)
+    timer.start()
     amp_dtype = AMP_DTYPES[cfg.precision.amp]
-    kw = dict(accum=cfg.optim.accum_steps, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing)
+    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+    accum = cfg.optim.accum_steps
+    if cfg.precision.compile:
+        compile_model(net, model, cfg.precision, cfg.model.stochastic_depth > 0)
+        warm_up(net, model, opt, scaler, batch_per_rank=batch_per_rank, accum=accum, device=device, fmt=fmt,
+                dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+    kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing)
     if not cfg.precision.step_graph:
         def step(x, y, lr: float, before_forward=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             return train_step(net, opt, scaler, x, y, before_forward=before_forward, **kw)
-        return step
+        return step, timer.stop()
     captured = graph.StepGraph(lambda x, y: train_step(net, opt, scaler, x, y, **kw), model, opt,
                                batch=batch_per_rank, dtype=amp_dtype or torch.float32, device=device,
-                               memory_format=torch.channels_last if cfg.precision.channels_last else
-                               torch.contiguous_format)
-    return lambda x, y, lr, before_forward=None: captured(x, y, lr)  # check() ruled stochastic depth out
+                               memory_format=fmt)
+    return (lambda x, y, lr, before_forward=None: captured(x, y, lr)), timer.stop()  # check() ruled out SD
 
 
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
@@ -258,15 +264,9 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                   find_unused_parameters=sd_on, gradient_as_bucket_view=True)
-    compile_s = 0.0
-    if cfg.precision.compile:
-        compile_model(net, model, cfg.precision, sd_on)
-        compile_s = warm_up(net, model, opt, scaler, batch_per_rank=batch // world, accum=accum, device=dev,
-                            fmt=fmt, dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
-    t_capture = Timer(dev)
-    t_capture.start()
-    run_step = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world, device=dev)
-    compile_s += t_capture.stop()  # the step graph's warm-up and capture (nothing without step_graph)
+    # compile + warm-up, and the step graph's capture: reported as compile_s, outside the training time
+    run_step, compile_s = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world,
+                                    device=dev)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
