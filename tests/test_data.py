@@ -52,6 +52,9 @@ def test_finds_the_folder_from_its_parent(small_cifar):
     ("not_a_dict", ["data_batch_3", "not a CIFAR-10 batch"]),
     ("code", ["data_batch_3", "system, which a CIFAR-10 file never does"]),
     ("missing", ["data_batch_3", "missing"]),
+    ("too_big", ["data_batch_3", "far more than a CIFAR-10 batch of 100 images"]),
+    # LONG_BINPUT 2**31 - 1: the C unpickler would size its memo to 16 GB before anything else
+    ("huge_memo_index", ["data_batch_3", "no 'data'/'labels'"]),
 ])
 def test_bad_files_are_one_line_errors_naming_the_file(small_cifar, damage, words):
     path = small_cifar / "data_batch_3"
@@ -81,12 +84,35 @@ def test_bad_files_are_one_line_errors_naming_the_file(small_cifar, damage, word
         pickle.dump({b"data": Evil()}, open(path, "wb"))
     elif damage == "missing":
         path.unlink()
+    elif damage == "too_big":
+        path.write_bytes(good * 4)
+    elif damage == "huge_memo_index":
+        path.write_bytes(b"\x80\x02}r\xff\xff\xff\x7f.")
     with pytest.raises(DataError) as e:
         cifar.load(small_cifar)
     msg = str(e.value)
     assert "\n" not in msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_any_damaged_bytes_give_a_data_error(small_cifar):
+    """Random bytes drive the unpickler into almost any exception (OverflowError on a huge BINBYTES length,
+    KeyError on an unknown memo, ...): every one of them must come out as the one-line DataError."""
+    path = small_cifar / "data_batch_3"
+    good = path.read_bytes()
+    rng = np.random.default_rng(0)
+    cases = [rng.bytes(int(n)) for n in rng.integers(1, 5000, 300)]
+    for _ in range(300):  # one byte of the good file changed in its header (pickle opcodes and lengths)
+        b = bytearray(good)
+        b[int(rng.integers(0, 200))] = int(rng.integers(0, 256))
+        cases.append(bytes(b))
+    for data in cases:
+        path.write_bytes(data)
+        try:
+            cifar.read_batch(path, 100)
+        except DataError as e:
+            assert "\n" not in str(e) and "data_batch_3" in str(e)
 
 
 def test_real_set_validates(real_cifar):

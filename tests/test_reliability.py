@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def _bad_data(small_cifar: Path, damage: str) -> Path:
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:5000])
     elif damage == "corrupt":
-        path.write_bytes(os.urandom(4000))
+        path.write_bytes(random.Random(0).randbytes(4000))  # seeded: tests/test_data.py fuzzes many more
     elif damage == "shape":
         import numpy as np
         write_batch(path, np.zeros((100, 1000), np.uint8), [0] * 100)
