@@ -36,7 +36,7 @@ import torch
 from fastres import config, distributed, provenance, train
 from fastres.config import Config
 from fastres.data import build_loader, cifar
-from fastres.errors import UserError, entry
+from fastres.errors import UserError, entry, read_json
 from fastres.log import read_metrics
 from fastres.report import short_sha
 from fastres.timing import Timer
@@ -280,10 +280,7 @@ TABLES = {
 def append_rows(path: Path, rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     """Append to the JSON list at ``path`` and rewrite its markdown table beside it; all rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        old = json.loads(path.read_text()) if path.exists() else []
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): fix or move it; nothing was written") from None
+    old = read_json(path, list, "results file") if path.exists() else []
     everything = old + rows
     path.write_text(json.dumps(everything, indent=1) + "\n")
     title, intro, table = TABLES[what]

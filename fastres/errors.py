@@ -5,8 +5,11 @@ traceback. Anything else that escapes is a bug in fastres and keeps its tracebac
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -36,3 +39,19 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
         if rank == 0 or e.per_rank:
             print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
+
+
+def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
+    """The JSON value in ``path``, of type ``kind``; a UserError naming the file if it cannot be read, is not
+    JSON (a crash mid-write, a hand edit) or holds something else. Nothing is written either way."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())[:120]}): fix or move it; "
+                        f"nothing was written") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} a {what} is: "
+                        f"fix or move it; nothing was written")
+    return value

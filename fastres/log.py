@@ -16,15 +16,30 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fastres.errors import UserError
+
 METRICS = "metrics.jsonl"
 TB_DIR = "tb"
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl ([] if none). A torn last line (killed mid-write) is dropped, and
+    a resume rewrites the file without it; a bad line anywhere else is a UserError naming it."""
     path = Path(out_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+        elif i < len(lines):
+            raise UserError(f"{path} line {i} is not a metrics row: fix or move the file")
+    return rows
 
 
 def fmt_time(seconds: float) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastres.config import take_flag
-from fastres.errors import UserError, entry
+from fastres.errors import UserError, entry, read_json
 from fastres.log import read_metrics
 
 MANIFEST = "stack.json"
@@ -48,6 +48,11 @@ def short_sha(sha: str) -> str:
     return sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
+_ROW_KEYS = {"name", "group", "nproc", "seeds", "status", "runs"}
+_SUMMARY_KEYS = {"time_to_target_s", "target_acc", "device", "world_size", "img_per_s", "git_sha", "torch_version",
+                 "epochs_to_target"}
+
+
 def _joined(values) -> str:
     return " / ".join(sorted({str(v) for v in values if v is not None}))
 
@@ -58,16 +63,24 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     path = runs_dir / MANIFEST
     if not path.exists():
         raise UserError(f"no {path}: run fastres.stack first (or pass --runs=DIR of a stack's runs)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, dict, "fastres.stack manifest")
+    if not isinstance(manifest.get("rows"), list) or not all(
+            isinstance(r, dict) and _ROW_KEYS <= set(r) and isinstance(r["runs"], list) for r in manifest["rows"]):
+        raise UserError(f"{path} is not a fastres.stack manifest (it needs 'rows', each with "
+                        f"{', '.join(sorted(_ROW_KEYS))}): rerun fastres.stack to rewrite it")
     rows = []
     for row in manifest["rows"]:
         summaries, curves = [], []
         for run in row["runs"]:
-            try:
-                s = json.loads((Path(run) / "summary.json").read_text())
-            except (OSError, json.JSONDecodeError):
+            try:  # a run not started, or killed before its summary: not counted
+                s = read_json(Path(run) / "summary.json")
+            except UserError:
                 continue
             if s.get("finished"):
+                missing = (_SUMMARY_KEYS | {f"final_{s.get('target_split', 'test')}_acc"}) - set(s)
+                if missing:
+                    raise UserError(f"{Path(run) / 'summary.json'} lacks {', '.join(sorted(missing))}: "
+                                    f"not a summary fastres.train wrote; rerun that row")
                 summaries.append(s)
                 curves.append(read_metrics(run))
         reached = [s for s in summaries if s["time_to_target_s"] is not None]

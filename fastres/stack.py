@@ -33,7 +33,7 @@ import torch
 
 from fastres import config, provenance
 from fastres.config import ConfigError, tomllib
-from fastres.errors import UserError, entry
+from fastres.errors import UserError, entry, read_json
 from fastres.train import RESUME_MAY_DIFFER, SUMMARY
 
 MANIFEST = "stack.json"
@@ -92,9 +92,11 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
     if not path.is_file():
         raise ConfigError(f"stack file {path} not found: pass an existing file to --config")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text TOML file") from None
     unknown = set(data) - {"stack", "ladder", "alone"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)} (valid: [stack], [[ladder]], [[alone]])")
@@ -165,8 +167,8 @@ def _same(saved: dict[str, Any], cfg: config.Config) -> bool:
 def finished(run_dir: Path, cfg: config.Config, code: str) -> bool:
     """A run with the same config (paths aside) and the same code has finished here."""
     try:
-        s = json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, json.JSONDecodeError):
+        s = read_json(run_dir / SUMMARY)
+    except UserError:  # missing, or left unreadable by a crash: run it again
         return False
     return bool(s.get("finished")) and _same(s.get("config", {}), cfg) and s.get("code_hash") == code
 
@@ -174,8 +176,8 @@ def finished(run_dir: Path, cfg: config.Config, code: str) -> bool:
 def resumable(run_dir: Path, cfg: config.Config, code: str) -> bool:
     """An unfinished run of this config, started by this code: continue it rather than start over."""
     try:
-        mark = json.loads((run_dir / RUN_MARK).read_text())
-    except (OSError, json.JSONDecodeError):
+        mark = read_json(run_dir / RUN_MARK)
+    except UserError:
         return False
     return mark.get("code_hash") == code and _same(mark.get("config", {}), cfg) and not (run_dir / SUMMARY).exists()
 

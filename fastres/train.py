@@ -247,11 +247,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     progress = dict(epoch=0, step=0, train_time_s=0.0, eval_time_s=0.0, time_to_target_s=None,
                     time_to_target_with_eval_s=None, epochs_to_target=None, t0=time.time(), last=None)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        progress.update(state["progress"])
+        checkpoint.restore(out / checkpoint.NAME, state, model, opt, scaler, progress)
     elif cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
         if dist.is_main:
             lsuv_records = lsuv_(model, _random_batches(data.train, micro, cfg.run.seed, dev, fmt),

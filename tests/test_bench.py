@@ -5,6 +5,7 @@ import json
 import pytest
 
 from fastres import bench, config
+from fastres.errors import UserError
 from fastres.log import read_metrics
 
 
@@ -53,6 +54,16 @@ def test_bad_bench_arguments(capsys, small_cifar):
     assert bench.cli(["--steps", "x"]) == 2
     err = capsys.readouterr().err
     assert "--what" in err and "turbo" in err and "--repeats" in err and "--steps" in err
+
+
+@pytest.mark.parametrize("text, words", [('{"rows": []}', "holds a JSON dict, not the list"),
+                                         ('[{"a": 1}', "is not valid JSON")])
+def test_a_damaged_results_file_is_kept_and_named(tmp_path, text, words):
+    path = tmp_path / "bench.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=words):
+        bench.append_rows(path, [dict(a=2)], "train")
+    assert path.read_text() == text and not path.with_suffix(".md").exists()
 
 
 def test_train_bench_row_and_ratios(small_cifar, tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 
 from fastres import checkpoint, config, train
 from fastres.data import cifar
+from fastres.errors import UserError
 from fastres.log import read_metrics
 
 from conftest import ROOT, run_cli, write_batch
@@ -84,6 +85,9 @@ def test_resume_after_a_crash_between_metrics_and_checkpoint(small_cifar, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train.main(config.load(None, tiny(small_cifar, tmp_path, "--run.epochs=3")))
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # and a row torn by the kill
+        f.write('{"epoch": 3, "step": 2')
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
     monkeypatch.setattr(checkpoint, "save", real_save)
     train.main(config.load(None, tiny(small_cifar, tmp_path, "--run.epochs=3")))
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
@@ -93,9 +97,20 @@ def test_resume_after_a_crash_between_metrics_and_checkpoint(small_cifar, tmp_pa
     assert steps == sorted(set(steps)) == [r["step"] for r in read_metrics(tmp_path)]
 
 
+def test_a_bad_metrics_line_before_the_last_is_a_user_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not a metrics row"):
+        read_metrics(tmp_path)
+
+
+def _state(n: int, epoch: int) -> dict:
+    """The smallest state with every part a checkpoint must have."""
+    return {**{part: {} for part in checkpoint.PARTS}, "model": {"x": torch.arange(n)}, "progress": {"epoch": epoch}}
+
+
 def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / checkpoint.NAME
-    checkpoint.save(path, {"x": torch.arange(3), "progress": {"epoch": 1}})
+    checkpoint.save(path, _state(3, 1))
 
     def half_written(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a zip")
@@ -103,11 +118,11 @@ def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path,
 
     monkeypatch.setattr(torch, "save", half_written)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(path, {"x": torch.arange(5), "progress": {"epoch": 2}})
+        checkpoint.save(path, _state(5, 2))
     monkeypatch.undo()
     state = checkpoint.load(path)
-    assert state["progress"]["epoch"] == 1 and torch.equal(state["x"], torch.arange(3))
-    checkpoint.save(path, {"x": torch.arange(7), "progress": {"epoch": 2}})  # the next save replaces both
+    assert state["progress"]["epoch"] == 1 and torch.equal(state["model"]["x"], torch.arange(3))
+    checkpoint.save(path, _state(7, 2))  # the next save replaces both
     assert checkpoint.load(path)["progress"]["epoch"] == 2 and not (tmp_path / "checkpoint.pt.tmp").exists()
 
 
@@ -213,6 +228,14 @@ CASES = {
     "resume with another config": (lambda d, o, n: tiny(d, o, "--optim.lr_per_128=0.3", "--run.epochs=1"),
                                    "different config (optim.lr_per_128)"),
     "corrupt checkpoint": (lambda d, o, n: tiny(d, _corrupt_ckpt(o), "--run.epochs=1"), "cannot be read"),
+    "checkpoint with a flipped bit": (lambda d, o, n: tiny(d, _damage_ckpt(o, "bit"), "--run.epochs=1"),
+                                      "fails its CRC-32 check"),
+    "checkpoint without a part": (lambda d, o, n: tiny(d, _damage_ckpt(o, "part"), "--run.epochs=1"),
+                                  "not a whole fastres checkpoint (scaler missing"),
+    "checkpoint progress damaged": (lambda d, o, n: tiny(d, _damage_ckpt(o, "progress"), "--run.epochs=1"),
+                                    "does not fit this run (progress.epoch is 'one')"),
+    "checkpoint of another model": (lambda d, o, n: tiny(d, _damage_ckpt(o, "model"), "--run.epochs=1"),
+                                    "does not fit this run (Error(s) in loading state_dict"),
     # hardware / packages
     "DALI missing": (lambda d, o, n: tiny(d, n, "--data.loader=dali"), "pip install nvidia-dali-cuda130"),
     "CUDA absent": (lambda d, o, n: tiny(d, n, "--run.device=cuda"), "no CUDA device"),
@@ -226,6 +249,24 @@ def _write(path: Path, text: str) -> Path:
 
 def _corrupt_ckpt(out: Path) -> Path:
     (out / checkpoint.NAME).write_bytes(b"not a checkpoint")
+    return out
+
+
+def _damage_ckpt(out: Path, how: str) -> Path:
+    path = out / checkpoint.NAME
+    if how == "bit":  # a weight's byte, deep inside the file: the zip and the pickle still read
+        b = bytearray(path.read_bytes())
+        b[len(b) // 2] ^= 1
+        path.write_bytes(bytes(b))
+        return out
+    state = torch.load(path, weights_only=True)
+    if how == "part":
+        del state["scaler"]
+    elif how == "progress":
+        state["progress"]["epoch"] = "one"
+    elif how == "model":
+        state["model"] = {k: v[:1] if v.ndim else v for k, v in state["model"].items()}
+    torch.save(state, path)
     return out
 
 
@@ -249,7 +290,7 @@ def test_bad_input_is_one_line_nonzero_and_destroys_nothing(case, small_cifar, e
         monkeypatch.setattr(cifar.urllib.request, "urlopen", offline)
     make_args, words = CASES[case]
     args = make_args(small_cifar, existing_run, existing_run.parent / "new")
-    before = snapshot(existing_run) if case != "corrupt checkpoint" else None
+    before = snapshot(existing_run) if "checkpoint" not in case else None
     capsys.readouterr()
     rc = train.cli(args)
     err = capsys.readouterr().err

@@ -182,6 +182,54 @@ def test_report_without_a_stack_is_one_line(tmp_path, capsys):
     assert "run fastres.stack first" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("manifest torn", "stack.json is not valid JSON"),
+    ("manifest a list", "holds a JSON list, not the dict"),
+    ("manifest without rows", "is not a fastres.stack manifest"),
+    ("row without runs", "is not a fastres.stack manifest"),
+    ("summary without keys", "lacks device, git_sha"),
+    ("metrics line", "line 1 is not a metrics row"),
+])
+def test_a_damaged_stack_is_one_line_and_writes_nothing(tmp_path, capsys, damage, words):
+    runs = tmp_path / "runs"
+    _summary(runs / "a" / "seed0", 10.0, 0.92)
+    manifest = dict(name="m", device="cuda", rows=[dict(name="a", group="ladder", values={}, nproc=1, seeds=1,
+                                                        note="", slug="a", status="done",
+                                                        runs=[str(runs / "a" / "seed0")])])
+    text = json.dumps(manifest)
+    if damage == "manifest torn":
+        text = text[:40]
+    elif damage == "manifest a list":
+        text = json.dumps([manifest])
+    elif damage == "manifest without rows":
+        text = json.dumps(dict(name="m"))
+    elif damage == "row without runs":
+        del manifest["rows"][0]["runs"]
+        text = json.dumps(manifest)
+    elif damage == "summary without keys":
+        p = runs / "a" / "seed0" / "summary.json"
+        s = json.loads(p.read_text())
+        del s["device"], s["git_sha"]
+        p.write_text(json.dumps(s))
+    elif damage == "metrics line":
+        p = runs / "a" / "seed0" / "metrics.jsonl"
+        p.write_text("{oops\n" + p.read_text())
+    (runs / "stack.json").write_text(text)
+    assert report.cli([f"--runs={runs}", f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastres: error: ") and "\n" not in err and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_torn_summary_means_the_run_is_rerun(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "summary.json").write_text('{"finished": tr')
+    assert not stack.finished(d, None, "c" * 16)
+    (d / "summary.json").write_text('[1, 2]')
+    assert not stack.finished(d, None, "c" * 16)
+
+
 def _val_stack(runs, rows_spec, split="val"):
     rows = []
     for name, values, results in rows_spec:
