@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres.errors import UserError
+from fastres.errors import UserError, one_line
 
 NAME = "checkpoint.pt"
 
@@ -55,15 +55,13 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
         # load silently. zipfile checks them (about 4 ms for ResNet-20's 0.6 MB).
         with zipfile.ZipFile(path) as z:
             damaged = z.testzip()
-        if damaged is not None:
-            raise UserError(f"checkpoint {path} is damaged ({damaged} fails its CRC-32 check): {_FIX}")
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except UserError:
-        raise
+        state = torch.load(path, map_location=map_location, weights_only=True) if damaged is None else None
     except Exception as e:  # truncated, not a zip, foreign objects refused by weights_only, unreadable, ...
         reason = "it holds objects other than tensors and plain values" if isinstance(
             e, pickle.UnpicklingError) else (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         raise UserError(f"checkpoint {path} cannot be read ({reason}): {_FIX}") from None
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is damaged ({damaged} fails its CRC-32 check): {_FIX}")
     bad = [k for k in PARTS if not isinstance(state.get(k), dict)] if isinstance(state, dict) else list(PARTS)
     if bad:
         raise UserError(f"checkpoint {path} is not a whole fastres checkpoint ({', '.join(bad)} missing or "
@@ -82,7 +80,7 @@ def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torc
         set_rng_state(state["rng"])
         _check_progress(state["progress"], progress)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as e:
-        why = " ".join(str(e).split())[:200] or type(e).__name__
+        why = one_line(e) or type(e).__name__
         raise UserError(f"checkpoint {path} does not fit this run ({why}): {_FIX}") from None
     progress.update(state["progress"])
 

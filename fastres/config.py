@@ -243,6 +243,16 @@ def _parse_cli_value(text: str, tp, where: str) -> Any:
 
 # --------------------------------------------------------------------------------------------- loading
 
+def parse_toml(path: Path) -> dict[str, Any]:
+    """The TOML table in ``path`` (a config or a stack file); a ConfigError if it is not UTF-8 TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text TOML file") from None
+
+
 def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A TOML file with its ``base`` chain merged in (child keys win)."""
     path = path.resolve()
@@ -251,12 +261,7 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
         raise ConfigError(f"config file {path} not found{hint}: pass an existing file to --config")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text TOML file") from None
+    data = parse_toml(path)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -41,6 +41,12 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
         return 2
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """``e``'s message folded onto one line (some, the unpickler's among them, span lines) and cut to
+    ``limit`` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
 def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
     """The JSON value in ``path``, of type ``kind``; a UserError naming the file if it cannot be read, is not
     JSON (a crash mid-write, a hand edit) or holds something else. Nothing is written either way."""
@@ -49,7 +55,7 @@ def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e})") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())[:120]}): fix or move it; "
+        raise UserError(f"{path} is not valid JSON ({one_line(e, 120)}): fix or move it; "
                         f"nothing was written") from None
     if not isinstance(value, kind):
         raise UserError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} a {what} is: "

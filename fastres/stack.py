@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fastres import config, provenance
-from fastres.config import ConfigError, tomllib
+from fastres.config import ConfigError
 from fastres.errors import UserError, entry, read_json
 from fastres.train import RESUME_MAY_DIFFER, SUMMARY
 
@@ -91,12 +91,7 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stack file {path} not found: pass an existing file to --config")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text TOML file") from None
+    data = config.parse_toml(path)
     unknown = set(data) - {"stack", "ladder", "alone"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)} (valid: [stack], [[ladder]], [[alone]])")

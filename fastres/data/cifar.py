@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastres.errors import UserError
+from fastres.errors import UserError, one_line
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -98,8 +98,7 @@ def read_batch(path: Path, per_file: int | None = None) -> Split:
     try:
         d = _ArraysOnly(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # random bytes make the unpickler raise almost anything: Overflow-, Key-, Memory-, ...
-        why = " ".join(str(e).split())[:200]  # some unpickler messages span lines; the error stays one line
-        raise DataError(f"{path} is truncated or not a CIFAR-10 pickle ({type(e).__name__}: {why}); "
+        raise DataError(f"{path} is truncated or not a CIFAR-10 pickle ({type(e).__name__}: {one_line(e)}); "
                         f"replace it with the file from the official archive") from None
     if not isinstance(d, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (a {type(d).__name__}, not a dict)")
