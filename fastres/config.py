@@ -79,6 +79,9 @@ class DataCfg:
                        choices=("workers", "gpu", "dali"))
     dali_source: str = _opt("host", "dali loader: feed uint8 batches from host memory, or gather them from a "
                             "GPU-resident copy and hand them over zero-copy", choices=("host", "device"))
+    flip: str = _opt("random", "training flips: random (each image mirrored with p = 1/2 every epoch, He 2015) or "
+                     "alternate (random in epoch 0, then each image's flip inverted every epoch; Jordan 2024, "
+                     "cifar10-airbench)", choices=("random", "alternate"))
     val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0)
     split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
                            "of a recipe is tuned on the same split)", ge=0)
@@ -158,8 +161,9 @@ class EvalCfg:
     precise_bn_batches: int = _opt(200, "precise BN: training batches (per rank, at the training batch size) "
                                    "to average over", ge=1)
     tta: str = _opt("off", "test-time augmentation: flip averages each image's logits with its mirror "
-                    "image's (cifar10-airbench); the plain accuracy is logged beside it as <split>_acc_no_tta",
-                    choices=("off", "flip"))
+                    "image's (cifar10-airbench); flip-translate adds the flip averages of the image moved one "
+                    "pixel each way (6 passes; airbench's tta_level 2); the plain accuracy is logged beside it "
+                    "as <split>_acc_no_tta", choices=("off", "flip", "flip-translate"))
     on_test: bool = _opt(True, "evaluate on the test set; false (for tuning) never touches it and measures "
                          "time to target on the validation split")
 

@@ -89,10 +89,12 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             complete and len(reached) == len(summaries)) else (None, None)
         split = summaries[0].get("target_split", "test") if summaries else "test"
         a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
-        plain = [s.get(f"final_{split}_acc_no_tta") for s in summaries]
         note = row.get("note", "")
-        if summaries and None not in plain:  # eval.tta runs: what the same evaluation gave without it
-            note = "; ".join(filter(None, [note, f"without TTA: {statistics.fmean(plain):.2%}"]))
+        for key, what in (("no_tta", "without TTA"), ("flip", "flip TTA alone")):
+            # eval.tta runs: what the same evaluation gave without it, or (flip-translate) with the flip alone
+            values = [s.get(f"final_{split}_acc_{key}") for s in summaries]
+            if summaries and None not in values:
+                note = "; ".join(filter(None, [note, f"{what}: {statistics.fmean(values):.2%}"]))
         status = row["status"]
         if status.startswith("needs"):
             shown = status

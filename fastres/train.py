@@ -322,6 +322,8 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         acc = {name: a[tta] for name, a in scored.items()}
         if tta != "off":  # the same forward passes without the mirror images: what TTA adds
             extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
+        if tta == "flip-translate":  # and with the mirror images alone: what the moved images add
+            extra.update({f"{name}_acc_flip": a["flip"] for name, a in scored.items()})
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
         if dev.type == "cuda":
@@ -353,6 +355,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         epochs_to_target=progress["epochs_to_target"],
         final_test_acc=last["test_acc"], final_val_acc=last["val_acc"],
         final_test_acc_no_tta=last.get("test_acc_no_tta"), final_val_acc_no_tta=last.get("val_acc_no_tta"),
+        final_test_acc_flip=last.get("test_acc_flip"), final_val_acc_flip=last.get("val_acc_flip"),
         train_time_s=progress["train_time_s"],
         eval_time_s=progress["eval_time_s"], staging_s=staging_s, compile_s=compile_s, epochs=cfg.run.epochs,
         steps=total_steps,

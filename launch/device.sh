@@ -27,6 +27,7 @@
 #   stack=S       the ladder for S seconds, resuming (results/stack.*)
 #   tune=S        configs/tune-fast.toml for S seconds (validation split only; runs/tune-fast/report)
 #   depths=S      the paper's depths for S seconds, resuming (results/resnet-depths.*)
+#   STACK_ONLY=slug,slug  (environment) the stack phases run only these rows
 # Runs that are not finished keep their checkpoints in back.tgz; `unpack` puts them under runs/ and the next
 # call carries them (carry ["runs/stack"]) so the ladder resumes on a fresh machine.
 set -euo pipefail
@@ -103,6 +104,7 @@ phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
   if [ "${argv[2]:-}" = fastres.stack ]; then
     # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
     argv+=(--budget-s="$budget") limit=$((budget + 60))
+    [ -z "${STACK_ONLY:-}" ] || argv+=(--only="$STACK_ONLY")  # rows (slugs, comma-separated) to run, in file order
   fi
   echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
   timeout -k 15 "$limit" "${argv[@]}"

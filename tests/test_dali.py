@@ -43,7 +43,7 @@ def epoch(loader, e):
 @pytest.mark.parametrize("source", ["host", "device"])
 def test_unaugmented_outputs_are_the_source_images(monkeypatch, source):
     split = indexed_split()
-    def center(n, seed, e):
+    def center(n, seed, e, flip):
         return (torch.full((n,), PAD), torch.full((n,), PAD), torch.zeros(n, dtype=torch.int64))
     monkeypatch.setattr(dali_mod, "aug_params", center)
     for x, y in epoch(dali(split, source), 0):
@@ -81,12 +81,15 @@ def test_crop_offsets_and_flips_are_the_drawn_ones_and_in_range():
     assert 0.35 < np.mean(found) < 0.65  # 160 draws of a fair coin
 
 
-def test_same_batches_as_the_gpu_loader(small_cifar):
+@pytest.mark.parametrize("flip", ["random", "alternate"])
+def test_same_batches_as_the_gpu_loader(small_cifar, flip):
     split = cifar.load(small_cifar).train
-    gpu = build_loader(DataCfg(loader="gpu"), split, batch_per_rank=32, seed=5, rank=1, world=2, device=CPU)
+    gpu = build_loader(DataCfg(loader="gpu", flip=flip), split, batch_per_rank=32, seed=5, rank=1, world=2,
+                       device=CPU)
     for source in ("host", "device"):
-        d = dali(split, source, rank=1, world=2)
-        for e in (0, 1):
+        d = build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2, flip=flip), split,
+                         batch_per_rank=32, seed=5, rank=1, world=2, device=CPU)
+        for e in (0, 1, 2):
             a, b = epoch(gpu, e), epoch(d, e)
             assert len(a) == len(b) == steps_per_epoch(len(split), 32, 2)
             for (xa, ya), (xb, yb) in zip(a, b):

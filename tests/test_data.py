@@ -219,6 +219,23 @@ def test_aug_params_ranges_and_flip_rate():
     assert not torch.equal(dy, aug_params(20_000, seed=0, epoch=1)[0])
 
 
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    n = 5_000
+    base = aug_params(n, seed=4, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(base, aug_params(n, seed=4, epoch=0, flip="alternate")))
+    prev = base[2]
+    for e in range(1, 5):
+        rand, alt = aug_params(n, seed=4, epoch=e), aug_params(n, seed=4, epoch=e, flip="alternate")
+        assert torch.equal(alt[0], rand[0]) and torch.equal(alt[1], rand[1])  # the same crops
+        assert torch.equal(alt[2], 1 - prev)  # exactly the images the epoch before left unmirrored
+        assert torch.equal(alt[2], base[2] if e % 2 == 0 else 1 - base[2])
+        prev = alt[2]
+    assert not torch.equal(aug_params(n, seed=4, epoch=2)[2], base[2])  # random flips are drawn anew
+    with pytest.raises(ValueError, match="flip"):
+        aug_params(n, seed=4, epoch=1, flip="sideways")
+
+
 # ------------------------------------------------------------------------------------------- loaders
 
 def test_crop_flip_against_numpy():
@@ -236,10 +253,10 @@ def test_crop_flip_against_numpy():
     np.testing.assert_array_equal(out[2], x[3])
 
 
-def _loader(kind, split, **kw):
+def _loader(kind, split, flip="random", **kw):
     args = dict(batch_per_rank=32, seed=3, rank=0, world=1, device=CPU)
     args.update(kw)
-    return build_loader(DataCfg(loader=kind, num_workers=2), split, **args)
+    return build_loader(DataCfg(loader=kind, num_workers=2, flip=flip), split, **args)
 
 
 @pytest.mark.parametrize("kind", ["gpu", "workers"])
@@ -265,17 +282,38 @@ def test_batch_contract(small_cifar, kind):
     assert xc.is_contiguous(memory_format=torch.channels_last) and xc.dtype == torch.bfloat16
 
 
-def test_gpu_and_workers_loaders_agree_image_for_image(small_cifar):
+@pytest.mark.parametrize("flip", ["random", "alternate"])
+def test_gpu_and_workers_loaders_agree_image_for_image(small_cifar, flip):
     split = cifar.load(small_cifar).train
     for world, rank in ((1, 0), (2, 1)):
-        a, b = _loader("gpu", split, world=world, rank=rank), _loader("workers", split, world=world, rank=rank)
-        for epoch in (0, 1):
+        a = _loader("gpu", split, flip, world=world, rank=rank)
+        b = _loader("workers", split, flip, world=world, rank=rank)
+        for epoch in (0, 1, 2):
             a.set_epoch(epoch)
             b.set_epoch(epoch)
             pairs = list(zip(a, b))
             assert len(pairs) == len(a) == len(b) == steps_per_epoch(len(split), 32, world)
             for (xa, ya), (xb, yb) in pairs:
                 assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_alternating_flip_changes_only_the_mirroring():
+    """Same order, same crops: each alternate-flip image is the random-flip one, mirrored where the bits differ."""
+    n = 320
+    x = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    split = cifar.Split(x, np.arange(n, dtype=np.int64))  # each label names its image
+    rand, alt = _loader("gpu", split), _loader("gpu", split, "alternate")
+    for epoch in (0, 1, 2):
+        rand.set_epoch(epoch)
+        alt.set_epoch(epoch)
+        differ = aug_params(n, 3, epoch)[2] != aug_params(n, 3, epoch, "alternate")[2]
+        mirrored = 0
+        for (xr, yr), (xa, ya) in zip(rand, alt):
+            assert torch.equal(yr, ya)
+            for j, i in enumerate(yr.tolist()):
+                assert torch.equal(xa[j], xr[j].flip(-1) if differ[i] else xr[j])
+                mirrored += int(differ[i])
+        assert (mirrored > 0) == (epoch > 0)
 
 
 def test_loader_rejects_a_set_smaller_than_a_batch(small_cifar):

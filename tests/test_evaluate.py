@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fastres import config, train
 from fastres.data import normalize, to_batch
+from fastres.data.order import PAD
 from fastres.evaluate import accuracies, accuracy
 from fastres.log import read_metrics
 
@@ -36,6 +38,30 @@ def test_flip_averages_each_images_logits_with_its_mirror_images():
     assert accuracies(model, images, labels) == pytest.approx({"off": expected_plain})
 
 
+def test_flip_translate_weighs_the_flip_average_and_two_moved_images():
+    """Half the flip average, a quarter each of the flip averages of the training crops at offsets PAD -+ 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 32 * 32, 10))  # no pooling: a moved image scores differently
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+
+    def flip_avg(u8):
+        x = normalize(u8)
+        return (model(x) + model(x.flip(3))) / 2
+
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))  # the training's crops
+    crops = [torch.from_numpy(padded[..., o:o + 32, o:o + 32].copy()) for o in (PAD - 1, PAD + 1)]
+    with torch.no_grad():
+        plain = model(normalize(images))
+        flip = flip_avg(images)
+        both = flip / 2 + (flip_avg(crops[0]) + flip_avg(crops[1])) / 4
+    acc = {k: (v.argmax(1) == labels).float().mean().item()
+           for k, v in (("off", plain), ("flip", flip), ("flip-translate", both))}
+    assert (both.argmax(1) != flip.argmax(1)).any()  # the moved images change some answers
+    assert accuracies(model, images, labels, tta="flip-translate") == pytest.approx(acc)  # every level on the way
+
+
 def test_flip_can_change_the_answer():
     """Mirror-symmetric evidence cancels: every image of a left-right model ties, its first class wins."""
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
@@ -48,13 +74,17 @@ def test_flip_can_change_the_answer():
         accuracies(LeftRight(), images, labels, tta="mirror")
 
 
-def test_a_run_with_tta_logs_both_accuracies(small_cifar, tmp_path):
+@pytest.mark.parametrize("tta", ["flip", "flip-translate"])
+def test_a_run_with_tta_logs_both_accuracies(small_cifar, tmp_path, tta):
     cfg = config.load(None, [f"--data.dir={small_cifar}", f"--run.out_dir={tmp_path / 'run'}", "--model.depth=8",
                              "--optim.batch_size=50", "--run.epochs=1", "--data.loader=gpu", "--data.val_size=50",
-                             "--eval.tta=flip"])
+                             f"--eval.tta={tta}"])
     s = train.main(cfg)
     (row,) = read_metrics(tmp_path / "run")
     for split in ("test", "val"):
         assert 0 <= row[f"{split}_acc_no_tta"] <= 1 and 0 <= row[f"{split}_acc"] <= 1
     assert s["final_test_acc"] == row["test_acc"] and s["final_test_acc_no_tta"] == row["test_acc_no_tta"]
     assert s["final_val_acc_no_tta"] == row["val_acc_no_tta"]
+    # flip-translate also logs the flip average alone; flip has nothing more to show
+    assert ("test_acc_flip" in row) == (tta == "flip-translate")
+    assert s["final_val_acc_flip"] == row.get("val_acc_flip")

@@ -284,10 +284,13 @@ def test_pick_refuses_a_stack_measured_on_the_test_set(tmp_path, capsys):
 
 def test_report_notes_the_accuracy_without_tta(tmp_path):
     runs = _val_stack(tmp_path / "t", [("flip", {"eval.tta": "flip"}, [(None, 0.905), (None, 0.907)]),
+                                       ("both", {"eval.tta": "flip-translate"}, [(None, 0.91), (None, 0.91)]),
                                        ("plain", {}, [(None, 0.90), (None, 0.90)])])
     for seed, plain in enumerate((0.90, 0.902)):
-        path = runs / "flip" / f"seed{seed}" / "summary.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "final_val_acc_no_tta": plain}))
+        for row, extra in (("flip", {}), ("both", {"final_val_acc_flip": 0.906})):
+            path = runs / row / f"seed{seed}" / "summary.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "final_val_acc_no_tta": plain, **extra}))
     _, rows = report.collect(runs)
     notes = {r["combination"]: r["note"] for r in rows}
-    assert notes == {"flip": "without TTA: 90.10%", "plain": ""}
+    assert notes == {"flip": "without TTA: 90.10%", "both": "without TTA: 90.10%; flip TTA alone: 90.60%",
+                     "plain": ""}

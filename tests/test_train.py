@@ -139,6 +139,17 @@ def test_accumulation_of_one_is_the_plain_step(small_cifar, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_alternating_flip_trains_like_random_flip_until_epoch_two(small_cifar, tmp_path):
+    """data.flip = alternate draws epoch 0's flips as random does, so one epoch is the same run bit for bit;
+    from epoch 1 on the flips differ, and so do the weights."""
+    for epochs in (1, 2):
+        for flip in ("random", "alternate"):
+            train.main(tiny(small_cifar, tmp_path / f"{flip}{epochs}", f"--run.epochs={epochs}", f"--data.flip={flip}"))
+        a, b = (weights(tmp_path / f"{flip}{epochs}" / "run") for flip in ("random", "alternate"))
+        assert all(torch.equal(a[k], b[k]) for k in a) == (epochs == 1)
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 def test_cli_smoke_run_writes_metrics_summary_and_tensorboard(cifar_dir, tmp_path):

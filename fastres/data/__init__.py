@@ -53,7 +53,7 @@ def build_loader(cfg: DataCfg, split: Split, *, batch_per_rank: int, seed: int, 
         raise UserError(f"{len(split)} training images make no full batch of {batch_per_rank} per rank on "
                         f"{world} rank(s): lower optim.batch_size or raise data.subset")
     common = dict(batch_per_rank=batch_per_rank, seed=seed, rank=rank, world=world, device=device,
-                  channels_last=channels_last, dtype=dtype)
+                  channels_last=channels_last, dtype=dtype, flip=cfg.flip)
     if cfg.loader == "gpu":
         from fastres.data.gpu import GpuLoader
         return GpuLoader(split, **common)

@@ -73,7 +73,7 @@ class _EpochSource:
         if self.cached is None or self.cached[0] != epoch:
             ld = self.loader
             order = epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world).numpy()
-            dy, dx, flip = (t.numpy() for t in aug_params(ld.n, ld.seed, epoch))
+            dy, dx, flip = (t.numpy() for t in aug_params(ld.n, ld.seed, epoch, ld.flip))
             # crop_mirror_normalize puts the window at pos * (40 - 32): pos = offset / 8 is exact in fp32
             pos_x = (dx / (2 * PAD)).astype(np.float32)
             pos_y = (dy / (2 * PAD)).astype(np.float32)
@@ -103,13 +103,13 @@ class _EpochSource:
 class DaliLoader:
     def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
                  device: torch.device, channels_last: bool, dtype: torch.dtype, num_threads: int = 4,
-                 source: str = "host"):
+                 source: str = "host", flip: str = "random"):
         self.fn, self.types, self.pipeline_def, self.Iterator = import_dali()
         if not _FORK_HOOK:
             os.register_at_fork(after_in_child=_disown_pipelines_in_child)
             _FORK_HOOK.append(True)
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
-        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.device, self.channels_last, self.dtype, self.flip = device, channels_last, dtype, flip
         self.num_threads = max(1, num_threads)
         self.gpu = device.type == "cuda"
         padded = np.pad(split.x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD))).transpose(0, 2, 3, 1)  # N,40,40,3

@@ -33,13 +33,13 @@ def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: tor
 
 class GpuLoader:
     def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
-                 device: torch.device, channels_last: bool, dtype: torch.dtype):
+                 device: torch.device, channels_last: bool, dtype: torch.dtype, flip: str = "random"):
         x = torch.from_numpy(split.x).to(device)
         self.padded = F.pad(x, (PAD, PAD, PAD, PAD))  # zero padding, like the workers loader
         self.labels = torch.from_numpy(split.y).to(device)
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
-        self.epoch = 0
+        self.epoch, self.flip = 0, flip
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
@@ -49,7 +49,8 @@ class GpuLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).to(self.device, non_blocking=True)
-        dy, dx, flip = (t.to(self.device, non_blocking=True) for t in aug_params(self.n, self.seed, self.epoch))
+        params = aug_params(self.n, self.seed, self.epoch, self.flip)
+        dy, dx, flip = (t.to(self.device, non_blocking=True) for t in params)
         for k in range(len(self)):
             idx = order[k * self.b:(k + 1) * self.b]
             x = crop_flip(self.padded, idx, dy[idx], dx[idx], flip[idx])

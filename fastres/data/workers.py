@@ -22,8 +22,8 @@ from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
 class _AugmentedSampler(Sampler):
     """Yields (index, dy, dx, flip) for this rank's share of the epoch."""
 
-    def __init__(self, n: int, seed: int, rank: int, world: int):
-        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+    def __init__(self, n: int, seed: int, rank: int, world: int, flip: str):
+        self.n, self.seed, self.rank, self.world, self.flip, self.epoch = n, seed, rank, world, flip, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -32,7 +32,7 @@ class _AugmentedSampler(Sampler):
         return self.n // self.world
 
     def __iter__(self):
-        dy, dx, flip = (t.tolist() for t in aug_params(self.n, self.seed, self.epoch))
+        dy, dx, flip = (t.tolist() for t in aug_params(self.n, self.seed, self.epoch, self.flip))
         for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist():
             yield i, dy[i], dx[i], flip[i]
 
@@ -55,8 +55,9 @@ class _PaddedImages(Dataset):
 
 class WorkersLoader:
     def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
-                 device: torch.device, channels_last: bool, dtype: torch.dtype, num_workers: int):
-        self.sampler = _AugmentedSampler(len(split), seed, rank, world)
+                 device: torch.device, channels_last: bool, dtype: torch.dtype, num_workers: int,
+                 flip: str = "random"):
+        self.sampler = _AugmentedSampler(len(split), seed, rank, world, flip)
         self.n, self.b, self.world = len(split), batch_per_rank, world
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.loader = DataLoader(_PaddedImages(split), batch_size=batch_per_rank, sampler=self.sampler,
