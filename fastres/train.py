@@ -58,9 +58,11 @@ def _random_batches(split, batch: int, seed: int, device: torch.device, fmt: tor
 
 
 def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device: torch.device, fmt, dtype,
-            amp_dtype, steps: int = 3) -> None:
+            amp_dtype, steps: int = 3, evaluate: Callable[[], Any] | None = None) -> None:
     """Compile (and capture CUDA graphs) before training, on random batches of the real shape (make_step
-    times it).
+    times it); then ``evaluate()``, so the evaluation's own graphs (eval mode, its batch shapes, its TTA
+    views) are compiled here too, not in the first evaluation: on the H100 that first evaluation took 1.7 to
+    12 s, the later ones 0.011 s (runs of configs/tune-fast.toml, metrics.jsonl eval_s).
 
     Weights, optimizer and scaler state are put back afterwards, so training starts exactly where it would
     have; only the compiled code remains (as cifar10-airbench warms up before its timer starts). Every
@@ -74,6 +76,9 @@ def warm_up(net, model, opt, scaler, *, batch_per_rank: int, accum: int, device:
     for _ in range(steps):
         train_step(net, opt, scaler, x, y, accum=accum, amp_dtype=amp_dtype)
     model.death_rates = rates
+    if evaluate is not None:
+        evaluate()
+        model.train()
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     scaler.load_state_dict(saved[2])
@@ -131,10 +136,12 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.a
 
 
 def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler, cfg: Config, *, batch_per_rank: int, world: int, device: torch.device):
+              scaler: torch.amp.GradScaler, cfg: Config, *, batch_per_rank: int, world: int, device: torch.device,
+              evaluate: Callable[[], Any] | None = None):
     """(step, seconds it took to make): the step the loop calls, ``step(x, y, lr, before_forward) -> (summed
-    loss, correct)``. torch.compile'd and warmed up first if precision.compile says so; then train_step with
-    the lr set, or with precision.step_graph its CUDA graph (fastres/graph.py), captured here."""
+    loss, correct)``. torch.compile'd and warmed up first if precision.compile says so (with ``evaluate()``
+    run in the warm-up, see :func:`warm_up`); then train_step with the lr set, or with precision.step_graph
+    its CUDA graph (fastres/graph.py), captured here."""
     graph.check(cfg, world)
     timer = Timer(device)
     timer.start()
@@ -144,7 +151,7 @@ def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Opt
     if cfg.precision.compile:
         compile_model(net, model, cfg.precision, cfg.model.stochastic_depth > 0)
         warm_up(net, model, opt, scaler, batch_per_rank=batch_per_rank, accum=accum, device=device, fmt=fmt,
-                dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype)
+                dtype=amp_dtype or torch.float32, amp_dtype=amp_dtype, evaluate=evaluate)
     kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=cfg.optim.label_smoothing)
     if not cfg.precision.step_graph:
         def step(x, y, lr: float, before_forward=None):
@@ -260,9 +267,27 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                   find_unused_parameters=sd_on, gradient_as_bucket_view=True)
-    # compile + warm-up, and the step graph's capture: reported as compile_s, outside the training time
+    score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
+
+    def evaluate_all(sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], dict[str, Any]]:
+        """One evaluation as the loop logs it: (accuracy per split, the row's other accuracies)."""
+        extra, tta = {}, cfg.eval.tta
+        if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
+            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *sets[target_split], tta=tta, **score)
+            precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
+        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in sets.items()}
+        if tta != "off":  # the same forward passes without the mirror images: what TTA adds
+            extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
+        if tta == "flip-translate":  # and with the mirror images alone: what the moved images add
+            extra.update({f"{name}_acc_flip": a["flip"] for name, a in scored.items()})
+        return {name: a[tta] for name, a in scored.items()}, extra
+
+    # compile + warm-up (with an evaluation of blank images of each split's shape; warm_up puts the weights and
+    # BN statistics back), and the step graph's capture: reported as compile_s, outside the training time
+    blanks = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     run_step, compile_s = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world,
-                                    device=dev)
+                                    device=dev, evaluate=lambda: evaluate_all(blanks))
+    del blanks
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
@@ -312,18 +337,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         train_loss = distributed.all_reduce(loss_sum).item() / seen
         train_acc = distributed.all_reduce(correct).item() / seen  # on augmented batches, as trained
         distributed.broadcast_buffers(model)
-        score = dict(rank=dist.rank, world=world, amp_dtype=amp_dtype, channels_last=cfg.precision.channels_last)
-        extra = {}
-        tta = cfg.eval.tta
-        if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
-            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *evals[target_split], tta=tta, **score)
-            precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
-        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in evals.items()}
-        acc = {name: a[tta] for name, a in scored.items()}
-        if tta != "off":  # the same forward passes without the mirror images: what TTA adds
-            extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
-        if tta == "flip-translate":  # and with the mirror images alone: what the moved images add
-            extra.update({f"{name}_acc_flip": a["flip"] for name, a in scored.items()})
+        acc, extra = evaluate_all(evals)
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
         if dev.type == "cuda":

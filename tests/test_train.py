@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -233,3 +234,40 @@ def test_compile_trains_like_eager(small_cifar, tmp_path, sd):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
     assert compiled["final_test_acc"] == pytest.approx(eager["final_test_acc"], abs=0.04)
+
+
+def test_compile_makes_the_evaluations_graphs_before_training(small_cifar, tmp_path, monkeypatch):
+    """The warm-up evaluates blank images of each split's shape (with TTA and precise BN), so the evaluations
+    in the run compile nothing (on the H100 the first one took seconds, counted as evaluation time), and the
+    run is the one without that warm-up evaluation: weights and BN statistics are put back."""
+    from torch._dynamo.utils import counters
+    args = ["--run.epochs=2", "--data.subset=250", "--data.test_subset=50", "--precision.compile=true",
+            "--eval.tta=flip-translate", "--eval.precise_bn=true", "--eval.precise_bn_batches=2"]
+    compiles = []  # frames dynamo compiled during each evaluation call, in call order
+    real = {name: getattr(train, name) for name in ("accuracy", "precise_bn_", "accuracies")}
+
+    def counting(fn):
+        def call(*a, **kw):
+            before = counters["frames"]["ok"]
+            out = fn(*a, **kw)
+            compiles.append(counters["frames"]["ok"] - before)
+            return out
+        return call
+    for name, fn in real.items():
+        monkeypatch.setattr(train, name, counting(fn))
+    train.main(tiny(small_cifar, tmp_path / "warm", *args))
+    per_eval = 4  # running-BN accuracy, precise BN, test and validation accuracies
+    assert len(compiles) == 3 * per_eval  # the warm-up's evaluation, then one per epoch
+    assert sum(compiles[:per_eval]) > 0 and compiles[per_eval:] == [0] * (2 * per_eval)
+
+    for name, fn in real.items():
+        monkeypatch.setattr(train, name, fn)
+    monkeypatch.setattr(train, "make_step", functools.partial(_make_step_without_evaluate, train.make_step))
+    train.main(tiny(small_cifar, tmp_path / "cold", *args))  # no warm-up evaluation at all
+    a, b = weights(tmp_path / "warm" / "run"), weights(tmp_path / "cold" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _make_step_without_evaluate(make_step, *a, evaluate=None, **kw):
+    return make_step(*a, **kw)
