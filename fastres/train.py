@@ -284,10 +284,10 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
 
     # compile + warm-up (with an evaluation of blank images of each split's shape; warm_up puts the weights and
     # BN statistics back), and the step graph's capture: reported as compile_s, outside the training time
-    blanks = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     run_step, compile_s = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world,
-                                    device=dev, evaluate=lambda: evaluate_all(blanks))
-    del blanks
+                                    device=dev, evaluate=lambda: evaluate_all(
+                                        {name: (torch.zeros_like(xs), torch.zeros_like(ys))
+                                         for name, (xs, ys) in evals.items()}))
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
