@@ -13,6 +13,15 @@ from conftest import ROOT, run_cli
 CONFIGS = ROOT / "configs"
 
 
+def test_choices_match_the_modules_that_take_them():
+    """data.flip and eval.tta are checked against config's choices; the modules keep their own tuple (config
+    imports no torch), so the two must agree or a valid config would end in a module's traceback."""
+    from fastres.data.order import FLIPS
+    from fastres.evaluate import TTA
+    meta = {f.name: f.metadata for cls in (config.DataCfg, config.EvalCfg) for f in dataclasses.fields(cls)}
+    assert meta["flip"]["choices"] == FLIPS and meta["tta"]["choices"] == TTA
+
+
 def test_baseline_toml_equals_the_defaults():
     # `python -m fastres.train` with no flags and `--config configs/baseline.toml` train the same recipe.
     assert config.to_dict(config.load(CONFIGS / "baseline.toml")) == config.to_dict(config.load(None))

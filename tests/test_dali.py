@@ -29,10 +29,10 @@ def indexed_split(n: int = 300, seed: int = 0) -> Split:
     return Split(x, np.arange(n, dtype=np.int64))
 
 
-def dali(split, source="host", **kw):
+def dali(split, source="host", flip="random", **kw):
     args = dict(batch_per_rank=32, seed=5, rank=0, world=1, device=CPU)
     args.update(kw)
-    return build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2), split, **args)
+    return build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2, flip=flip), split, **args)
 
 
 def epoch(loader, e):
@@ -87,8 +87,7 @@ def test_same_batches_as_the_gpu_loader(small_cifar, flip):
     gpu = build_loader(DataCfg(loader="gpu", flip=flip), split, batch_per_rank=32, seed=5, rank=1, world=2,
                        device=CPU)
     for source in ("host", "device"):
-        d = build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2, flip=flip), split,
-                         batch_per_rank=32, seed=5, rank=1, world=2, device=CPU)
+        d = dali(split, source, flip, rank=1, world=2)
         for e in (0, 1, 2):
             a, b = epoch(gpu, e), epoch(d, e)
             assert len(a) == len(b) == steps_per_epoch(len(split), 32, 2)
