@@ -93,7 +93,7 @@ def _split(cfg: Config) -> cifar.Cifar10:
 
 def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, steps: int,
                      warmup: int) -> dict[str, Any]:
-    """Images/s of ``steps`` real training steps (loader, model, optimizer as fastres.train builds them)
+    """Images/s of ``steps`` real training steps (loader, model, optimizer, weight average as fastres.train builds them)
     after ``warmup`` steps; the loader runs across epoch boundaries as it would in training."""
     amp_dtype = train.AMP_DTYPES[cfg.precision.amp]
     fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
@@ -106,8 +106,9 @@ def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, s
     opt = train.build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
     lr = opt.param_groups[0]["lr"]  # the scaled lr throughout (no schedule: a fixed number of steps)
+    ema = train.WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # its update is timed
     run_step, compile_s = train.make_step(model, model, opt, scaler, cfg, batch_per_rank=batch, world=1,
-                                          device=device)
+                                          device=device, ema=ema)
 
     def batches():
         epoch = 0

@@ -11,12 +11,15 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fastres.ema import WeightEMA
 from fastres.errors import UserError, one_line
 
 NAME = "checkpoint.pt"
@@ -73,16 +76,33 @@ def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torc
             scaler: torch.amp.GradScaler, progress: dict[str, Any]) -> None:
     """Load ``state`` (from :func:`load`) into the run's objects; a UserError if a part does not fit them
     (a damaged file whose zip still reads: a tensor of another shape, a value of another type)."""
-    try:
+    with _fitting(path):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         _check_progress(state["progress"], progress)
+    progress.update(state["progress"])
+
+
+def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
+    """Load the weight average (optim.ema_decay runs save it as an extra part, "ema"); a UserError if it is
+    missing or does not fit."""
+    with _fitting(path):
+        if not isinstance(state.get("ema"), dict):
+            raise TypeError("its ema part is missing or damaged")
+        ema.load_state_dict(state["ema"])
+
+
+@contextmanager
+def _fitting(path: Path) -> Iterator[None]:
+    """A damaged part whose zip still reads (a tensor of another shape, a value of another type) as a
+    one-line UserError."""
+    try:
+        yield
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as e:
         why = one_line(e) or type(e).__name__
         raise UserError(f"checkpoint {path} does not fit this run ({why}): {_FIX}") from None
-    progress.update(state["progress"])
 
 
 _NUMBER = (int, float)

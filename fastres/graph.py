@@ -24,7 +24,7 @@ everything but the capture (a run is bit-identical to step_graph = false); tests
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -62,15 +62,17 @@ class StepGraph:
 
     The optimizer's lr becomes a device tensor here (float32 on CUDA, which fused SGD reads as a float;
     float64 on a CPU, whose kernel reads a double, so the CPU run equals one with a Python float lr). The
-    model's parameters, buffers and momentum buffers are the graph's state: they keep their storage (updated
-    in place) and are put back after the warm-up, so training starts where it would have without a graph.
+    model's parameters, buffers and momentum buffers, and ``state`` (tensors the step also changes, such as
+    the weight average of fastres/ema.py), are the graph's state: they keep their storage (updated in place)
+    and are put back after the warm-up, so training starts where it would have without a graph.
     The tensors a call returns are the graph's outputs, overwritten by the next call: use them before that.
     """
 
     def __init__(self, step: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, batch: int,
                  dtype: torch.dtype, memory_format: torch.memory_format, device: torch.device,
-                 warmup: int = WARMUP_STEPS):
+                 warmup: int = WARMUP_STEPS, state: Sequence[torch.Tensor] = ()):
         self.step = step
+        self.state = list(state)
         self.x = torch.zeros(batch, 3, 32, 32, dtype=dtype, device=device).contiguous(memory_format=memory_format)
         self.y = torch.zeros(batch, dtype=torch.int64, device=device)
         lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
@@ -83,7 +85,7 @@ class StepGraph:
             self._capture(model, opt, warmup)
 
     def _capture(self, model: torch.nn.Module, opt: torch.optim.Optimizer, warmup: int) -> None:
-        state = _state_tensors(model, opt)
+        state = _state_tensors(model, opt) + self.state
         saved = [t.detach().clone() for t in state]
         self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
         opt.zero_grad(set_to_none=True)

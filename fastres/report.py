@@ -90,8 +90,9 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         split = summaries[0].get("target_split", "test") if summaries else "test"
         a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
         note = row.get("note", "")
-        for key, what in (("no_tta", "without TTA"), ("flip", "flip TTA alone")):
-            # eval.tta runs: what the same evaluation gave without it, or (flip-translate) with the flip alone
+        for key, what in (("no_tta", "without TTA"), ("flip", "flip TTA alone"), ("no_ema", "without EMA")):
+            # eval.tta runs: what the same evaluation gave without it, or (flip-translate) with the flip alone;
+            # optim.ema_decay runs: what the trained weights themselves scored
             values = [s.get(f"final_{split}_acc_{key}") for s in summaries]
             if summaries and None not in values:
                 note = "; ".join(filter(None, [note, f"{what}: {statistics.fmean(values):.2%}"]))

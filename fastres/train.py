@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastres import checkpoint, config, distributed, graph, provenance, rng
 from fastres.config import Config, PrecisionCfg
 from fastres.data import build_loader, cifar, normalize
+from fastres.ema import WeightEMA
 from fastres.errors import UserError, entry
 from fastres.evaluate import accuracies, accuracy, precise_bn_
 from fastres.init import lsuv_
@@ -137,11 +138,11 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.a
 
 def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
               scaler: torch.amp.GradScaler, cfg: Config, *, batch_per_rank: int, world: int, device: torch.device,
-              evaluate: Callable[[], Any] | None = None):
+              evaluate: Callable[[], Any] | None = None, ema: WeightEMA | None = None):
     """(step, seconds it took to make): the step the loop calls, ``step(x, y, lr, before_forward) -> (summed
     loss, correct)``. torch.compile'd and warmed up first if precision.compile says so (with ``evaluate()``
-    run in the warm-up, see :func:`warm_up`); then train_step with the lr set, or with precision.step_graph
-    its CUDA graph (fastres/graph.py), captured here."""
+    run in the warm-up, see :func:`warm_up`); then train_step with the lr set and ``ema`` updated after it,
+    or with precision.step_graph its CUDA graph (fastres/graph.py, holding the EMA update too), captured here."""
     graph.check(cfg, world)
     timer = Timer(device)
     timer.start()
@@ -157,12 +158,25 @@ def make_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Opt
         def step(x, y, lr: float, before_forward=None):
             for group in opt.param_groups:
                 group["lr"] = lr
-            return train_step(net, opt, scaler, x, y, before_forward=before_forward, **kw)
+            out = train_step(net, opt, scaler, x, y, before_forward=before_forward, **kw)
+            if ema is not None:
+                ema.update()
+            return out
         return step, timer.stop()
-    captured = graph.StepGraph(lambda x, y: train_step(net, opt, scaler, x, y, **kw), model, opt,
-                               batch=batch_per_rank, dtype=amp_dtype or torch.float32, device=device,
-                               memory_format=fmt)
-    return (lambda x, y, lr, before_forward=None: captured(x, y, lr)), timer.stop()  # check() ruled out SD
+
+    def whole_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = train_step(net, opt, scaler, x, y, **kw)
+        if ema is not None:
+            ema.apply()  # reads the weight prepare() filled: the same kernels every replay
+        return out
+    captured = graph.StepGraph(whole_step, model, opt, batch=batch_per_rank, dtype=amp_dtype or torch.float32,
+                               device=device, memory_format=fmt, state=ema.avg if ema is not None else ())
+
+    def graph_step(x, y, lr: float, before_forward=None):  # check() ruled out stochastic depth
+        if ema is not None:
+            ema.prepare()
+        return captured(x, y, lr)
+    return graph_step, timer.stop()
 
 
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
@@ -261,6 +275,9 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
                                  tol_var=cfg.model.lsuv_tol_var, t_max=cfg.model.lsuv_t_max)
             (out / "lsuv.json").write_text(json.dumps(lsuv_records, indent=1) + "\n")
         distributed.broadcast_state(model)
+    ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
+    if ema is not None and state is not None:
+        checkpoint.restore_ema(out / checkpoint.NAME, state, ema)
     train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
     sd_on = cfg.model.stochastic_depth > 0
     net = model
@@ -272,6 +289,12 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     def evaluate_all(sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], dict[str, Any]]:
         """One evaluation as the loop logs it: (accuracy per split, the row's other accuracies)."""
         extra, tta = {}, cfg.eval.tta
+        if ema is not None:  # the trained weights' own accuracy too (running BN statistics), to show what EMA adds
+            extra[f"{target_split}_acc_no_ema"] = accuracy(model, *sets[target_split], tta=tta, **score)
+        with ema.swapped_in() if ema is not None else nullcontext():  # the average is what is scored
+            return _scored(sets, extra, tta)
+
+    def _scored(sets, extra: dict[str, Any], tta: str) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
             extra[f"{target_split}_acc_running_bn"] = accuracy(model, *sets[target_split], tta=tta, **score)
             precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
@@ -287,7 +310,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     run_step, compile_s = make_step(net, model, opt, scaler, cfg, batch_per_rank=batch // world, world=world,
                                     device=dev, evaluate=lambda: evaluate_all(
                                         {name: (torch.zeros_like(xs), torch.zeros_like(ys))
-                                         for name, (xs, ys) in evals.items()}))
+                                         for name, (xs, ys) in evals.items()}), ema=ema)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress["step"],
                  epoch=progress["epoch"], t0=progress["t0"])
     if dist.is_main:
@@ -337,6 +360,8 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         train_loss = distributed.all_reduce(loss_sum).item() / seen
         train_acc = distributed.all_reduce(correct).item() / seen  # on augmented batches, as trained
         distributed.broadcast_buffers(model)
+        if ema is not None:
+            ema.broadcast()
         acc, extra = evaluate_all(evals)
         since = progress["last"]["train_time_s"] if progress["last"] else 0.0
         epochs_since = done - (progress["last"]["epoch"] if progress["last"] else 0)
@@ -357,7 +382,8 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
             plot_curves(read_metrics(out), out / "curves.png")
             checkpoint.save(out / checkpoint.NAME, dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                rng=checkpoint.rng_state(), progress=progress, config=config.to_dict(cfg)))
+                rng=checkpoint.rng_state(), progress=progress, config=config.to_dict(cfg),
+                **({"ema": ema.state_dict()} if ema is not None else {})))
     log.close()
 
     # ---------------------------------------------------------------- summary
@@ -370,6 +396,7 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         final_test_acc=last["test_acc"], final_val_acc=last["val_acc"],
         final_test_acc_no_tta=last.get("test_acc_no_tta"), final_val_acc_no_tta=last.get("val_acc_no_tta"),
         final_test_acc_flip=last.get("test_acc_flip"), final_val_acc_flip=last.get("val_acc_flip"),
+        final_test_acc_no_ema=last.get("test_acc_no_ema"), final_val_acc_no_ema=last.get("val_acc_no_ema"),
         train_time_s=progress["train_time_s"],
         eval_time_s=progress["eval_time_s"], staging_s=staging_s, compile_s=compile_s, epochs=cfg.run.epochs,
         steps=total_steps,

@@ -30,7 +30,7 @@
 #   STACK_ONLY=slug,slug  (environment) the stack phases run only these rows
 # Open GPU work (issue 7), in order, about 25 of the 30 device minutes: `run check` (the step graph's capture
 # has never run on a GPU; expect to debug), `run graph`, then with carry [".device", "runs/tune-fast"]:
-#   STACK_ONLY=30-epochs-alt-flip-tta2,40-epochs-alt-flip-tta2,50-epochs-alt-flip-tta2,50-epochs-tta2 ... run tune=480
+#   STACK_ONLY=30-epochs-alt-flip-tta2-ema,40-epochs-alt-flip-tta2-ema,50-epochs-alt-flip-tta2-ema,50-epochs-tta2 ... run tune=480
 # then `run final` (and `run scaling` for the weak-scaling table, if minutes are left).
 # Runs that are not finished keep their checkpoints in back.tgz; `unpack` puts them under runs/ and the next
 # call carries them (carry ["runs/stack"]) so the ladder resumes on a fresh machine.

@@ -53,7 +53,10 @@ FAST = ["--data.loader=gpu", "--precision.amp=bf16", "--precision.channels_last=
     ["--precision.compile=true", "--model.stochastic_depth=0.5"],
     ["--precision.step_graph=true", "--model.dropout=0.1"],
     ["--precision.compile=true", "--precision.step_graph=true"],
-], ids=["eager", "eager-sd", "compile", "cuda-graphs", "compile-sd", "step-graph", "compile-step-graph"])
+    ["--precision.compile=true", "--precision.compile_mode=reduce-overhead", "--optim.ema_decay=0.99"],
+    ["--precision.step_graph=true", "--optim.ema_decay=0.99"],
+], ids=["eager", "eager-sd", "compile", "cuda-graphs", "compile-sd", "step-graph", "compile-step-graph",
+        "cuda-graphs-ema", "step-graph-ema"])
 def test_fast_loop_never_waits_for_the_gpu(small_cifar, tmp_path, extra):
     """run.sync_debug turns any host-device synchronization inside the timed loop into an error."""
     s = train.main(tiny(small_cifar, tmp_path / "run", *FAST, *extra, "--run.sync_debug=true"))
@@ -128,3 +131,15 @@ def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
     a, b = m_eager.state_dict(), m_graph.state_dict()
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_step_graph_replays_the_weight_average_as_the_eager_step_makes_it(small_cifar, tmp_path):
+    """optim.ema_decay inside the captured step: its capture warm-up is undone, and each replay averages
+    with that step's decay (the weight the host fills before the replay)."""
+    base = ["--run.epochs=1", "--optim.impl=fused", "--optim.ema_decay=0.9"]
+    train.main(tiny(small_cifar, tmp_path / "eager", *base))
+    train.main(tiny(small_cifar, tmp_path / "graph", *base, "--precision.step_graph=true"))
+    a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["ema"] for r in ("eager", "graph"))
+    assert a["updates"] == b["updates"] == 450 // 50
+    for k in a["avg"]:
+        torch.testing.assert_close(b["avg"][k], a["avg"][k], rtol=1e-3, atol=1e-4, msg=k)

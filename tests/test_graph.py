@@ -102,7 +102,8 @@ def test_scaling_model_times_the_configured_step(step_graph):
     assert 0 < scaling.compute_step_s(cfg, 8, torch.device("cpu"), steps=2, warmup=1) < 10
 
 
-def test_bench_times_the_graphed_step(small_cifar, tmp_path):
-    cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true")
+@pytest.mark.parametrize("ema", ["0.0", "0.9"])
+def test_bench_times_the_graphed_step(small_cifar, tmp_path, ema):
+    cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true", f"--optim.ema_decay={ema}")
     m = bench.measure_training(cfg, cifar.load(small_cifar).train, torch.device("cpu"), steps=2, warmup=1)
     assert m["img_per_s"] > 0 and m["step_s"] > 0

@@ -131,3 +131,17 @@ def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
     assert [len(c) - 6 for c in calls] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # step 9 adds two flags
     assert calls[9][-2:] == ["--precision.compile_mode=default", "--precision.step_graph=true"]
     assert calls[9][6:-2] == calls[8][6:] and calls[8][-1] == "--optim.batch_size=1024"
+
+
+def test_the_runbooks_row_lists_name_rows_of_the_tune_stack():
+    """STACK_ONLY lists in device.sh's header and in configs/tune-fast.toml are typed by hand: each slug must be
+    a row of the stack, or the next GPU session's tune call stops on an unknown row."""
+    import re
+
+    from fastres.stack import load_stack
+    slugs = {row.slug for row in load_stack(ROOT / "configs" / "tune-fast.toml").rows}
+    lists = [m for f in ("launch/device.sh", "configs/tune-fast.toml")
+             for m in re.findall(r"STACK_ONLY=([\w,-]+-[\w,-]+)", (ROOT / f).read_text())]
+    assert len(lists) >= 2
+    for names in lists:
+        assert set(names.split(",")) <= slugs, names

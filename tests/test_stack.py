@@ -282,15 +282,18 @@ def test_pick_refuses_a_stack_measured_on_the_test_set(tmp_path, capsys):
     assert "validation split only" in capsys.readouterr().err
 
 
-def test_report_notes_the_accuracy_without_tta(tmp_path):
+def test_report_notes_the_accuracy_without_tta_or_ema(tmp_path):
     runs = _val_stack(tmp_path / "t", [("flip", {"eval.tta": "flip"}, [(None, 0.905), (None, 0.907)]),
                                        ("both", {"eval.tta": "flip-translate"}, [(None, 0.91), (None, 0.91)]),
-                                       ("plain", {}, [(None, 0.90), (None, 0.90)])])
+                                       ("plain", {}, [(None, 0.90), (None, 0.90)]),
+                                       ("ema", {"optim.ema_decay": 0.99}, [(None, 0.91), (None, 0.91)])])
     for seed, plain in enumerate((0.90, 0.902)):
         for row, extra in (("flip", {}), ("both", {"final_val_acc_flip": 0.906})):
             path = runs / row / f"seed{seed}" / "summary.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), "final_val_acc_no_tta": plain, **extra}))
+        path = runs / "ema" / f"seed{seed}" / "summary.json"  # optim.ema_decay: the trained weights' own score
+        path.write_text(json.dumps({**json.loads(path.read_text()), "final_val_acc_no_ema": plain}))
     _, rows = report.collect(runs)
     notes = {r["combination"]: r["note"] for r in rows}
     assert notes == {"flip": "without TTA: 90.10%", "both": "without TTA: 90.10%; flip TTA alone: 90.60%",
-                     "plain": ""}
+                     "plain": "", "ema": "without EMA: 90.10%"}

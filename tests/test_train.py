@@ -197,7 +197,8 @@ def _has_dali() -> bool:
 
 
 @pytest.mark.parametrize("variant", [
-    ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1", "--model.init=lsuv"],
+    ["--data.loader=gpu", "--optim.label_smoothing=0.1", "--optim.warmup_epochs=1", "--model.init=lsuv",
+     "--optim.ema_decay=0.9"],
     ["--data.loader=workers", "--data.num_workers=1", "--model.stochastic_depth=0.5", "--model.block=pre"],
     pytest.param(["--data.loader=dali", "--data.num_workers=1", "--model.shortcut=B"],
                  marks=pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")),
@@ -218,6 +219,10 @@ def test_two_process_ddp_equals_one_process(cifar_dir, tmp_path, variant):
     params = [k for k in a if "running" not in k and "num_batches" not in k]
     for k in params:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    if "--optim.ema_decay=0.9" in variant:  # the weight average too (BN statistics differ as above)
+        ea, eb = (checkpoint.load(tmp_path / r / checkpoint.NAME)["ema"]["avg"] for r in ("ddp", "one"))
+        for k in params:
+            torch.testing.assert_close(ea[k], eb[k], rtol=1e-5, atol=1e-6, msg=k)
     s2 = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert s2["world_size"] == 2 and s2["steps"] == 2 * (640 // 64)
     m2, m1 = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
@@ -237,12 +242,13 @@ def test_compile_trains_like_eager(small_cifar, tmp_path, sd):
 
 
 def test_compile_makes_the_evaluations_graphs_before_training(small_cifar, tmp_path, monkeypatch):
-    """The warm-up evaluates blank images of each split's shape (with TTA and precise BN), so the evaluations
+    """The warm-up evaluates blank images of each split's shape (with TTA, precise BN, EMA), so the evaluations
     in the run compile nothing (on the H100 the first one took seconds, counted as evaluation time), and the
     run is the one without that warm-up evaluation: weights and BN statistics are put back."""
     from torch._dynamo.utils import counters
     args = ["--run.epochs=2", "--data.subset=250", "--data.test_subset=50", "--precision.compile=true",
-            "--eval.tta=flip-translate", "--eval.precise_bn=true", "--eval.precise_bn_batches=2"]
+            "--eval.tta=flip-translate", "--eval.precise_bn=true", "--eval.precise_bn_batches=2",
+            "--optim.ema_decay=0.9"]
     compiles = []  # frames dynamo compiled during each evaluation call, in call order
     real = {name: getattr(train, name) for name in ("accuracy", "precise_bn_", "accuracies")}
 
@@ -256,7 +262,7 @@ def test_compile_makes_the_evaluations_graphs_before_training(small_cifar, tmp_p
     for name, fn in real.items():
         monkeypatch.setattr(train, name, counting(fn))
     train.main(tiny(small_cifar, tmp_path / "warm", *args))
-    per_eval = 4  # running-BN accuracy, precise BN, test and validation accuracies
+    per_eval = 5  # the trained weights' accuracy, then the average's: running-BN accuracy, precise BN, test, val
     assert len(compiles) == 3 * per_eval  # the warm-up's evaluation, then one per epoch
     assert sum(compiles[:per_eval]) > 0 and compiles[per_eval:] == [0] * (2 * per_eval)
 
