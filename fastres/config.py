@@ -460,12 +460,18 @@ def to_toml(cfg: Config) -> str:
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between two :func:`to_dict` results (minus ``ignore``)."""
+    """Dotted keys whose values differ between two :func:`to_dict` results (minus ``ignore``).
+
+    A key one side lacks counts as its default: a checkpoint or summary written before the key existed comes
+    from a run that behaved as the default does (each technique's off setting is the old behaviour), so
+    resuming it after an upgrade continues the same run. A key the code no longer knows differs.
+    """
+    defaults = to_dict(Config())
     keys = []
     for section in sorted(set(a) | set(b)):
-        sa, sb = a.get(section, {}), b.get(section, {})
+        sa, sb, sd = a.get(section, {}), b.get(section, {}), defaults.get(section, {})
         for key in sorted(set(sa) | set(sb)):
             dotted = f"{section}.{key}"
-            if dotted not in ignore and sa.get(key) != sb.get(key):
+            if dotted not in ignore and sa.get(key, sd.get(key)) != sb.get(key, sd.get(key)):
                 keys.append(dotted)
     return keys

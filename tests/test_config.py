@@ -170,6 +170,17 @@ def test_diff_names_changed_keys():
     assert config.diff(a, a) == []
 
 
+def test_diff_takes_a_key_written_before_it_existed_as_its_default():
+    """A checkpoint saved before optim.ema_decay (or any later flag) existed ran as that flag's default does."""
+    new = config.to_dict(config.load(None))
+    old = {section: {k: v for k, v in keys.items() if k not in ("ema_decay", "flip")} for section, keys in new.items()}
+    assert config.diff(old, new) == [] and config.diff(new, old) == []
+    changed = config.to_dict(config.load(None, ["--optim.ema_decay=0.9"]))
+    assert config.diff(old, changed) == ["optim.ema_decay"]
+    gone = {**new, "optim": {**new["optim"], "retired_key": 1}}  # a key this code does not know
+    assert config.diff(gone, new) == ["optim.retired_key"]
+
+
 def test_help_lists_every_key():
     text = config.help_text("prog")
     for section, cls in config.SECTIONS.items():

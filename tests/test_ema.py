@@ -151,3 +151,28 @@ def test_the_step_graph_holds_the_update_and_equals_the_plain_run_on_cpu(small_c
     assert all(torch.equal(a["ema"]["avg"][k], b["ema"]["avg"][k]) for k in a["ema"]["avg"])
     assert plain["final_test_acc"] == graphed["final_test_acc"]
     assert plain["final_test_acc_no_ema"] == graphed["final_test_acc_no_ema"]
+
+
+def test_a_checkpoint_from_before_the_flag_resumes_as_flag_off(small_cifar, tmp_path, monkeypatch):
+    """A run checkpointed by code that had no optim.ema_decay (its saved config lacks the key) resumes as the
+    same run; asking it for an average it never kept is refused in one line."""
+    train.main(tiny(small_cifar, tmp_path / "a"))
+    real_save = checkpoint.save
+
+    def save_then_die(path, st):
+        real_save(path, st)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(small_cifar, tmp_path / "b"))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    path = tmp_path / "b" / checkpoint.NAME
+    state = checkpoint.load(path)
+    del state["config"]["optim"]["ema_decay"]
+    checkpoint.save(path, state)
+    with pytest.raises(UserError, match=r"different config \(optim.ema_decay\)"):
+        train.main(tiny(small_cifar, tmp_path / "b", "--optim.ema_decay=0.9"))
+    train.main(tiny(small_cifar, tmp_path / "b"))
+    a, b = checkpoint.load(tmp_path / "a" / checkpoint.NAME), checkpoint.load(path)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
