@@ -49,8 +49,8 @@ class WeightEMA:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """avg += (1 - d_t) * (w - avg): three foreach kernels with a 0-dim tensor factor, which every
-        backend takes on its fast path (a list of factors would not be)."""
+        """avg += (1 - d_t) * (w - avg): three foreach ops whose factor is a 0-dim device tensor, so a captured
+        graph replays them with each step's factor and the host never reads a device value."""
         diff = torch._foreach_sub(self.live, self.avg)
         torch._foreach_mul_(diff, self.weight)
         torch._foreach_add_(self.avg, diff)
