@@ -141,7 +141,9 @@ class OptimCfg:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
     ema_decay: float = _opt(0.0, "score an exponential moving average of the weights and BN statistics at every "
                             "evaluation, updated after each step with decay min(d, (1+t)/(10+t)) (Polyak "
-                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/ema.py); 0 = off", ge=0.0, lt=1.0)
+                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/ema.py); the trained weights' own "
+                            "accuracy (their running BN statistics) is logged beside it as <split>_acc_no_ema; 0 = off",
+                            ge=0.0, lt=1.0)
 
 
 @dataclass
