@@ -7,12 +7,14 @@ import pickle
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fastres import checkpoint
 from fastres.data import cifar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +89,18 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 600, mod
     else:
         cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def killed_after_first_checkpoint(monkeypatch, run: Callable[[], object]) -> None:
+    """``run()`` as a process killed right after writing its first checkpoint (checkpoint.save is itself
+    again afterwards)."""
+    real_save = checkpoint.save
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(checkpoint, "save", real_save)

@@ -11,6 +11,8 @@ from fastres.errors import UserError
 from fastres.evaluate import accuracy
 from fastres.log import read_metrics
 
+from conftest import killed_after_first_checkpoint
+
 GRAPHABLE = ["--optim.impl=fused", "--optim.schedule=cosine", "--optim.nesterov=true"]
 
 
@@ -116,16 +118,7 @@ def test_resume_equals_uninterrupted_and_a_checkpoint_without_its_average_is_ref
                                                                                      monkeypatch):
     extra = ["--optim.ema_decay=0.9", "--optim.batch_size=100", "--optim.warmup_epochs=1"]
     train.main(tiny(small_cifar, tmp_path / "a", *extra))
-    real_save = checkpoint.save
-
-    def save_then_die(path, st):
-        real_save(path, st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(small_cifar, tmp_path / "b", *extra))
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(tiny(small_cifar, tmp_path / "b", *extra)))
     path = tmp_path / "b" / checkpoint.NAME
     saved = path.read_bytes()
     state = checkpoint.load(path)
@@ -157,16 +150,7 @@ def test_a_checkpoint_from_before_the_flag_resumes_as_flag_off(small_cifar, tmp_
     """A run checkpointed by code that had no optim.ema_decay (its saved config lacks the key) resumes as the
     same run; asking it for an average it never kept is refused in one line."""
     train.main(tiny(small_cifar, tmp_path / "a"))
-    real_save = checkpoint.save
-
-    def save_then_die(path, st):
-        real_save(path, st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(small_cifar, tmp_path / "b"))
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(tiny(small_cifar, tmp_path / "b")))
     path = tmp_path / "b" / checkpoint.NAME
     state = checkpoint.load(path)
     del state["config"]["optim"]["ema_decay"]

@@ -14,6 +14,8 @@ from fastres.data import cifar
 from fastres.errors import UserError
 from fastres.log import read_metrics
 
+from conftest import killed_after_first_checkpoint
+
 GRAPHABLE = ["--optim.impl=fused", "--optim.warmup_epochs=1", "--optim.schedule=cosine", "--optim.nesterov=true"]
 
 
@@ -47,16 +49,7 @@ def test_step_graph_run_resumes_exactly(small_cifar, tmp_path, monkeypatch):
     """Its checkpoint holds the lr as a tensor; resuming from it continues as if never stopped."""
     extra = ["--precision.step_graph=true", "--optim.batch_size=100"]
     train.main(tiny(small_cifar, tmp_path / "a", *extra))
-    real_save = checkpoint.save
-
-    def save_then_die(path, st):
-        real_save(path, st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(small_cifar, tmp_path / "b", *extra))
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(tiny(small_cifar, tmp_path / "b", *extra)))
     train.main(tiny(small_cifar, tmp_path / "b", *extra))
     a, b = state(tmp_path / "a")["model"], state(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

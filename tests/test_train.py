@@ -12,7 +12,7 @@ from fastres import checkpoint, config, train
 from fastres.errors import UserError
 from fastres.log import read_metrics
 
-from conftest import run_cli
+from conftest import killed_after_first_checkpoint, run_cli
 
 
 def tiny(small_cifar, tmp_path, *overrides: str) -> config.Config:
@@ -87,16 +87,7 @@ def test_resume_equals_uninterrupted(small_cifar, tmp_path, monkeypatch, loader)
              "--optim.warmup_epochs=1", "--optim.batch_size=100"]
     train.main(tiny(small_cifar, tmp_path / "a", *extra))
 
-    real_save = checkpoint.save
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        raise KeyboardInterrupt  # the process is killed right after its first checkpoint
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(small_cifar, tmp_path / "b", *extra))
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(tiny(small_cifar, tmp_path / "b", *extra)))
     assert [r["epoch"] for r in read_metrics(tmp_path / "b" / "run")] == [1]
     train.main(tiny(small_cifar, tmp_path / "b", *extra))
 
