@@ -292,13 +292,10 @@ def _train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         if ema is not None:  # the trained weights' own accuracy too (running BN statistics), to show what EMA adds
             extra[f"{target_split}_acc_no_ema"] = accuracy(model, *sets[target_split], tta=tta, **score)
         with ema.swapped_in() if ema is not None else nullcontext():  # the average is what is scored
-            return _scored(sets, extra, tta)
-
-    def _scored(sets, extra: dict[str, Any], tta: str) -> tuple[dict[str, float], dict[str, Any]]:
-        if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
-            extra[f"{target_split}_acc_running_bn"] = accuracy(model, *sets[target_split], tta=tta, **score)
-            precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
-        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in sets.items()}
+            if cfg.eval.precise_bn:  # the running averages' accuracy too, to show what precise BN changes
+                extra[f"{target_split}_acc_running_bn"] = accuracy(model, *sets[target_split], tta=tta, **score)
+                precise_bn_(model, train_images, batch=micro, batches=cfg.eval.precise_bn_batches, **score)
+            scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in sets.items()}
         if tta != "off":  # the same forward passes without the mirror images: what TTA adds
             extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
         if tta == "flip-translate":  # and with the mirror images alone: what the moved images add
