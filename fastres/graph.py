@@ -18,13 +18,15 @@ What a fixed graph cannot hold is refused by :func:`check` with a one-line error
   inside another (torch.compile's default mode, or max-autotune-no-cudagraphs, compiles kernels that are);
 - more than one rank: DDP's all-reduce can be captured with NCCL after a warm-up on a side stream (the same
   notes), which is not validated here yet.
-On a CPU there is nothing to capture: the same step runs eagerly on the static buffers, so CPU tests check
-everything but the capture (a run is bit-identical to step_graph = false); tests/test_cuda.py checks the rest.
+On a CPU there is nothing to capture: the warm-up and its undoing run as on a GPU, then the same step runs
+eagerly on the static buffers, so CPU tests check everything but the capture (a run is bit-identical to
+step_graph = false); tests/test_cuda.py checks the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -81,24 +83,37 @@ class StepGraph:
             group["lr"] = self.lr
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None
-        if device.type == "cuda":
-            self._capture(model, opt, warmup)
+        self._capture(model, opt, warmup)
 
     def _capture(self, model: torch.nn.Module, opt: torch.optim.Optimizer, warmup: int) -> None:
+        """Warm up, capture on CUDA, then undo the warm-up. The warm-up and its undoing run on a CPU too (only
+        the capture is skipped there), so the CPU tests' "equals step_graph = false" checks the undoing."""
         state = _state_tensors(model, opt) + self.state
         saved = [t.detach().clone() for t in state]
-        self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
-        opt.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(self.x.device)
-        side.wait_stream(torch.cuda.current_stream(self.x.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.step(self.x, self.y)
-        torch.cuda.current_stream(self.x.device).wait_stream(side)
+        cuda = self.x.device.type == "cuda"
+        current = torch.cuda.current_stream(self.x.device) if cuda else None
+        side = torch.cuda.Stream(self.x.device) if cuda else None
+        # the warm-up's random input (and dropout's draws) must not move the run's random streams
+        with torch.random.fork_rng(devices=[self.x.device] if cuda else [], device_type=self.x.device.type):
+            self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                side.wait_stream(current)
+            with torch.cuda.stream(side) if cuda else nullcontext():
+                for _ in range(warmup):
+                    self.step(self.x, self.y)
+            if cuda:
+                current.wait_stream(side)
+        if [id(t) for t in _state_tensors(model, opt) + self.state] != [id(t) for t in state]:
+            # state the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the
+            # warm-up's values, and the graph would replay a later step's update where a first step belongs
+            raise ValueError("the step graph's warm-up created or replaced optimizer state: make it up front, "
+                             "as fastres.optim.build_optimizer makes SGD's momentum buffers")
         opt.zero_grad(set_to_none=True)  # backward in the capture then writes fresh gradients, no accumulate
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.step(self.x, self.y)
+        if cuda:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(self.x, self.y)
         with torch.no_grad():  # capturing ran nothing; the warm-up steps are undone
             for t, s in zip(state, saved):
                 t.copy_(s)

@@ -89,6 +89,41 @@ def test_step_graph_takes_only_its_batch_shape():
         g(torch.ones(3, 3, 32, 32), torch.zeros(3, dtype=torch.int64), 0.05)
 
 
+def test_step_graph_runs_its_warm_up_and_undoes_it_on_cpu():
+    """The warm-up before a capture trains for a few steps; afterwards weights, BN statistics, momentum, the
+    extra ``state`` (the weight average) and the random streams are as they were (the same code as on a GPU)."""
+    cfg = config.load(None, ["--model.depth=8", "--model.dropout=0.2", *GRAPHABLE])
+    model = train.build_model(cfg.model)
+    opt = train.build_optimizer(model, cfg.optim)
+    extra = [torch.zeros(3)]
+    before = [t.clone() for t in graph._state_tensors(model, opt) + extra]
+    rng_before = torch.get_rng_state()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+
+    def step(x, y):
+        extra[0].add_(1.0)
+        losses.append(train.train_step(model, opt, scaler, x, y)[0].item())
+        return losses[-1], 0
+    graph.StepGraph(step, model, opt, batch=8, dtype=torch.float32, memory_format=torch.contiguous_format,
+                    device=torch.device("cpu"), state=extra)
+    assert len(losses) == graph.WARMUP_STEPS and losses[-1] < losses[0]  # it trained...
+    after = graph._state_tensors(model, opt) + extra
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))  # ...and is undone
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_an_optimizer_whose_state_the_warm_up_creates_is_refused():
+    """torch's SGD makes its momentum buffers on the first step: a graph captured after the warm-up would
+    start from the warm-up's momentum (build_optimizer makes them up front)."""
+    model = train.build_model(config.load(None, ["--model.depth=8"]).model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(ValueError, match="warm-up created or replaced optimizer state"):
+        graph.StepGraph(lambda x, y: train.train_step(model, opt, scaler, x, y), model, opt, batch=4,
+                        dtype=torch.float32, memory_format=torch.contiguous_format, device=torch.device("cpu"))
+
+
 @pytest.mark.parametrize("step_graph", ["false", "true"])
 def test_scaling_model_times_the_configured_step(step_graph):
     cfg = config.load(None, ["--model.depth=8", *GRAPHABLE, f"--precision.step_graph={step_graph}"])
