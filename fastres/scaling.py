@@ -179,8 +179,12 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
         images = cifar.train_size(val_size=cfg.data.val_size, subset=cfg.data.subset)
         steps_per_epoch = images // B
         t1 = compute_step_s(cfg, B, device, steps, warmup)
-        lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", "",
-                  "| GPUs | per-GPU batch | t_comp (ms) | link | all-reduce (ms) | exposed (ms) | epoch (s) | "
+        lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", ""]
+        if cfg.precision.step_graph:
+            lines += ["The step is measured as one CUDA graph (precision.step_graph). fastres runs that on one rank "
+                      "only (fastres/graph.py): the rows for N > 1 model a graph that would also hold DDP's "
+                      "all-reduce, which is not built.", ""]
+        lines += ["| GPUs | per-GPU batch | t_comp (ms) | link | all-reduce (ms) | exposed (ms) | epoch (s) | "
                   "efficiency |", "|---|---|---|---|---|---|---|---|"]
         for n in (1, 2, 4, 8):
             if B % n:

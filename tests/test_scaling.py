@@ -62,3 +62,13 @@ def test_prediction_tables_from_a_measured_step(monkeypatch):
     for line in weak4:
         exposed_ms, eff = float(line.split("|")[5]), float(line.split("|")[7].strip(" %"))
         assert eff == pytest.approx(100 * 4 / (4 + exposed_ms), abs=0.06) and 90 < eff <= 100
+
+
+@pytest.mark.parametrize("step_graph", [False, True])
+def test_a_step_graph_report_says_its_multi_gpu_rows_are_not_runnable(monkeypatch, step_graph):
+    monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(scaling.provenance, "device_name", lambda device: f"fake {device.type}")
+    monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
+    cfg = config.load(None, ["--optim.batch_size=512", "--optim.impl=fused", f"--precision.step_graph={step_graph}"])
+    text = scaling.scaling_report(cfg, "fast", steps=2, warmup=1, gloo_procs=[1])
+    assert ("which is not built" in text) == step_graph
