@@ -104,19 +104,20 @@ class StepGraph:
                     self.step(self.x, self.y)
             if cuda:
                 current.wait_stream(side)
-        if [id(t) for t in _state_tensors(model, opt) + self.state] != [id(t) for t in state]:
-            # state the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the
-            # warm-up's values, and the graph would replay a later step's update where a first step belongs
-            raise ValueError("the step graph's warm-up created or replaced optimizer state: make it up front, "
-                             "as fastres.optim.build_optimizer makes SGD's momentum buffers")
+        # State the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the warm-up's
+        # values, and the graph would replay a later step's update where a first step belongs: refused below.
+        remade = [id(t) for t in _state_tensors(model, opt) + self.state] != [id(t) for t in state]
         opt.zero_grad(set_to_none=True)  # backward in the capture then writes fresh gradients, no accumulate
-        if cuda:
+        if cuda and not remade:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = self.step(self.x, self.y)
         with torch.no_grad():  # capturing ran nothing; the warm-up steps are undone
             for t, s in zip(state, saved):
                 t.copy_(s)
+        if remade:
+            raise ValueError("the step graph's warm-up created or replaced optimizer state: make it up front, "
+                             "as fastres.optim.build_optimizer makes SGD's momentum buffers")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape != self.x.shape or y.shape != self.y.shape:

@@ -119,9 +119,11 @@ def test_an_optimizer_whose_state_the_warm_up_creates_is_refused():
     model = train.build_model(config.load(None, ["--model.depth=8"]).model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="warm-up created or replaced optimizer state"):
         graph.StepGraph(lambda x, y: train.train_step(model, opt, scaler, x, y), model, opt, batch=4,
                         dtype=torch.float32, memory_format=torch.contiguous_format, device=torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the warm-up is undone first
 
 
 @pytest.mark.parametrize("step_graph", ["false", "true"])
