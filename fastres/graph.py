@@ -25,8 +25,8 @@ step_graph = false); tests/test_cuda.py checks the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -91,19 +91,13 @@ class StepGraph:
         state = _state_tensors(model, opt) + self.state
         saved = [t.detach().clone() for t in state]
         cuda = self.x.device.type == "cuda"
-        current = torch.cuda.current_stream(self.x.device) if cuda else None
-        side = torch.cuda.Stream(self.x.device) if cuda else None
         # the warm-up's random input (and dropout's draws) must not move the run's random streams
         with torch.random.fork_rng(devices=[self.x.device] if cuda else [], device_type=self.x.device.type):
             self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
             opt.zero_grad(set_to_none=True)
-            if cuda:
-                side.wait_stream(current)
-            with torch.cuda.stream(side) if cuda else nullcontext():
+            with _side_stream(self.x.device):
                 for _ in range(warmup):
                     self.step(self.x, self.y)
-            if cuda:
-                current.wait_stream(side)
         # State the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the warm-up's
         # values, and the graph would replay a later step's update where a first step belongs: refused below.
         remade = [id(t) for t in _state_tensors(model, opt) + self.state] != [id(t) for t in state]
@@ -129,6 +123,20 @@ class StepGraph:
             return self.step(self.x, self.y)
         self.graph.replay()
         return self.out
+
+
+@contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """The block on a fresh CUDA stream that first waits for the current one, which then waits for it (the
+    warm-up before a capture, as the CUDA Graphs notes do it); on a CPU, which has no streams, just the block."""
+    if device.type != "cuda":
+        yield
+        return
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
 
 
 def _state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -44,13 +44,18 @@ def test_scaling_report_on_cpu(tmp_path):
     assert "| 2 |" in text and "| 3 |" in text and "fitted alpha" in text
 
 
-def test_prediction_tables_from_a_measured_step(monkeypatch):
-    """The GPU tables, with the GPU measurement replaced by a step time that does not shrink with the batch
-    (as the H100 showed for ResNet-20 at 128-512 images): splitting the batch cannot scale, keeping the
-    per-GPU batch does, as far as the exposed all-reduce allows."""
+@pytest.fixture
+def gpu_step_of_4ms(monkeypatch):
+    """A GPU whose measured step takes 4 ms at every batch size (in place of the measurement)."""
     monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(scaling.provenance, "device_name", lambda device: f"fake {device.type}")
     monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
+
+
+def test_prediction_tables_from_a_measured_step(gpu_step_of_4ms):
+    """The GPU tables, with the GPU measurement replaced by a step time that does not shrink with the batch
+    (as the H100 showed for ResNet-20 at 128-512 images): splitting the batch cannot scale, keeping the
+    per-GPU batch does, as far as the exposed all-reduce allows."""
     cfg = config.load(None, ["--optim.batch_size=512"])
     text = scaling.scaling_report(cfg, "fast", steps=2, warmup=1, gloo_procs=[1], flags=["--x=1"])
     assert "--config configs/fast.toml --x=1`" in text
@@ -65,10 +70,7 @@ def test_prediction_tables_from_a_measured_step(monkeypatch):
 
 
 @pytest.mark.parametrize("step_graph", [False, True])
-def test_a_step_graph_report_says_its_multi_gpu_rows_are_not_runnable(monkeypatch, step_graph):
-    monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(scaling.provenance, "device_name", lambda device: f"fake {device.type}")
-    monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
+def test_a_step_graph_report_says_its_multi_gpu_rows_are_not_runnable(gpu_step_of_4ms, step_graph):
     cfg = config.load(None, ["--optim.batch_size=512", "--optim.impl=fused", f"--precision.step_graph={step_graph}"])
     text = scaling.scaling_report(cfg, "fast", steps=2, warmup=1, gloo_procs=[1])
     assert ("which is not built" in text) == step_graph
