@@ -34,11 +34,17 @@ from typing import Any
 import torch
 
 from fastres import config, distributed, provenance, train
+from fastres.build import build
+from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
 from fastres.config import Config
-from fastres.data import build_loader, cifar
-from fastres.errors import UserError, entry, read_json
+from fastres.data import build_loader, fetch, load
+from fastres.data.cifar import Split
+from fastres.errors import UserError, read_json
 from fastres.log import read_metrics
-from fastres.report import short_sha
+from fastres.model import build_model
+from fastres.precision import precision
+from fastres.provenance import short_sha
+from fastres.scaling import scaling_report
 from fastres.timing import Timer
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
@@ -55,11 +61,11 @@ def _variant(cfg: Config, loader: str) -> Config:
                                     "data.dali_source": "device" if loader == "dali-device" else "host"})
 
 
-def loader_alone(cfg: Config, split: cifar.Split, device: torch.device, repeats: int) -> float:
+def loader_alone(cfg: Config, split: Split, device: torch.device, repeats: int) -> float:
     """Median images/s of full epochs through the loader alone (one warm-up epoch first)."""
-    dtype = train.AMP_DTYPES[cfg.precision.amp] or torch.float32
+    prec = precision(cfg.precision)
     loader = build_loader(cfg.data, split, batch_per_rank=cfg.optim.batch_size, seed=cfg.run.seed, rank=0,
-                          world=1, device=device, channels_last=cfg.precision.channels_last, dtype=dtype)
+                          world=1, device=device, channels_last=prec.channels_last, dtype=prec.dtype)
     timer, rates = Timer(device), []
     for epoch in range(repeats + 1):
         loader.set_epoch(epoch)
@@ -86,50 +92,35 @@ def end_to_end_epoch(cfg: Config) -> dict[str, Any]:
                 * cfg.optim.batch_size / epoch_s, first_epoch_s=rows[0]["train_time_s"])
 
 
-def _split(cfg: Config) -> cifar.Cifar10:
-    return cifar.split(cifar.load(cifar.ensure(cfg.data.dir)), val_size=cfg.data.val_size,
-                       split_seed=cfg.data.split_seed, subset=cfg.data.subset, test_subset=cfg.data.test_subset)
-
-
-def measure_training(cfg: Config, split: cifar.Split, device: torch.device, *, steps: int,
-                     warmup: int) -> dict[str, Any]:
-    """Images/s of ``steps`` real training steps (loader, model, optimizer, weight average as fastres.train builds them)
-    after ``warmup`` steps; the loader runs across epoch boundaries as it would in training."""
-    amp_dtype = train.AMP_DTYPES[cfg.precision.amp]
-    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+def measure_training(cfg: Config, device: torch.device, *, steps: int, warmup: int) -> dict[str, Any]:
+    """Images/s of ``steps`` real training steps (everything as fastres.build makes it for training: loader,
+    model, optimizer, weight average, step) after ``warmup`` steps; the loader runs across epoch boundaries as it
+    would in training, at the scaled lr throughout (no schedule: a fixed number of steps)."""
     torch.manual_seed(cfg.run.seed)
     torch.backends.cudnn.benchmark = True
-    batch = cfg.optim.batch_size
-    loader = build_loader(cfg.data, split, batch_per_rank=batch, seed=cfg.run.seed, rank=0, world=1,
-                          device=device, channels_last=cfg.precision.channels_last, dtype=amp_dtype or torch.float32)
-    model = train.build_model(cfg.model).to(device, memory_format=fmt)
-    opt = train.build_optimizer(model, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
-    lr = opt.param_groups[0]["lr"]  # the scaled lr throughout (no schedule: a fixed number of steps)
-    ema = train.WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # its update is timed
-    run_step, compile_s = train.make_step(model, model, opt, scaler, cfg, batch_per_rank=batch, world=1,
-                                          device=device, ema=ema)
+    p = build(cfg, distributed.single(device))
+    lr = p.optimizer.param_groups[0]["lr"]
 
     def batches():
         epoch = 0
         while True:
-            loader.set_epoch(epoch)
-            yield from loader
+            p.loader.set_epoch(epoch)
+            yield from p.loader
             epoch += 1
 
-    stream, timer, step = batches(), Timer(device), 0
+    stream, timer, index = batches(), Timer(device), 0
     for phase, n in (("warmup", warmup), ("timed", steps)):
         if phase == "timed":
             timer.start()
         for _ in range(n):
             x, y = next(stream)
-            run_step(x, y, lr, train.sd_reseed(model, cfg.run.seed, step, cfg.model.stochastic_depth > 0))
-            step += 1
+            p.step(x, y, lr, index)
+            index += 1
     seconds = timer.stop()
     step_s = seconds / steps
     del stream  # stops the loader (workers, DALI) before the next measurement
-    return dict(img_per_s=steps * batch / seconds, step_s=step_s, epoch_s=step_s * (len(split) // batch),
-                compile_s=compile_s)
+    return dict(img_per_s=steps * cfg.optim.batch_size / seconds, step_s=step_s,
+                epoch_s=step_s * (len(p.data.train) // cfg.optim.batch_size), compile_s=p.compile_s)
 
 
 def hardware_rates(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> dict[str, float]:
@@ -162,7 +153,7 @@ def model_cost(cfg: Config) -> dict[str, float]:
     """FLOPs (forward + backward, counted by torch's FlopCounterMode) and memory traffic per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = train.build_model(cfg.model)
+    model = build_model(cfg.model)
     x = torch.randn(2, 3, 32, 32)
     acts = []
     hooks = [m.register_forward_hook(lambda mod, i, o: acts.append(o.numel()))
@@ -185,14 +176,11 @@ def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_
                 overrides: list[str]) -> dict[str, Any]:
     device = distributed.measurement_device(cfg.run.device)
     git_sha, code_hash = provenance.git_sha(), provenance.code_hash()
-    data = _split(cfg)
-    fast = measure_training(cfg, data.train, device, steps=steps, warmup=warmup)
+    fast = measure_training(cfg, device, steps=steps, warmup=warmup)
     # the baseline trains on the same data (dir, subset, split), with its own loader
     same_data = [o for o in overrides if o.startswith("--data.") and o.split("=")[0] not in RECIPE_DATA_KEYS]
-    base_cfg = config.override(config.load(BASELINE), same_data)
-    base = measure_training(base_cfg, _split(base_cfg).train, device, steps=steps, warmup=warmup)
-    amp_dtype = train.AMP_DTYPES[cfg.precision.amp] if device.type == "cuda" else None
-    hw = hardware_rates(device, amp_dtype or torch.float32)
+    base = measure_training(config.override(config.load(BASELINE), same_data), device, steps=steps, warmup=warmup)
+    hw = hardware_rates(device, precision(cfg.precision).dtype if device.type == "cuda" else torch.float32)
     cost = model_cost(cfg)
     floor = floor_img_per_s(cost, hw)
     row = dict(what="train", device=provenance.device_name(device), config_name=cfg_name, world_size=1,
@@ -226,7 +214,9 @@ def train_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[str, Any]]:
-    device, data = distributed.measurement_device(cfg.run.device), _split(cfg)
+    device = distributed.measurement_device(cfg.run.device)
+    fetch(cfg.data)
+    data = load(cfg.data)
     try:
         import nvidia.dali
         dali_version = nvidia.dali.__version__
@@ -295,21 +285,20 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    what = config.take_flag(argv, "--what", "train")
+    what = take_flag(argv, "--what", "train")
     if what not in DEFAULT_CONFIG:
         raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
-    out = Path(config.take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
+    out = Path(take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
                                                 "scaling": "results/scaling.md"}[what]))
-    loaders = [name for name in config.take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
-    repeats = config.whole_number("--repeats", config.take_flag(argv, "--repeats", "3"), 1)
-    steps = config.whole_number("--steps", config.take_flag(argv, "--steps", "100"), 1)
-    warmup = config.whole_number("--warmup", config.take_flag(argv, "--warmup", "20"), 0)
-    procs = [config.whole_number("--gloo-procs", p, 1)
-             for p in config.take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
-    label = config.take_flag(argv, "--label", "")
-    ttt = "--time-to-target" in argv
-    argv = [a for a in argv if a != "--time-to-target"]
-    path, overrides = config.parse_args(argv)
+    loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
+    repeats = whole_number("--repeats", take_flag(argv, "--repeats", "3"), 1)
+    steps = whole_number("--steps", take_flag(argv, "--steps", "100"), 1)
+    warmup = whole_number("--warmup", take_flag(argv, "--warmup", "20"), 0)
+    procs = [whole_number("--gloo-procs", p, 1)
+             for p in take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
+    label = take_flag(argv, "--label", "")
+    ttt = take_switch(argv, "--time-to-target")
+    path, overrides = parse_args(argv)
     path = path or DEFAULT_CONFIG[what]
     cfg = config.load(path, overrides)
     if what == "loaders":
@@ -325,7 +314,6 @@ def _main(argv: list[str]) -> None:
         append_rows(out, [row], "train")
         print(train_table([row]), end="")
     else:
-        from fastres.scaling import scaling_report
         flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else []) + (
             [f"--out={out}"] if out != Path("results/scaling.md") else [])
         text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)

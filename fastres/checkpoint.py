@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +74,68 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
     return state
 
 
+_NUMBER = (int, float)
+_LAST_ROW = ("epoch", "train_time_s", "test_acc", "val_acc")  # what a resumed run reads of the last eval row
+
+
+@dataclass
+class Progress:
+    """Where a run is: what the loop has done and measured so far, saved in every checkpoint."""
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    train_time_s: float = 0.0  # summed timed epochs (see fastres.train)
+    eval_time_s: float = 0.0
+    time_to_target_s: float | None = None
+    time_to_target_with_eval_s: float | None = None
+    epochs_to_target: int | None = None
+    t0: float = field(default_factory=time.time)  # the run's start, wall clock (TensorBoard's time axis)
+    last: dict[str, Any] | None = None  # the last evaluation's metrics row
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Take ``saved``'s values; KeyError or TypeError naming the first key that is missing or of another
+        type than the loop reads."""
+        for f in fields(self):
+            if f.name not in saved:
+                raise KeyError(f"progress.{f.name}")
+            value = saved[f.name]
+            if f.name in ("epoch", "step"):
+                ok = isinstance(value, int) and value >= 0
+            elif f.name == "last":
+                ok = value is None or (isinstance(value, dict) and all(
+                    k in value and (value[k] is None or isinstance(value[k], _NUMBER)) for k in _LAST_ROW))
+            else:
+                ok = isinstance(value, _NUMBER) or (f.default is None and value is None)
+            if not ok:
+                raise TypeError(f"progress.{f.name} is {value!r:.40}")
+        for f in fields(self):
+            setattr(self, f.name, saved[f.name])
+
+    def reached(self, epoch: int) -> None:
+        """The evaluation after ``epoch`` epochs is the first at or above the target: the times to target."""
+        self.time_to_target_s, self.epochs_to_target = self.train_time_s, epoch
+        self.time_to_target_with_eval_s = self.train_time_s + self.eval_time_s
+
+
+def restore_progress(path: Path, state: dict[str, Any]) -> Progress:
+    """The :class:`Progress` in ``state`` (from :func:`load`); a UserError if it does not fit."""
+    progress = Progress()
+    with _fitting(path):
+        progress.load_state_dict(state["progress"])
+    return progress
+
+
 def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, progress: dict[str, Any]) -> None:
-    """Load ``state`` (from :func:`load`) into the run's objects; a UserError if a part does not fit them
-    (a damaged file whose zip still reads: a tensor of another shape, a value of another type)."""
+            scaler: torch.amp.GradScaler) -> None:
+    """Load ``state`` (from :func:`load`) into the run's objects and the global RNGs; a UserError if a part does
+    not fit them (a damaged file whose zip still reads: a tensor of another shape, a value of another type)."""
     with _fitting(path):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        _check_progress(state["progress"], progress)
-    progress.update(state["progress"])
 
 
 def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
@@ -105,27 +158,6 @@ def _fitting(path: Path) -> Iterator[None]:
         raise UserError(f"checkpoint {path} does not fit this run ({why}): {_FIX}") from None
 
 
-_NUMBER = (int, float)
-_LAST_ROW = ("epoch", "train_time_s", "test_acc", "val_acc")  # what a resumed run reads of the last eval row
-
-
-def _check_progress(saved: dict[str, Any], fresh: dict[str, Any]) -> None:
-    """``saved`` has every key of a fresh run's ``progress``, each of the type the loop reads."""
-    for key, default in fresh.items():
-        if key not in saved:
-            raise KeyError(f"progress.{key}")
-        value = saved[key]
-        if key in ("epoch", "step"):
-            ok = isinstance(value, int) and value >= 0
-        elif key == "last":
-            ok = value is None or (isinstance(value, dict) and all(
-                k in value and (value[k] is None or isinstance(value[k], _NUMBER)) for k in _LAST_ROW))
-        else:
-            ok = isinstance(value, _NUMBER) or (default is None and value is None)
-        if not ok:
-            raise TypeError(f"progress.{key} is {value!r:.40}")
-
-
 def rng_state() -> dict[str, Any]:
     """Every global RNG (python, numpy, torch CPU and CUDA) as weights_only-loadable values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -144,3 +176,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: Progress,
+           config: dict[str, Any], ema: WeightEMA | None = None) -> dict[str, Any]:
+    """What :func:`save` writes for a run: every :data:`PARTS`, and "ema" when there is a weight average."""
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
+                progress=progress.state_dict(), config=config, **({"ema": ema.state_dict()} if ema is not None else {}))

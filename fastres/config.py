@@ -73,6 +73,9 @@ class RunCfg:
 class DataCfg:
     dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py); "
                     "default: $FASTRES_DATA, else data/cifar10")
+    source: str = _opt("cifar10", "cifar10: the data set in data.dir; synthetic: random uint8 images and labels of "
+                       "CIFAR-10's shape and split sizes, made in memory (for throughput and profiling, where pixel "
+                       "values do not matter; its accuracies mean nothing)", choices=("cifar10", "synthetic"))
     loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the seed's path); "
                        "gpu: whole uint8 set on the device, augmented with tensor ops; "
                        "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
@@ -155,7 +158,7 @@ class PrecisionCfg:
                              "graphs", choices=("default", "reduce-overhead", "max-autotune",
                                                 "max-autotune-no-cudagraphs"))
     step_graph: bool = _opt(False, "capture the whole training step (forward, loss, backward, fused SGD) as one "
-                            "CUDA graph and replay it (fastres/graph.py); needs optim.impl = fused, no stochastic "
+                            "CUDA graph and replay it (fastres/step.py); needs optim.impl = fused, no stochastic "
                             "depth, no fp16, one rank, and a compile_mode without CUDA graphs of its own")
 
 
@@ -184,6 +187,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
+# Keys a resumed run may change: where things are and how they are loaded, not what is trained.
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "data.dir", "data.num_workers")
 
 
 def _hints(section_cls: type) -> dict[str, Any]:
@@ -324,7 +329,7 @@ def override(cfg: Config, overrides: list[str]) -> Config:
     return out
 
 
-def validate(cfg: Config) -> None:
+def _check_fields(cfg: Config) -> None:
     """Raise ConfigError for the first value outside its field's choices or range."""
     for section in SECTIONS:
         sec = getattr(cfg, section)
@@ -340,8 +345,45 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} = {v!r} {msg}")
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file (with its ``base`` chain), then ``--section.key=value`` overrides.
+def _check_step_graph(cfg: Config, world: int) -> None:
+    """The first setting a whole-step CUDA graph (fastres/step.py) cannot hold."""
+    pre = "precision.step_graph = true"
+    if cfg.model.stochastic_depth > 0:
+        raise ConfigError(f"{pre} cannot capture stochastic depth (its per-step drops are Python branches): "
+                          "set model.stochastic_depth = 0 or precision.step_graph = false")
+    if cfg.precision.amp == "fp16":
+        raise ConfigError(f"{pre} cannot capture fp16's GradScaler (it decides on the host whether to step): "
+                          "use precision.amp = bf16 or off")
+    if cfg.optim.impl != "fused":
+        raise ConfigError(f"{pre} needs optim.impl = fused (the SGD that reads its learning rate on the device), "
+                          f"not {cfg.optim.impl!r}")
+    if cfg.precision.compile and cfg.precision.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"{pre} cannot contain compile_mode {cfg.precision.compile_mode!r}, which makes CUDA "
+                          "graphs of its own: use precision.compile_mode = default or max-autotune-no-cudagraphs")
+    if world > 1:
+        raise ConfigError(f"{pre} runs on one rank only for now (DDP's all-reduce inside the graph is not "
+                          f"validated), and this run has {world}: set precision.step_graph = false")
+
+
+def validate(cfg: Config, world: int = 1) -> None:
+    """Raise ConfigError for the first bad value: a field outside its choices or range, then a combination that
+    cannot run on ``world`` ranks. Called at load, so a stack rejects a bad row before any row runs."""
+    _check_fields(cfg)
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    if batch % (world * accum):
+        raise ConfigError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
+                          f"{accum} accumulation step(s): use a multiple of {world * accum}")
+    if not cfg.eval.on_test and not cfg.data.val_size:
+        raise ConfigError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+    if cfg.precision.step_graph:
+        _check_step_graph(cfg, world)
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None, world: int = 1) -> Config:
+    """Defaults, then the TOML file (with its ``base`` chain), then ``--section.key=value`` overrides, validated
+    for ``world`` ranks.
 
     Resolves the defaults that depend on the environment: ``data.dir`` ($FASTRES_DATA, else
     data/cifar10) and ``run.out_dir`` (runs/<name>).
@@ -350,55 +392,12 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     if path is not None:
         _apply(cfg, _read_toml(Path(path)), str(path))
     _apply_overrides(cfg, overrides or [])
-    validate(cfg)
+    validate(cfg, world)
     if not cfg.data.dir:
         cfg.data.dir = os.environ.get("FASTRES_DATA") or "data/cifar10"
     if not cfg.run.out_dir:
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
     return cfg
-
-
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Split argv into (--config path, overrides). ``--section.key value`` is accepted too."""
-    path, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c"):
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a file, e.g. --config configs/smoke.toml")
-            path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            overrides.append(f"{arg}={argv[i + 1]}")
-            i += 1
-        elif arg.startswith("--"):
-            overrides.append(arg)
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and --section.key=value")
-        i += 1
-    return path, overrides
-
-
-def take_flag(argv: list[str], flag: str, default: str) -> str:
-    """Remove ``flag VALUE`` or ``flag=VALUE`` from argv; its value, or ``default`` when absent."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i:i + 2]
-            return value
-        if arg.startswith(flag + "="):
-            del argv[i]
-            return arg.split("=", 1)[1]
-    return default
-
-
-def whole_number(flag: str, value: str, low: int = 0) -> int:
-    """A command-line flag's value as an int >= ``low``; ConfigError naming the flag otherwise."""
-    if not value.isdigit() or int(value) < low:
-        raise ConfigError(f"{flag} {value!r} must be a whole number >= {low}")
-    return int(value)
 
 
 def help_text(prog: str) -> str:
@@ -437,7 +436,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """The inverse of :func:`to_dict` (same checks as a TOML file)."""
     cfg = Config()
     _apply(cfg, data, "saved config")
-    validate(cfg)
+    _check_fields(cfg)  # a saved config was whole when written; the run that reads it validates it for its world
     return cfg
 
 

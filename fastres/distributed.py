@@ -34,6 +34,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world() -> int:
+    """The number of ranks torchrun started (1 for a plain ``python -m``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def measurement_device(device: str = "auto") -> torch.device:
     """The device of a one-process measurement (fastres.bench, the scaling model): CUDA when torch sees
     one, unless run.device = "cpu"."""
@@ -42,7 +47,7 @@ def measurement_device(device: str = "auto") -> torch.device:
 
 def setup(device: str = "auto") -> Dist:
     """Pick the device (run.device) and join the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world()
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
@@ -61,6 +66,11 @@ def setup(device: str = "auto") -> Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_store(rank, world), rank=rank,
                                 world_size=world, **kw)
     return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
+
+
+def single(device: torch.device) -> Dist:
+    """One process on ``device``, outside any process group (benchmarks)."""
+    return Dist(rank=0, local_rank=0, world=1, device=device)
 
 
 def _store(rank: int, world: int) -> dist.Store:

@@ -2,13 +2,13 @@
 
 Polyak averaging (Polyak & Juditsky 1992) as cifar10-airbench's predecessor hlb-cifar10 and timm's ModelEmaV2
 use it for short runs: after each optimizer step ``avg = d * avg + (1 - d) * w`` over every parameter and
-every floating-point buffer (BN's running mean and variance, as timm does), with the decay warmed up as
+every floating-point buffer (BN's running mean and variance, as timm does), with the decay ramped up as
 TensorFlow's ExponentialMovingAverage(num_updates) does, ``d_t = min(d, (1 + t) / (10 + t))``, so the first
 steps' random weights fade quickly. Evaluation swaps the average into the model (one copy each way) and
 puts the trained weights back: training never sees the average, only what is scored does.
 
 The update reads its weight ``1 - d_t`` from a device tensor filled before each step, so it is the same
-kernels every step: a CUDA graph of the whole step (fastres/graph.py) holds it, and no step waits on the
+kernels every step: a CUDA graph of the whole step (fastres/step.py) holds it, and no step waits on the
 host. The averages live beside the model (a few hundred kB for ResNet-20) and go into the checkpoint.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-WARMUP = 10  # d_t = min(d, (1 + t) / (WARMUP + t)): TensorFlow's ExponentialMovingAverage num_updates rule
+DECAY_RAMP = 10  # d_t = min(d, (1 + t) / (DECAY_RAMP + t)): TensorFlow's ExponentialMovingAverage num_updates rule
 
 
 class WeightEMA:
@@ -41,7 +41,7 @@ class WeightEMA:
         self.weight = torch.zeros((), dtype=torch.float32, device=self.avg[0].device)  # 1 - d_t
 
     def decay_at(self, t: int) -> float:
-        return min(self.decay, (1 + t) / (WARMUP + t))
+        return min(self.decay, (1 + t) / (DECAY_RAMP + t))
 
     def prepare(self) -> None:
         self.weight.fill_(1.0 - self.decay_at(self.updates))

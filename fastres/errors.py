@@ -1,13 +1,10 @@
-"""The one exception type for mistakes a user can make (bad config, bad data, bad launch), and the entry
-point wrapper that turns it into one line ``fastres: error: <cause and fix>`` and exit code 2, never a
-traceback. Anything else that escapes is a bug in fastres and keeps its traceback.
+"""The one exception type for mistakes a user can make (bad config, bad data, bad launch), and reading a JSON
+file fastres wrote without trusting it. fastres.cli.entry turns a UserError into one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +19,6 @@ class UserError(Exception):
     def __init__(self, message: str, per_rank: bool = False):
         super().__init__(message)
         self.per_rank = per_rank
-
-
-def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage: str) -> int:
-    """Run a command-line ``body(argv)``: ``--help`` prints ``usage``; a UserError becomes one line, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage)
-        return 0
-    try:
-        return body(argv) or 0
-    except UserError as e:
-        from fastres.distributed import env_rank  # here: distributed imports this module
-
-        rank = env_rank()  # under torchrun: rank 0 speaks for all, see UserError
-        if rank == 0 or e.per_rank:
-            print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
-        return 2
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
 from fastres import distributed
-from fastres.data import normalize, to_batch
-from fastres.model import batchnorm_train_mode
+from fastres.config import EvalCfg
+from fastres.data.transform import normalize, to_batch
+from fastres.ema import WeightEMA
+from fastres.init import batchnorm_train_mode
+from fastres.precision import Precision
 
+Sets = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split name -> (uint8 images, labels) on the device
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256 is the fastest forward batch on our 2-core CPU
 
 
@@ -71,26 +77,79 @@ def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, bat
                 world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> int:
     """Replace BN running averages by statistics of the current weights; the number of images used per rank.
 
-    As fvcore's update_bn_stats (the "precise BN" of Wu & Johnson 2021, "Rethinking Batch in BatchNorm"):
-    reset the statistics, forward ``batches`` un-augmented training batches of ``batch`` images with BN on
-    batch statistics and a cumulative average (momentum None) instead of the exponential one, then
-    average over ranks (each rank uses its own images r, r + world, ...). Every block is kept (stochastic
-    depth in its eval form) and dropout is off: the network is the one that is evaluated.
+    Precise BN (Wu & Johnson 2021, "Rethinking Batch in BatchNorm") with the population-variance estimator of
+    its appendix (fvcore's ``_PopulationVarianceEstimator``): per channel, the mean and the biased variance of
+    all values seen in ``batches`` un-augmented training batches of ``batch`` images, pooled in float64 over
+    ranks (rank r uses images r, r + world, ...). Every block is kept and dropout is off, as evaluated.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
+    sizes: dict[torch.nn.Module, int] = {}  # values per channel each BN layer saw in this forward
+
+    def count(bn, inputs):
+        sizes[bn] = inputs[0].numel() // inputs[0].shape[1]
+
+    hooks = [bn.register_forward_pre_hook(count) for bn in bns]
+    # per layer and channel: the sum of the values, of their squares, and their number
+    acc = [torch.zeros(3, bn.num_features, dtype=torch.float64, device=bn.running_mean.device) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None
+        bn.momentum = 1.0  # after a forward the buffers hold that batch's mean and unbiased variance
     x = images[rank::world]
     n = min(batches * batch, (len(x) // batch) * batch or len(x))
     dtype = amp_dtype or torch.float32
-    with batchnorm_train_mode(model):
-        for i in range(0, n, batch):
-            with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
-                model(to_batch(normalize(x[i:i + batch]), dtype, channels_last))
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-        for buf in (bn.running_mean, bn.running_var):
-            distributed.all_reduce(buf).div_(world)
+    try:
+        with batchnorm_train_mode(model):
+            for i in range(0, n, batch):
+                sizes.clear()
+                with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
+                    model(to_batch(normalize(x[i:i + batch]), dtype, channels_last))
+                for bn, a in zip(bns, acc):
+                    if bn in sizes:  # (a layer not run in this forward saw nothing)
+                        size, mean, var = sizes[bn], bn.running_mean.double(), bn.running_var.double()
+                        a[0] += size * mean
+                        a[1] += size * mean.square() + (size - 1) * var  # N * (mean^2 + biased variance)
+                        a[2] += size
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+    if bns:  # summed over ranks (one collective) before dividing: the pooling is exact across ranks
+        acc = distributed.all_reduce(torch.cat([a.flatten() for a in acc])).split([3 * bn.num_features for bn in bns])
+    for bn, a in zip(bns, acc):
+        total, squares, seen = a.view(3, -1)
+        if seen[0] > 0:  # else the reset statistics stay
+            mean = total / seen
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_((squares / seen - mean.square()).clamp_(min=0))
     return n
+
+
+def target_split(cfg: EvalCfg) -> str:
+    """The split whose accuracy is compared with run.target_acc: tuning runs never look at the test set."""
+    return "test" if cfg.on_test else "val"
+
+
+def evaluate_all(model: torch.nn.Module, cfg: EvalCfg, sets: Sets, *, ema: WeightEMA | None, prec: Precision,
+                 train_images: torch.Tensor | None, batch: int, rank: int = 0,
+                 world: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """One evaluation as the loop logs it: (accuracy per split, the row's other accuracies, named
+    ``<split>_acc_<key>`` for the keys of fastres.log.EXTRA_ACCS). With a weight average the average is scored,
+    and the trained weights' own accuracy (their running BN statistics) is the "no_ema" one; with precise BN the
+    running statistics' accuracy is "running_bn"; with TTA the same forward passes give "no_tta" (and "flip"
+    for flip-translate)."""
+    score = dict(rank=rank, world=world, amp_dtype=prec.amp_dtype, channels_last=prec.channels_last)
+    extra, tta, target = {}, cfg.tta, target_split(cfg)
+    if ema is not None:
+        extra[f"{target}_acc_no_ema"] = accuracy(model, *sets[target], tta=tta, **score)
+    with ema.swapped_in() if ema is not None else nullcontext():
+        if cfg.precise_bn:
+            extra[f"{target}_acc_running_bn"] = accuracy(model, *sets[target], tta=tta, **score)
+            precise_bn_(model, train_images, batch=batch, batches=cfg.precise_bn_batches, **score)
+        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in sets.items()}
+    if tta != "off":
+        extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
+    if tta == "flip-translate":
+        extra.update({f"{name}_acc_flip": a["flip"] for name, a in scored.items()})
+    return {name: a[tta] for name, a in scored.items()}, extra

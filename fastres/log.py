@@ -19,7 +19,12 @@ from tqdm import tqdm
 from fastres.errors import UserError
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 TB_DIR = "tb"
+# An evaluation's other accuracies, logged as <split>_acc_<key> beside <split>_acc (the summary keeps the last as
+# final_<split>_acc_<key>), and what the report calls each.
+EXTRA_ACCS = {"no_tta": "without TTA", "flip": "flip TTA alone", "no_ema": "without EMA",
+              "running_bn": "with running BN statistics"}
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -107,3 +112,26 @@ class RunLog:
             self.bar.close()
         self.jsonl.close()
         self.tb.close()
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """The seed's figure (He 2015, Fig. 6): training, validation and test error (%) against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    epochs = [r["epoch"] for r in rows]
+    for key, label, style in (("train_acc", "train (augmented batches)", "--"), ("val_acc", "validation", "-."),
+                              ("test_acc", "test", "-")):
+        pts = [(e, 100 * (1 - r[key])) for e, r in zip(epochs, rows) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, marker=".", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

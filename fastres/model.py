@@ -22,8 +22,6 @@ buffers, not parameters.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -173,22 +171,6 @@ class ResNetCifar(nn.Module):
         if self.head_bn is not None:
             x = F.relu(self.head_bn(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-@contextmanager
-def batchnorm_train_mode(model: nn.Module) -> Iterator[None]:
-    """The network as evaluated (every block kept and scaled, no dropout) but BN on batch statistics, which
-    also updates its running averages. For precise BN and LSUV. Modes are restored on exit."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def build_model(cfg: ModelCfg) -> ResNetCifar:

@@ -68,11 +68,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
     opt = torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay, **impl)
     if cfg.momentum:
-        # Momentum buffers made up front, as zeros: the first step then gives buf = 0 * momentum + grad, exactly
-        # the copy of the gradient torch makes when the buffer is missing. Needed for fused SGD with stochastic
-        # depth: a branch dropped on the first step has no gradient, so no buffer, and on a later step torch's
-        # fused kernel gets None in its buffer list and raises (found on the H100, torch 2.11; also torch 2.13
-        # on the CPU; tests/test_optim.py).
+        # Momentum buffers made up front, as zeros (buf = 0 * momentum + grad is torch's first step): fused SGD
+        # raises on a missing buffer, which a branch stochastic depth dropped on step 0 leaves (tests/test_optim.py)
+        # and the step graph needs its state to exist before capture.
         for p in params:
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return opt

@@ -22,9 +22,7 @@ def git_sha() -> str:
     recorded = _REPO / ".device" / "git_sha"
     recorded_code = _REPO / ".device" / "code_hash"
     if recorded.is_file() and recorded_code.is_file() and recorded_code.read_text().strip() == code_hash():
-        # The GPU machine's copy has a .git of its own, holding a commit from the session's start, not the
-        # commit it runs (its first results said "90edc17-dirty" for code of 45a1702): what prepare recorded
-        # for exactly this code wins.
+        # a GPU machine's copy may carry a stale .git of its own: what prepare recorded for exactly this code wins
         return recorded.read_text().strip()
     if not (_REPO / ".git").exists():
         return recorded.read_text().strip() if recorded.is_file() else "unknown"
@@ -37,6 +35,11 @@ def git_sha() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def short_sha(sha: str) -> str:
+    """A git SHA as tables show it: 12 hex digits, keeping a '-dirty' mark."""
+    return sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
 def code_hash() -> str:

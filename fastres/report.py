@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastres.config import take_flag
-from fastres.errors import UserError, entry, read_json
-from fastres.log import read_metrics
+from fastres.cli import entry, take_flag, take_switch
+from fastres.errors import UserError, read_json
+from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics
+from fastres.provenance import short_sha
 
 MANIFEST = "stack.json"
 _WORD = {"test": "test", "val": "validation"}
@@ -42,10 +43,6 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
-
-
-def short_sha(sha: str) -> str:
-    return sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
 _ROW_KEYS = {"name", "group", "nproc", "seeds", "status", "runs"}
@@ -73,13 +70,13 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         summaries, curves = [], []
         for run in row["runs"]:
             try:  # a run not started, or killed before its summary: not counted
-                s = read_json(Path(run) / "summary.json")
+                s = read_json(Path(run) / SUMMARY)
             except UserError:
                 continue
             if s.get("finished"):
                 missing = (_SUMMARY_KEYS | {f"final_{s.get('target_split', 'test')}_acc"}) - set(s)
                 if missing:
-                    raise UserError(f"{Path(run) / 'summary.json'} lacks {', '.join(sorted(missing))}: "
+                    raise UserError(f"{Path(run) / SUMMARY} lacks {', '.join(sorted(missing))}: "
                                     f"not a summary fastres.train wrote; rerun that row")
                 summaries.append(s)
                 curves.append(read_metrics(run))
@@ -90,9 +87,7 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         split = summaries[0].get("target_split", "test") if summaries else "test"
         a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
         note = row.get("note", "")
-        for key, what in (("no_tta", "without TTA"), ("flip", "flip TTA alone"), ("no_ema", "without EMA")):
-            # eval.tta runs: what the same evaluation gave without it, or (flip-translate) with the flip alone;
-            # optim.ema_decay runs: what the trained weights themselves scored
+        for key, what in EXTRA_ACCS.items():  # what the same evaluations gave without TTA, EMA, precise BN
             values = [s.get(f"final_{split}_acc_{key}") for s in summaries]
             if summaries and None not in values:
                 note = "; ".join(filter(None, [note, f"{what}: {statistics.fmean(values):.2%}"]))
@@ -229,29 +224,6 @@ def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> No
     plt.close(fig)
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """The seed's figure (He 2015, Fig. 6): training, validation and test error (%) against epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    epochs = [r["epoch"] for r in rows]
-    for key, label, style in (("train_acc", "train (augmented batches)", "--"), ("val_acc", "validation", "-."),
-                              ("test_acc", "test", "-")):
-        pts = [(e, 100 * (1 - r[key])) for e, r in zip(epochs, rows) if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, marker=".", ms=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("error (%)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of ResNet-CIFAR with option A (110: best of 5 runs).
 PAPER_ERR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
 DEPTH_COLUMNS = ["depth", "params", "device", "seeds", "test_err_mean", "test_err_std", "paper_err",
@@ -346,8 +318,7 @@ def cli(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int | None:
     runs = take_flag(argv, "--runs", "runs/stack")
     out = take_flag(argv, "--out", "results")
-    want_pick = "--pick" in argv
-    argv = [a for a in argv if a != "--pick"]
+    want_pick = take_switch(argv, "--pick")
     if argv:
         raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR [--pick]")
     if want_pick:

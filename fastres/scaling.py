@@ -16,10 +16,9 @@ Data-parallel training of a global batch B on N GPUs takes, per step,
 Epoch time = steps per epoch x t_step(N); efficiency = t_epoch(1) / (N t_epoch(N)).
 
 A second table keeps the per-GPU batch at B instead (weak scaling: global batch N B, fewer steps per epoch,
-t_step(N) = t_comp(B) + exposed all-reduce). On the H100 a ResNet-20 step at batch 512 took 3.85 ms and at
-128 3.44 ms (results/scaling.md): splitting a batch this small over GPUs saves almost no compute, so only
-a larger global batch scales - which changes the recipe (linear LR scaling and warmup, Goyal et al. 2017)
-and has to be re-validated for accuracy.
+t_step(N) = t_comp(B) + exposed all-reduce): where splitting a small batch over GPUs saves little compute
+(results/scaling.md), only a larger global batch scales - which changes the recipe (linear LR scaling and
+warmup, Goyal et al. 2017) and has to be re-validated for accuracy.
 
 The communication term's shape is checked where we can run it: gloo all-reduces among 1, 2, 4 CPU
 processes at several message sizes, fitted jointly by the same formula (alpha, beta per machine); the
@@ -41,11 +40,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastres import config, distributed, provenance, train
+from fastres import config, distributed, provenance
+from fastres.build import build
 from fastres.config import Config
 from fastres.data import cifar
-from fastres.model import count_params
-from fastres.report import short_sha
+from fastres.model import build_model, count_params
+from fastres.provenance import short_sha
 from fastres.timing import Timer
 
 LINKS = {"NVLink (H100 SXM)": (5e-6, 350e9), "PCIe Gen5 x16": (10e-6, 40e9)}  # (alpha s, beta bytes/s)
@@ -81,23 +81,19 @@ def exposed_comm_s(n: int, t_comp: float, bucket_bytes: list[int], alpha: float,
 
 
 def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, warmup: int) -> float:
-    """Measured seconds of one training step at per-GPU ``batch`` on synthetic on-device batches."""
-    amp_dtype = train.AMP_DTYPES[cfg.precision.amp]
-    fmt = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
-    model = train.build_model(cfg.model).to(device, memory_format=fmt)
-    opt = train.build_optimizer(model, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.amp == "fp16")
-    lr = opt.param_groups[0]["lr"]
-    one_step = config.with_values(cfg, {"optim.accum_steps": 1})  # one micro-batch per step, as before
-    run_step, _ = train.make_step(model, model, opt, scaler, one_step, batch_per_rank=batch, world=1,
-                                  device=device)
-    x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=amp_dtype or torch.float32, memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
+    """Measured seconds of one training step at per-GPU ``batch``, built as training builds it (fastres.build),
+    on one fixed batch of synthetic images (step time does not depend on pixel values), one micro-batch a step."""
+    one_step = config.with_values(cfg, {"optim.batch_size": batch, "optim.accum_steps": 1, "data.source": "synthetic",
+                                        "data.loader": "gpu", "data.subset": 0, "data.val_size": 0,
+                                        "eval.on_test": True, "eval.precise_bn": False})
+    p = build(one_step, distributed.single(device))
+    x, y = next(iter(p.loader))
+    lr = p.optimizer.param_groups[0]["lr"]
     timer = Timer(device)
     for i in range(warmup + steps):
         if i == warmup:
             timer.start()
-        run_step(x, y, lr)
+        p.step(x, y, lr, i)
     return timer.stop() / steps
 
 
@@ -156,7 +152,7 @@ def fit_ring(measured: dict[tuple[int, int], float]) -> tuple[float, float]:
 
 def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_procs: list[int],
                    flags: list[str] = ()) -> str:
-    model = train.build_model(cfg.model)
+    model = build_model(cfg.model)
     grad_bytes = 4 * count_params(model)
     bucket_bytes = buckets([4 * p.numel() for p in model.parameters() if p.requires_grad])
     device = distributed.measurement_device(cfg.run.device)
@@ -182,7 +178,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
         lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", ""]
         if cfg.precision.step_graph:
             lines += ["The step is measured as one CUDA graph (precision.step_graph). fastres runs that on one rank "
-                      "only (fastres/graph.py): the rows for N > 1 model a graph that would also hold DDP's "
+                      "only (fastres/config.py refuses more): the rows for N > 1 model a graph that would also hold DDP's "
                       "all-reduce, which is not built.", ""]
         lines += ["| GPUs | per-GPU batch | t_comp (ms) | link | all-reduce (ms) | exposed (ms) | epoch (s) | "
                   "efficiency |", "|---|---|---|---|---|---|---|---|"]

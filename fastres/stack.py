@@ -32,9 +32,11 @@ from typing import Any
 import torch
 
 from fastres import config, provenance
-from fastres.config import ConfigError
-from fastres.errors import UserError, entry, read_json
-from fastres.train import RESUME_MAY_DIFFER, SUMMARY
+from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
+from fastres.config import RESUME_MAY_DIFFER, ConfigError
+from fastres.errors import UserError, read_json
+from fastres.log import SUMMARY
+from fastres.report import build_report
 
 MANIFEST = "stack.json"
 RUN_CONFIG = "stack-config.toml"
@@ -129,8 +131,8 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
                       note=spec.get("note", ""), slug=("alone-" if group == "alone" else "") + slugify(name))
             if row.nproc < 1 or row.seeds < 1:
                 raise ConfigError(f"{path}: row {name!r}: nproc and seeds must be >= 1")
-            try:  # every row must be a valid config before anything runs
-                config.with_values(config.load(base), row.values, f"row {name!r}")
+            try:  # every row must be a valid config, on its number of ranks, before anything runs
+                config.validate(config.with_values(config.load(base), row.values, f"row {name!r}"), row.nproc)
             except ConfigError as e:
                 msg = str(e) if str(e).startswith(f"row {name!r}") else f"row {name!r}: {e}"
                 raise ConfigError(f"{path}: {msg}") from None
@@ -268,19 +270,18 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int | None:
-    out = config.take_flag(argv, "--out", "")
-    runs = config.take_flag(argv, "--runs", "")
-    budget = config.take_flag(argv, "--budget-s", "")
-    only = [x for x in config.take_flag(argv, "--only", "").split(",") if x]
-    seeds = config.take_flag(argv, "--seeds", "")
-    dry_run = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
-    path, overrides = config.parse_args(argv)
+    out = take_flag(argv, "--out", "")
+    runs = take_flag(argv, "--runs", "")
+    budget = take_flag(argv, "--budget-s", "")
+    only = [x for x in take_flag(argv, "--only", "").split(",") if x]
+    seeds = take_flag(argv, "--seeds", "")
+    dry_run = take_switch(argv, "--dry-run")
+    path, overrides = parse_args(argv)
     if path is None:
         raise UserError("--config is required, e.g. --config configs/stack.toml")
-    budget_s = config.whole_number("--budget-s", budget, 1) if budget else None
+    budget_s = whole_number("--budget-s", budget, 1) if budget else None
     config.load(None, overrides)  # bad overrides fail here, before anything runs
-    stack = load_stack(path, seeds=config.whole_number("--seeds", seeds, 1) if seeds else None)
+    stack = load_stack(path, seeds=whole_number("--seeds", seeds, 1) if seeds else None)
     if runs:
         stack.runs_dir = Path(runs)
     if out:
@@ -290,7 +291,6 @@ def _main(argv: list[str]) -> int | None:
         if unknown:
             raise UserError(f"--only: no row named {', '.join(unknown)}")
     ok = run_stack(stack, overrides, budget_s=budget_s, only=only, dry_run=dry_run)
-    from fastres.report import build_report
     paths = build_report(stack.runs_dir, stack.out)
     print(f"stack: report -> {', '.join(str(p) for p in paths)}")
     left = [r.name for r in stack.rows if r.status in ("pending", "incomplete")]

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import tomllib
 
-from fastres import config
+from fastres import cli, config
 from fastres.config import ConfigError
 
 from conftest import ROOT, run_cli
@@ -75,9 +75,9 @@ def test_overrides_beat_the_file(tmp_path):
 
 
 def test_parse_args_forms():
-    assert config.parse_args(["--config", "a.toml", "--model.depth", "56", "--run.seed=3"]) == (
+    assert cli.parse_args(["--config", "a.toml", "--model.depth", "56", "--run.seed=3"]) == (
         "a.toml", ["--model.depth=56", "--run.seed=3"])
-    assert config.parse_args(["--config=b.toml"]) == ("b.toml", [])
+    assert cli.parse_args(["--config=b.toml"]) == ("b.toml", [])
 
 
 def test_data_dir_from_env_then_default(monkeypatch):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres import checkpoint, config, graph, train
+from fastres import checkpoint, config, step, train
 from fastres.config import DataCfg
 from fastres.data import build_loader, cifar
+from fastres.model import build_model
+from fastres.optim import build_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -109,13 +111,13 @@ def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
     models, opts = [], []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(train.build_model(cfg.model).to(CUDA))
-        opts.append(train.build_optimizer(models[-1], cfg.optim))
+        models.append(build_model(cfg.model).to(CUDA))
+        opts.append(build_optimizer(models[-1], cfg.optim))
     (m_eager, m_graph), (o_eager, o_graph) = models, opts
     before = {k: v.clone() for k, v in m_graph.state_dict().items()}
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    g = graph.StepGraph(lambda x, y: train.train_step(m_graph, o_graph, scaler, x, y), m_graph, o_graph, batch=16,
-                        dtype=torch.float32, memory_format=torch.contiguous_format, device=CUDA)
+    g = step.CapturedStep(lambda x, y: step.train_on_batch(m_graph, o_graph, scaler, x, y), m_graph, o_graph,
+                          batch=16, dtype=torch.float32, memory_format=torch.contiguous_format, device=CUDA)
     assert g.graph is not None
     for k, v in m_graph.state_dict().items():
         assert torch.equal(before[k], v), k
@@ -125,7 +127,7 @@ def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
         y = torch.randint(0, 10, (16,), device=CUDA, generator=gen)
         for group in o_eager.param_groups:
             group["lr"] = lr
-        loss_e, _ = train.train_step(m_eager, o_eager, scaler, x, y)
+        loss_e, _ = step.train_on_batch(m_eager, o_eager, scaler, x, y)
         loss_g, _ = g(x, y, lr)
         torch.testing.assert_close(loss_g, loss_e, rtol=1e-3, atol=1e-4, msg=f"step {i}")
     a, b = m_eager.state_dict(), m_graph.state_dict()

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fastres.config import DataCfg
-from fastres.data import build_loader, cifar, normalize
+from fastres.data import build_loader, cifar
 from fastres.data.cifar import Split
 from fastres.data.order import PAD, aug_params, steps_per_epoch
+from fastres.data.transform import normalize
 from fastres.errors import UserError
 
 from conftest import ROOT, run_cli

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from fastres.config import DataCfg
-from fastres.data import build_loader, cifar, normalize
+from fastres.data import build_loader, cifar
 from fastres.data.cifar import DataError
 from fastres.data.gpu import crop_flip
 from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.data.transform import normalize
 from fastres.errors import UserError
 
 from conftest import write_batch, write_cifar

@@ -10,6 +10,7 @@ from fastres.data import cifar
 from fastres.errors import UserError
 from fastres.evaluate import accuracy
 from fastres.log import read_metrics
+from fastres.model import build_model
 
 from conftest import killed_after_first_checkpoint
 
@@ -24,7 +25,7 @@ def tiny(small_cifar, out, *overrides: str) -> config.Config:
 
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return train.build_model(config.load(None, ["--model.depth=8"]).model)
+    return build_model(config.load(None, ["--model.depth=8"]).model)
 
 
 def test_the_average_follows_the_warmed_up_decay_over_parameters_and_bn_statistics():
@@ -106,7 +107,7 @@ def test_training_is_untouched_and_the_average_is_what_is_scored(small_cifar, tm
     cfg = tiny(small_cifar, tmp_path / "on", "--optim.ema_decay=0.8")
     steps = on["steps"]
     assert b["ema"]["updates"] == steps
-    model = train.build_model(cfg.model)
+    model = build_model(cfg.model)
     model.load_state_dict({**b["model"], **b["ema"]["avg"]})
     assert any(not torch.equal(b["ema"]["avg"][k], b["model"][k]) for k in b["ema"]["avg"])
     data = cifar.split(cifar.load(small_cifar), val_size=50, split_seed=cfg.data.split_seed)

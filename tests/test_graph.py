@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres import bench, checkpoint, config, graph, scaling, train
-from fastres.data import cifar
+from fastres import bench, checkpoint, config, scaling, step, train
 from fastres.errors import UserError
 from fastres.log import read_metrics
+from fastres.model import build_model
+from fastres.optim import build_optimizer
 
 from conftest import killed_after_first_checkpoint
 
@@ -63,24 +64,23 @@ def test_step_graph_run_resumes_exactly(small_cifar, tmp_path, monkeypatch):
     ("--precision.compile=true --precision.compile_mode=max-autotune", "makes CUDA graphs of its own"),
 ])
 def test_what_a_graph_cannot_hold_is_refused_before_anything_is_written(small_cifar, tmp_path, override, match):
-    cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true", *override.split())
-    with pytest.raises(UserError, match=match):
-        train.main(cfg)
+    with pytest.raises(UserError, match=match):  # at config load now, before any run starts
+        train.main(tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true", *override.split()))
     assert not (tmp_path / "run").exists()
 
 
 def test_more_than_one_rank_is_refused():
     cfg = config.load(None, ["--precision.step_graph=true", "--optim.impl=fused"])
-    graph.check(cfg, world=1)
+    config.validate(cfg, world=1)
     with pytest.raises(UserError, match="one rank only"):
-        graph.check(cfg, world=2)
-    graph.check(config.load(None, ["--model.stochastic_depth=0.5"]), world=4)  # off: nothing to refuse
+        config.validate(cfg, world=2)
+    config.validate(config.load(None, ["--model.stochastic_depth=0.5"]), world=4)  # off: nothing to refuse
 
 
 def test_step_graph_takes_only_its_batch_shape():
-    model = train.build_model(config.load(None, ["--model.depth=8"]).model)
+    model = build_model(config.load(None, ["--model.depth=8"]).model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    g = graph.StepGraph(lambda x, y: (x.sum(), y.sum()), model, opt, batch=4, dtype=torch.float32,
+    g = step.CapturedStep(lambda x, y: (x.sum(), y.sum()), model, opt, batch=4, dtype=torch.float32,
                         memory_format=torch.contiguous_format, device=torch.device("cpu"))
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and g.graph is None  # nothing to capture on a CPU
     g(torch.ones(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64), 0.05)
@@ -93,22 +93,22 @@ def test_step_graph_runs_its_warm_up_and_undoes_it_on_cpu():
     """The warm-up before a capture trains for a few steps; afterwards weights, BN statistics, momentum, the
     extra ``state`` (the weight average) and the random streams are as they were (the same code as on a GPU)."""
     cfg = config.load(None, ["--model.depth=8", "--model.dropout=0.2", *GRAPHABLE])
-    model = train.build_model(cfg.model)
-    opt = train.build_optimizer(model, cfg.optim)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
     extra = [torch.zeros(3)]
-    before = [t.clone() for t in graph._state_tensors(model, opt) + extra]
+    before = [t.clone() for t in step.state_tensors(model, opt) + extra]
     rng_before = torch.get_rng_state()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
 
-    def step(x, y):
+    def one_step(x, y):
         extra[0].add_(1.0)
-        losses.append(train.train_step(model, opt, scaler, x, y)[0].item())
+        losses.append(step.train_on_batch(model, opt, scaler, x, y)[0].item())
         return losses[-1], 0
-    graph.StepGraph(step, model, opt, batch=8, dtype=torch.float32, memory_format=torch.contiguous_format,
-                    device=torch.device("cpu"), state=extra)
-    assert len(losses) == graph.WARMUP_STEPS and losses[-1] < losses[0]  # it trained...
-    after = graph._state_tensors(model, opt) + extra
+    step.CapturedStep(one_step, model, opt, batch=8, dtype=torch.float32, memory_format=torch.contiguous_format,
+                      device=torch.device("cpu"), state=extra)
+    assert len(losses) == step.CAPTURE_WARMUP_STEPS and losses[-1] < losses[0]  # it trained...
+    after = step.state_tensors(model, opt) + extra
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))  # ...and is undone
     assert torch.equal(torch.get_rng_state(), rng_before)
 
@@ -116,13 +116,13 @@ def test_step_graph_runs_its_warm_up_and_undoes_it_on_cpu():
 def test_an_optimizer_whose_state_the_warm_up_creates_is_refused():
     """torch's SGD makes its momentum buffers on the first step: a graph captured after the warm-up would
     start from the warm-up's momentum (build_optimizer makes them up front)."""
-    model = train.build_model(config.load(None, ["--model.depth=8"]).model)
+    model = build_model(config.load(None, ["--model.depth=8"]).model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="warm-up created or replaced optimizer state"):
-        graph.StepGraph(lambda x, y: train.train_step(model, opt, scaler, x, y), model, opt, batch=4,
-                        dtype=torch.float32, memory_format=torch.contiguous_format, device=torch.device("cpu"))
+        step.CapturedStep(lambda x, y: step.train_on_batch(model, opt, scaler, x, y), model, opt, batch=4,
+                          dtype=torch.float32, memory_format=torch.contiguous_format, device=torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the warm-up is undone first
 
 
@@ -135,5 +135,5 @@ def test_scaling_model_times_the_configured_step(step_graph):
 @pytest.mark.parametrize("ema", ["0.0", "0.9"])
 def test_bench_times_the_graphed_step(small_cifar, tmp_path, ema):
     cfg = tiny(small_cifar, tmp_path / "run", "--precision.step_graph=true", f"--optim.ema_decay={ema}")
-    m = bench.measure_training(cfg, cifar.load(small_cifar).train, torch.device("cpu"), steps=2, warmup=1)
+    m = bench.measure_training(cfg, torch.device("cpu"), steps=2, warmup=1)
     assert m["img_per_s"] > 0 and m["step_s"] > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres import checkpoint, config, train
+from fastres import build, checkpoint, config, train
 from fastres.data import cifar
 from fastres.errors import UserError
 from fastres.log import read_metrics
@@ -303,13 +303,13 @@ def test_bad_input_is_one_line_nonzero_and_destroys_nothing(case, small_cifar, e
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_cifar, tmp_path, monkeypatch, capsys):
-    real = train.build_schedule
+    real = build.build_schedule
 
     def exploding(cfg, steps_per_epoch, epochs):
         s = real(cfg, steps_per_epoch, epochs)
         return lambda step: 1e30 if step >= 2 * steps_per_epoch + 3 else s(step)  # blows up in epoch 3
 
-    monkeypatch.setattr(train, "build_schedule", exploding)
+    monkeypatch.setattr(build, "build_schedule", exploding)
     out = tmp_path / "run"
     assert train.cli(tiny(small_cifar, out)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastres: error:")]

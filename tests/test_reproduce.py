@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import checkpoint, config, report, train
+from fastres import checkpoint, config, evaluate, report, train
 from fastres.config import ModelCfg
 from fastres.evaluate import precise_bn_
 from fastres.init import lsuv_
 from fastres.log import read_metrics
 from fastres.model import build_model, count_params
-from fastres.train import train_step
+from fastres.step import train_on_batch
 
 
 def tiny(small_cifar, tmp_path, *overrides):
@@ -27,21 +27,91 @@ def tiny(small_cifar, tmp_path, *overrides):
 
 # ------------------------------------------------------------------------------------------- precise BN
 
-def test_precise_bn_is_the_average_of_batch_statistics():
+def _stem_bn_after_precise_bn(model, images, **kw):
+    """precise_bn_ on ``model``, and the stem conv's outputs it made (the stem BN's inputs)."""
+    seen = []
+    hook = model.stem.conv.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    used = precise_bn_(model, images, **kw)
+    hook.remove()
+    return used, seen
+
+
+def _pooled(outs):
+    """Per channel: the mean and the population (biased) variance of every value in ``outs``, pooled."""
+    values = torch.cat(outs).double().transpose(0, 1).flatten(1)
+    return values.mean(1).float(), values.var(1, unbiased=False).float()
+
+
+def test_precise_bn_pools_the_values_of_all_batches():
     torch.manual_seed(0)
     model = build_model(ModelCfg(depth=8, stochastic_depth=0.5, dropout=0.3)).eval()
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
     params = {k: v.clone() for k, v in model.named_parameters()}
     bn = model.stem.bn
-    seen = []
-    hook = model.stem.conv.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
-    used = precise_bn_(model, images, batch=32, batches=2)
-    hook.remove()
+    used, seen = _stem_bn_after_precise_bn(model, images, batch=32, batches=2)
     assert used == 64 and len(seen) == 2  # two batches, not all three
-    torch.testing.assert_close(bn.running_mean, torch.stack([o.mean((0, 2, 3)) for o in seen]).mean(0))
-    torch.testing.assert_close(bn.running_var, torch.stack([o.var((0, 2, 3)) for o in seen]).mean(0))
+    mean, var = _pooled(seen)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
     assert bn.momentum == 0.1 and not model.training  # restored
     assert all(torch.equal(params[k], v) for k, v in model.named_parameters())  # weights untouched
+    assert not bn._forward_pre_hooks and not bn._forward_hooks  # its hooks are gone
+
+
+def test_precise_bn_pooled_variance_is_not_the_mean_of_batch_variances():
+    """Two batches whose stem outputs have different means (dark images, then bright ones): the pooled
+    variance holds the spread between the batches' means too, which averaging per-batch variances (the
+    estimator precise BN used before, fvcore's _MeanOfBatchVarianceEstimator) misses."""
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(depth=8)).eval()
+    dark = torch.randint(0, 64, (32, 3, 32, 32), dtype=torch.uint8)
+    bright = torch.randint(192, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    bn = model.stem.bn
+    used, seen = _stem_bn_after_precise_bn(model, torch.cat([dark, bright]), batch=32, batches=2)
+    assert used == 64 and len(seen) == 2
+    mean, var = _pooled(seen)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    within = torch.stack([o.var((0, 2, 3), unbiased=False) for o in seen]).mean(0)
+    between = torch.stack([o.mean((0, 2, 3)) for o in seen]).var(0, unbiased=False)
+    torch.testing.assert_close(bn.running_var, within + between)  # the law of total variance
+    mean_of_variances = torch.stack([o.var((0, 2, 3)) for o in seen]).mean(0)  # the old estimate
+    assert not torch.allclose(bn.running_var, mean_of_variances, rtol=0.1)
+    assert (bn.running_var > 2 * mean_of_variances).any()
+
+
+def _precise_bn_rank(rank, world, folder, images):
+    """One gloo rank of the test below: precise BN on its share of ``images``; its BN buffers to a file."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(folder / "store"), world), rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelCfg(depth=8))
+        precise_bn_(model, images, batch=16, batches=2, rank=rank, world=world)
+        torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, folder / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_precise_bn_pools_exactly_over_ranks(tmp_path):
+    """2 gloo ranks x 2 batches of 16 == 1 process x the same 4 batches: the sums are pooled, not averaged."""
+    import torch.multiprocessing as mp
+    images = torch.cat([torch.randint(0, 128, (32, 3, 32, 32)), torch.randint(128, 256, (32, 3, 32, 32))])
+    images = images.to(torch.uint8)[torch.arange(64).view(2, 32).T.flatten()]  # rank 0 dark, rank 1 bright
+    mp.start_processes(_precise_bn_rank, args=(2, tmp_path, images), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(depth=8))
+    used, seen = _stem_bn_after_precise_bn(model, torch.cat([images[0::2], images[1::2]]), batch=16, batches=4)
+    assert used == 64 and len(seen) == 4
+    mean, var = _pooled(seen)  # all 64 images' values: rank 0's dark ones and rank 1's bright ones
+    torch.testing.assert_close(ranks[0]["stem.bn.running_mean"], mean)
+    torch.testing.assert_close(ranks[0]["stem.bn.running_var"], var)
+    for k, v in model.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(ranks[0][k], v, msg=k)
+            assert torch.equal(ranks[0][k], ranks[1][k]), k  # every rank holds the same statistics
 
 
 def test_precise_bn_in_a_run_records_both_accuracies(small_cifar, tmp_path):
@@ -57,9 +127,20 @@ def test_lsuv_brings_every_layer_to_unit_variance():
     model = build_model(ModelCfg(init="lsuv", shortcut="B"))
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     gen = torch.Generator().manual_seed(0)
+    # the forward order, seen from the outside: each conv / fc layer when it first runs
+    names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    forward_order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: forward_order.append(names[mod])) for m in names]
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    model.train()
+    assert sorted(forward_order) == sorted(names.values())  # every layer, once
+    assert forward_order != list(names.values())  # not the registration order: option B's shortcut conv
+    assert forward_order.index("blocks.3.shortcut.conv") < forward_order.index("blocks.3.branch.conv1")  # runs first
     records = lsuv_(model, lambda: torch.randn(64, 3, 32, 32, generator=gen), tol_var=0.1, t_max=10)
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert [r["layer"] for r in records] == layers
+    assert [r["layer"] for r in records] == forward_order
     for r in records:
         assert abs(r["var_last"] - 1) < 0.1 or r["tries"] == 10, r
     assert any(abs(r["var_before"] - 1) >= 0.1 for r in records)  # there was something to fix
@@ -70,7 +151,7 @@ def test_lsuv_brings_every_layer_to_unit_variance():
     for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o.var().item()))
-    from fastres.model import batchnorm_train_mode
+    from fastres.init import batchnorm_train_mode
     with torch.no_grad(), batchnorm_train_mode(model):
         model(torch.randn(256, 3, 32, 32, generator=gen))
     assert all(0.8 < v < 1.2 for v in outs.values()), outs
@@ -105,7 +186,7 @@ def _one_step(model, x, y, accum):
     def keep(_opt):
         grads["g"] = _grads(model)
     opt.register_step_pre_hook(lambda o, a, k: keep(o))
-    loss, correct = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, accum=accum)
+    loss, correct = train_on_batch(model, opt, torch.amp.GradScaler("cpu", enabled=False), x, y, accum=accum)
     return grads["g"], loss, correct
 
 
@@ -237,7 +318,7 @@ def test_depth_table_header_without_runs(tmp_path):
 
 def test_tuning_runs_never_touch_the_test_set(small_cifar, tmp_path, monkeypatch):
     seen = []
-    real_one, real_all = train.accuracy, train.accuracies
+    real_one, real_all = evaluate.accuracy, evaluate.accuracies
 
     def spy(real):
         def scored(model, images, labels, **kw):
@@ -245,8 +326,8 @@ def test_tuning_runs_never_touch_the_test_set(small_cifar, tmp_path, monkeypatch
             return real(model, images, labels, **kw)
         return scored
 
-    monkeypatch.setattr(train, "accuracy", spy(real_one))
-    monkeypatch.setattr(train, "accuracies", spy(real_all))
+    monkeypatch.setattr(evaluate, "accuracy", spy(real_one))
+    monkeypatch.setattr(evaluate, "accuracies", spy(real_all))
     s = train.main(tiny(small_cifar, tmp_path, "--eval.on_test=false", "--run.target_acc=0.01",
                         "--data.test_subset=77"))
     assert 77 not in seen and set(seen) == {50}  # only the 50 validation images were ever scored

@@ -1,21 +1,27 @@
-"""Data: ``build_loader(cfg.data, split, ...)`` returns an iterable of training batches on the device.
+"""Data: ``load(cfg.data)`` gives the splits, ``build_loader(cfg.data, split, ...)`` the training batches.
 
 Every loader keeps one contract (NVIDIA ConvNets' data backends do the same): per rank, ``len(loader)``
 full batches per epoch of ``(images, labels)`` where images are normalized float (NCHW shape; channels_last
 memory format when asked; dtype as asked) and labels int64, both on ``device``. ``set_epoch(e)`` picks the
 epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree image for image.
+``data.source = "synthetic"`` feeds the same loaders random images of CIFAR-10's shape.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from fastres.config import DataCfg
-from fastres.data.cifar import MEAN, STD, Split
+from fastres.data import cifar
+from fastres.data.cifar import Split
+from fastres.data.dali import DaliLoader
+from fastres.data.gpu import GpuLoader
+from fastres.data.transform import stats
+from fastres.data.workers import WorkersLoader
 from fastres.errors import UserError
 
 
@@ -25,42 +31,44 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-@functools.cache
-def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The channel mean and std on ``device``, made once: building them per batch copied host memory to the
-    GPU every step, a host sync the first GPU run (sync_debug, tests/test_cuda.py) caught in the loop."""
-    return (torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1))
+def synthetic(seed: int = 0) -> cifar.Cifar10:
+    """Random uint8 images and labels with CIFAR-10's shapes and sizes (50k train, 10k test), made in memory."""
+    g = np.random.default_rng(seed)
+    n_train, n_test = len(cifar.TRAIN_FILES) * cifar.PER_FILE, cifar.PER_FILE
+
+    def part(n: int) -> Split:
+        return Split(g.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                     g.integers(0, cifar.NUM_CLASSES, n, dtype=np.int64))
+    return cifar.Cifar10(train=part(n_train), test=part(n_test))
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 standardized with the CIFAR-10 channel statistics."""
-    mean, std = _stats(x.device)
-    return (x.float().div_(255) - mean) / std
+def fetch(cfg: DataCfg) -> None:
+    """Download CIFAR-10 into data.dir unless it is there (call on one rank; the others wait)."""
+    if cfg.source == "cifar10":
+        cifar.ensure(cfg.dir)
 
 
-def to_batch(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """Cast a normalized NCHW batch to the dtype and memory format the model expects."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.to(dtype=dtype, memory_format=fmt)
+def load(cfg: DataCfg) -> cifar.Cifar10:
+    """The splits ``cfg`` names (train, test, and val when data.val_size); :func:`fetch` first."""
+    data = synthetic(cfg.split_seed) if cfg.source == "synthetic" else cifar.load(cfg.dir)
+    return cifar.split(data, val_size=cfg.val_size, split_seed=cfg.split_seed, subset=cfg.subset,
+                       test_subset=cfg.test_subset)
 
 
 def build_loader(cfg: DataCfg, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
                  device: torch.device, channels_last: bool = False,
                  dtype: torch.dtype = torch.float32) -> Loader:
     """The training loader named by ``cfg.loader`` over ``split``; ``batch_per_rank`` = global / world."""
-    _stats(device)  # made here, before any timed loop
+    stats(device)  # made here, before any timed loop
     if (len(split) // world) // batch_per_rank == 0:
         raise UserError(f"{len(split)} training images make no full batch of {batch_per_rank} per rank on "
                         f"{world} rank(s): lower optim.batch_size or raise data.subset")
     common = dict(batch_per_rank=batch_per_rank, seed=seed, rank=rank, world=world, device=device,
                   channels_last=channels_last, dtype=dtype, flip=cfg.flip)
     if cfg.loader == "gpu":
-        from fastres.data.gpu import GpuLoader
         return GpuLoader(split, **common)
-    if cfg.loader == "dali":
-        from fastres.data.dali import DaliLoader  # DALI is imported only when chosen
+    if cfg.loader == "dali":  # the module imports nvidia.dali only when a DaliLoader is made
         return DaliLoader(split, num_threads=cfg.num_workers, source=cfg.dali_source, **common)
     if cfg.loader == "workers":
-        from fastres.data.workers import WorkersLoader
         return WorkersLoader(split, num_workers=cfg.num_workers, **common)
     raise UserError(f"data.loader = {cfg.loader!r} is not one of: workers, gpu, dali")

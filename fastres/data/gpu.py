@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from fastres.data import normalize, to_batch
 from fastres.data.cifar import Split
 from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.data.transform import normalize, to_batch
 
 
 def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,

@@ -23,8 +23,8 @@ def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> torch
     """Image indices rank ``rank`` of ``world`` visits in ``epoch`` (disjoint across ranks), int64 on the CPU.
 
     Exactly ``list(DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True))`` after
-    ``set_epoch(epoch)`` (tested), computed with tensor ops: the sampler's ``.tolist()`` of 50k indices and the
-    copy back into a tensor took ~20 ms on the host at the start of every timed epoch, with the GPU idle.
+    ``set_epoch(epoch)`` (tested), computed with tensor ops: the sampler's Python list of 50k indices is host
+    time at the start of every timed epoch, with the GPU idle.
     """
     g = torch.Generator()
     g.manual_seed(seed + epoch)  # DistributedSampler's seeding

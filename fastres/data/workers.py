@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastres.data import normalize, to_batch
 from fastres.data.cifar import Split
 from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.data.transform import normalize, to_batch
 
 
 class _AugmentedSampler(Sampler):

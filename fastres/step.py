@@ -1,0 +1,273 @@
+"""The training step, in three forms behind one call: ``step(x, y, lr, index) -> (summed loss, correct)``.
+
+- eager: :func:`train_on_batch` (forward, loss, backward, optimizer update), then the weight average's update;
+- compiled (precision.compile): the same, with the net torch.compile'd and compiled before the clock starts by
+  :func:`precompile`, the compile warm-up;
+- graph (precision.step_graph): the whole step captured once as one CUDA graph (:class:`CapturedStep`) after
+  its own capture warm-up, then replayed: the "whole-network capture" of PyTorch's CUDA Graphs notes
+  (docs/source/notes/cuda.rst). The lr is a device tensor that fused SGD reads (aten::_fused_sgd_.tensor_lr), so
+  a new lr is one fill kernel. Per step the host launches two copies (the batch), one fill (the lr), one replay.
+  What a fixed graph cannot hold is refused by fastres.config.validate. On a CPU there is nothing to capture:
+  the capture warm-up and its undoing run, then the same step runs eagerly on the static buffers, so CPU tests
+  check everything but the capture (tests/test_cuda.py checks that).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastres import rng
+from fastres.config import OptimCfg, PrecisionCfg
+from fastres.ema import WeightEMA
+from fastres.precision import Precision, precision
+from fastres.timing import Timer
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PRECOMPILE_STEPS = 3  # compile warm-up steps: every graph torch.compile makes for training is made there
+CAPTURE_WARMUP_STEPS = 3  # side-stream steps before a capture: cuDNN autotuning and lazy inits happen there
+
+
+def train_on_batch(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   x: torch.Tensor, y: torch.Tensor, *, accum: int = 1, amp_dtype: torch.dtype | None = None,
+                   label_smoothing: float = 0.0,
+                   before_forward: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch taken as ``accum`` micro-batches; (summed loss, correct) on the device.
+
+    Micro-batch m holds every accum-th image, exactly what DDP rank m would hold, and gradients are all-reduced
+    only after the last one (DDP's no_sync). Each micro-batch's mean loss is divided by accum, so the gradient is
+    that of k ranks: BatchNorm normalizes each micro-batch over its own images (as each rank does over its share),
+    and only micro-batch 0 updates BN's running statistics, once per step, as rank 0 does under DDP (whose
+    broadcast_buffers hands rank 0's to every rank before each forward). ``before_forward()`` runs before every
+    forward (stochastic depth reseeds there).
+    """
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    bns = _batchnorms(net) if accum > 1 else []
+    for m in range(accum):
+        xm, ym = (x, y) if accum == 1 else (x[m::accum], y[m::accum])
+        if before_forward is not None:
+            before_forward()
+        sync = net.no_sync() if isinstance(net, DDP) and m < accum - 1 else nullcontext()
+        with sync, _running_stats_frozen(bns if m > 0 else []):
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(xm)
+                loss = F.cross_entropy(logits, ym, label_smoothing=label_smoothing)
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach().float() * len(ym)
+        correct += (logits.detach().argmax(1) == ym).sum()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
+def _batchnorms(net: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats]
+
+
+@contextmanager
+def _running_stats_frozen(bns: list[torch.nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Inside, ``bns`` normalize with batch statistics and leave their running statistics (and counts) alone."""
+    for bn in bns:
+        bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn in bns:
+            bn.track_running_stats = True
+
+
+def compile_net(net: torch.nn.Module, model: torch.nn.Module, cfg: PrecisionCfg) -> None:
+    """torch.compile as ``cfg`` says: the whole net, or each residual branch when stochastic depth is on
+    (its per-step drop decisions are Python branches, which would break the whole-net graph)."""
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    if any(model.death_rates):
+        for blk in model.blocks:
+            blk.branch.compile(mode=mode)
+    else:
+        net.compile(mode=mode)
+
+
+def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, *, batch: int, accum: int, device: torch.device, prec: Precision,
+               evaluate: Callable[[], Any] | None = None, steps: int = PRECOMPILE_STEPS) -> None:
+    """The compile warm-up: train ``steps`` steps on random batches of the real shape, then ``evaluate()`` (so
+    the evaluation's eval-mode graphs, batch shapes and TTA views compile here, not in the first evaluation),
+    then put weights, optimizer and scaler state back: only the compiled code remains (cifar10-airbench warms
+    up before its timer too). Every stochastic-depth branch is kept meanwhile, so each is compiled."""
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
+    rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
+    x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=prec.dtype, memory_format=prec.memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+    model.train()
+    for _ in range(steps):
+        train_on_batch(net, opt, scaler, x, y, accum=accum, amp_dtype=prec.amp_dtype)
+    model.death_rates = rates
+    if evaluate is not None:
+        evaluate()
+        model.train()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    scaler.load_state_dict(saved[2])
+
+
+class CapturedStep:
+    """``step(x, y)`` (one optimizer step; metrics on the device) captured once, called as ``captured(x, y, lr)``.
+
+    The optimizer's lr becomes a device tensor here (float32 on CUDA, which fused SGD reads as a float; float64
+    on a CPU, whose kernel reads a double, so the CPU run equals one with a Python float lr). The model's
+    parameters, buffers and momentum buffers, and ``state`` (tensors the step also changes, such as the weight
+    average of fastres/ema.py), are the graph's state: they keep their storage (updated in place) and are put
+    back after the capture warm-up, so training starts where it would have without a graph. The tensors a call
+    returns are the graph's outputs, overwritten by the next call: use them before that.
+    """
+
+    def __init__(self, step: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, batch: int,
+                 dtype: torch.dtype, memory_format: torch.memory_format, device: torch.device,
+                 warmup: int = CAPTURE_WARMUP_STEPS, state: Sequence[torch.Tensor] = ()):
+        self.step = step
+        self.state = list(state)
+        self.x = torch.zeros(batch, 3, 32, 32, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+        self.y = torch.zeros(batch, dtype=torch.int64, device=device)
+        lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
+        self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=lr_dtype, device=device)
+        for group in opt.param_groups:
+            group["lr"] = self.lr
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._capture(model, opt, warmup)
+
+    def _capture(self, model: torch.nn.Module, opt: torch.optim.Optimizer, warmup: int) -> None:
+        """Capture warm-up, capture on CUDA, then undo the warm-up. The warm-up and its undoing run on a CPU too
+        (only the capture is skipped there), so the CPU tests' "equals step_graph = false" checks the undoing."""
+        state = state_tensors(model, opt) + self.state
+        saved = [t.detach().clone() for t in state]
+        cuda = self.x.device.type == "cuda"
+        # the warm-up's random input (and dropout's draws) must not move the run's random streams
+        with torch.random.fork_rng(devices=[self.x.device] if cuda else [], device_type=self.x.device.type):
+            self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
+            opt.zero_grad(set_to_none=True)
+            with _side_stream(self.x.device):
+                for _ in range(warmup):
+                    self.step(self.x, self.y)
+        # State the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the warm-up's
+        # values, and the graph would replay a later step's update where a first step belongs: refused below.
+        remade = [id(t) for t in state_tensors(model, opt) + self.state] != [id(t) for t in state]
+        opt.zero_grad(set_to_none=True)  # backward in the capture then writes fresh gradients, no accumulate
+        if cuda and not remade:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(self.x, self.y)
+        with torch.no_grad():  # capturing ran nothing; the warm-up steps are undone
+            for t, s in zip(state, saved):
+                t.copy_(s)
+        if remade:
+            raise ValueError("the step graph's warm-up created or replaced optimizer state: make it up front, "
+                             "as fastres.optim.build_optimizer makes SGD's momentum buffers")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape != self.x.shape or y.shape != self.y.shape:
+            raise ValueError(f"a step graph takes batches of {tuple(self.x.shape)}, got {tuple(x.shape)}")
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.lr.fill_(lr)
+        if self.graph is None:
+            return self.step(self.x, self.y)
+        self.graph.replay()
+        return self.out
+
+
+@contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """The block on a fresh CUDA stream that first waits for the current one, which then waits for it (the
+    warm-up before a capture, as the CUDA Graphs notes do it); on a CPU, which has no streams, just the block."""
+    if device.type != "cuda":
+        yield
+        return
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step changes: parameters, buffers (BN statistics), optimizer state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for st in opt.state.values():
+        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+class Step:
+    """The loop's step: ``step(x, y, lr, index)`` trains on one batch at learning rate ``lr`` as global step
+    ``index`` (stochastic depth draws the step's drops from (seed, index), the same on every rank and
+    micro-batch: Huang 2016 drops per batch) and returns (summed loss, correct) on the device. Eager and compiled
+    set the lr in the optimizer and update the weight average after the step; the graph form does both inside its
+    replay. A graph cannot hold stochastic depth, so it is never built with it (config.validate refuses)."""
+
+    def __init__(self, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, *, accum: int, amp_dtype: torch.dtype | None, label_smoothing: float,
+                 seed: int, ema: WeightEMA | None = None):
+        self.net, self.model, self.opt, self.scaler, self.ema, self.seed = net, model, opt, scaler, ema, seed
+        self.kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=label_smoothing)
+        self.stochastic_depth = any(model.death_rates)
+        self.captured: CapturedStep | None = None
+
+    def capture(self, *, batch: int, prec: Precision, device: torch.device) -> None:
+        """Make this the graph form: capture the step (and the weight average's update) as one CUDA graph."""
+        if self.stochastic_depth:
+            raise ValueError("a captured step cannot draw stochastic depth's per-step drops")
+        self.captured = CapturedStep(self._whole_step, self.model, self.opt, batch=batch, dtype=prec.dtype,
+                                     memory_format=prec.memory_format, device=device,
+                                     state=self.ema.avg if self.ema is not None else ())
+
+    def _whole_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
+        if self.ema is not None:
+            self.ema.apply()  # reads the weight prepare() filled: the same kernels every replay
+        return out
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.captured is not None:
+            if self.ema is not None:
+                self.ema.prepare()
+            return self.captured(x, y, lr)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        reseed = None
+        if self.stochastic_depth:
+            sd_seed = rng.derive_seed(self.seed, rng.STOCHASTIC_DEPTH, index)
+            reseed = lambda: self.model.sd_gen.manual_seed(sd_seed)  # noqa: E731
+        out = train_on_batch(self.net, self.opt, self.scaler, x, y, before_forward=reseed, **self.kw)
+        if self.ema is not None:
+            self.ema.update()
+        return out
+
+
+def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int, batch_per_rank: int,
+               device: torch.device, ema: WeightEMA | None = None,
+               evaluate: Callable[[], Any] | None = None) -> tuple[Step, float]:
+    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled (running ``evaluate()`` in
+    the compile warm-up) if precision.compile, captured if precision.step_graph."""
+    prec = precision(cfg)
+    timer = Timer(device)
+    timer.start()
+    if cfg.compile:
+        compile_net(net, model, cfg)
+        precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
+                   prec=prec, evaluate=evaluate)
+    step = Step(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
+                label_smoothing=optim.label_smoothing, seed=seed, ema=ema)
+    if cfg.step_graph:
+        step.capture(batch=batch_per_rank, prec=prec, device=device)
+    return step, timer.stop()
