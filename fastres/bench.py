@@ -18,6 +18,9 @@ results/loaders.json, a table of ratios against the gpu loader to results/loader
 ``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
 :mod:`fastres.scaling`.
 
+``--what profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
+written to ``--out``/<label>.txt (default results/profile/); see :mod:`fastres.profile`.
+
 Benchmarks assert no speed: they measure on whatever machine they run and say which.
 """
 
@@ -43,6 +46,7 @@ from fastres.errors import UserError, read_json
 from fastres.log import read_metrics
 from fastres.model import build_model
 from fastres.precision import precision
+from fastres.profile import profile_step
 from fastres.provenance import short_sha
 from fastres.scaling import scaling_report
 from fastres.timing import Timer
@@ -50,7 +54,7 @@ from fastres.timing import Timer
 LOADERS = ("workers", "gpu", "dali", "dali-device")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
-                  "scaling": CONFIGS / "fast.toml"}
+                  "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml"}
 BASELINE = CONFIGS / "baseline.toml"
 RECIPE_DATA_KEYS = ("--data.loader", "--data.num_workers", "--data.dali_source")  # how, not what, it loads
 
@@ -289,10 +293,10 @@ def _main(argv: list[str]) -> None:
     if what not in DEFAULT_CONFIG:
         raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
     out = Path(take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
-                                                "scaling": "results/scaling.md"}[what]))
+                                         "scaling": "results/scaling.md", "profile": "results/profile"}[what]))
     loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
     repeats = whole_number("--repeats", take_flag(argv, "--repeats", "3"), 1)
-    steps = whole_number("--steps", take_flag(argv, "--steps", "100"), 1)
+    steps = whole_number("--steps", take_flag(argv, "--steps", "30" if what == "profile" else "100"), 1)
     warmup = whole_number("--warmup", take_flag(argv, "--warmup", "20"), 0)
     procs = [whole_number("--gloo-procs", p, 1)
              for p in take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
@@ -313,6 +317,9 @@ def _main(argv: list[str]) -> None:
                           overrides=overrides)
         append_rows(out, [row], "train")
         print(train_table([row]), end="")
+    elif what == "profile":
+        print(profile_step(cfg, distributed.measurement_device(cfg.run.device), steps=steps,
+                           label=label or Path(path).stem, out=out), end="")
     else:
         flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else []) + (
             [f"--out={out}"] if out != Path("results/scaling.md") else [])

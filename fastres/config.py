@@ -60,6 +60,8 @@ class RunCfg:
     epochs: int = _opt(164, "training epochs (He 2015: 64k iterations at batch 128 = 164 epochs)", ge=1)
     target_acc: float = _opt(0.91, "test accuracy whose first crossing gives time_to_target_s", gt=0.0, le=1.0)
     eval_every: int = _opt(1, "evaluate (and checkpoint) every this many epochs, and at the end", ge=1)
+    stop_at_target: bool = _opt(False, "end the run at the first evaluation at or above run.target_acc (its summary "
+                                "says stopped_at_target); for timing time to target, not final accuracy")
     resume: str = _opt("auto", "auto: continue from out_dir's checkpoint if any; never: refuse an existing "
                        "run; require: fail without one", choices=("auto", "never", "require"))
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))

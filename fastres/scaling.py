@@ -178,8 +178,8 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
         lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", ""]
         if cfg.precision.step_graph:
             lines += ["The step is measured as one CUDA graph (precision.step_graph). fastres runs that on one rank "
-                      "only (fastres/config.py refuses more): the rows for N > 1 model a graph that would also hold DDP's "
-                      "all-reduce, which is not built.", ""]
+                      "only (config.validate refuses more): the rows for N > 1 model a graph that would also hold "
+                      "DDP's all-reduce, which is not built.", ""]
         lines += ["| GPUs | per-GPU batch | t_comp (ms) | link | all-reduce (ms) | exposed (ms) | epoch (s) | "
                   "efficiency |", "|---|---|---|---|---|---|---|---|"]
         for n in (1, 2, 4, 8):

@@ -13,7 +13,9 @@ bounded by ``--budget-s``. A row needing more GPUs than the machine has is liste
 run or estimated. At the end the report (fastres.report) is rebuilt from the runs' summaries and metrics.
 
     python -m fastres.stack --config configs/stack.toml [--data.dir=DIR] [--out=DIR] [--runs=DIR]
-        [--budget-s=SECONDS] [--only=ROW,ROW] [--seeds=N] [--dry-run] [--section.key=value ...]
+        [--budget-s=SECONDS] [--only=ROW,ROW] [--seeds=N] [--device=cpu|cuda] [--dry-run] [--section.key=value ...]
+
+``--device`` replaces the stack file's device (``cpu``: every row on the CPU, e.g. to rehearse a GPU ladder).
 """
 
 from __future__ import annotations
@@ -275,6 +277,9 @@ def _main(argv: list[str]) -> int | None:
     budget = take_flag(argv, "--budget-s", "")
     only = [x for x in take_flag(argv, "--only", "").split(",") if x]
     seeds = take_flag(argv, "--seeds", "")
+    device = take_flag(argv, "--device", "")
+    if device not in ("", "cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of: cpu, cuda")
     dry_run = take_switch(argv, "--dry-run")
     path, overrides = parse_args(argv)
     if path is None:
@@ -282,6 +287,8 @@ def _main(argv: list[str]) -> int | None:
     budget_s = whole_number("--budget-s", budget, 1) if budget else None
     config.load(None, overrides)  # bad overrides fail here, before anything runs
     stack = load_stack(path, seeds=whole_number("--seeds", seeds, 1) if seeds else None)
+    if device:
+        stack.device = device
     if runs:
         stack.runs_dir = Path(runs)
     if out:

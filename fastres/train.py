@@ -72,6 +72,10 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     # ---------------------------------------------------------------- train
     timer, step = Timer(dev), progress.step
     for epoch in range(progress.epoch, cfg.run.epochs):
+        if cfg.run.stop_at_target and progress.time_to_target_s is not None:
+            log.info(f"fastres: {target} accuracy reached {cfg.run.target_acc:.0%} at epoch {progress.epoch}: "
+                     "stopping (run.stop_at_target)")
+            break
         torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank, resumable
         p.loader.set_epoch(epoch)
         p.model.train()
@@ -181,7 +185,7 @@ def _start_line(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progres
 
 def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, code: dict[str, str]) -> dict:
     """summary.json: what the report reads of a finished run, with everything needed to reproduce it."""
-    last, steps = progress.last, len(p.loader) * cfg.run.epochs
+    last, steps = progress.last, progress.step
     finals = {f"final_{split}_acc": last[f"{split}_acc"] for split in ("test", "val")}
     finals.update({f"final_{split}_acc_{key}": last.get(f"{split}_acc_{key}")
                    for key in EXTRA_ACCS for split in ("test", "val")})
@@ -190,7 +194,8 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
         time_to_target_s=progress.time_to_target_s, time_to_target_with_eval_s=progress.time_to_target_with_eval_s,
         epochs_to_target=progress.epochs_to_target, **finals, train_time_s=progress.train_time_s,
         eval_time_s=progress.eval_time_s, staging_s=p.staging_s, compile_s=p.compile_s, epochs=cfg.run.epochs,
-        steps=steps, img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
+        epochs_trained=progress.epoch, stopped_at_target=progress.epoch < cfg.run.epochs, steps=steps,
+        img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
         params=count_params(p.model), **code, torch_version=torch.__version__,
         device=provenance.device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
         train_images=len(p.data.train), config=config.to_dict(cfg))

@@ -92,3 +92,17 @@ def test_model_cost_counts_resnet20():
     # forward: about 41M multiply-adds per image (He 2015 Table 6 era estimates); backward twice that
     assert 2.2e8 < cost["flops_per_img"] < 2.7e8
     assert cost["bytes_per_img"] > 1e6
+
+
+def test_profile_writes_its_table_from_real_steps(tmp_path, capsys, monkeypatch):
+    from fastres import profile
+    monkeypatch.setattr(profile, "TRACES", tmp_path / "traces")
+    args = ["--what", "profile", "--steps", "3", f"--out={tmp_path / 'prof'}", "--label=tiny",
+            "--data.source=synthetic", "--data.subset=512", "--model.depth=8", "--optim.batch_size=64",
+            "--precision.compile=false", "--precision.amp=off", "--run.device=cpu"]
+    assert bench.cli(args) == 0
+    text = (tmp_path / "prof" / "tiny.txt").read_text()
+    assert text == capsys.readouterr().out
+    for line in ("A step alone", "B real loop", "C profiled", "GPU: no kernels", "top host ops", "aten::"):
+        assert line in text, line
+    assert "data synthetic, batch 64" in text and (tmp_path / "traces" / "tiny.trace.json.gz").stat().st_size > 0

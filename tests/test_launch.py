@@ -3,6 +3,7 @@ pack and unpack; the commands the fast-path ladder runs)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tarfile
@@ -133,15 +134,109 @@ def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
     assert calls[9][6:-2] == calls[8][6:] and calls[8][-1] == "--optim.batch_size=1024"
 
 
-def test_the_runbooks_row_lists_name_rows_of_the_tune_stack():
-    """STACK_ONLY lists in device.sh's header and in configs/tune-fast.toml are typed by hand: each slug must be
-    a row of the stack, or the next GPU session's tune call stops on an unknown row."""
+def test_the_runbooks_row_lists_name_rows_of_their_stacks():
+    """Row lists typed by hand (the STACK_ONLY list in configs/tune-fast.toml, the rows each queue item's dry run
+    takes in device.sh) must name rows of their stack, or a GPU session's call stops on an unknown row."""
     import re
 
     from fastres.stack import load_stack
-    slugs = {row.slug for row in load_stack(ROOT / "configs" / "tune-fast.toml").rows}
-    lists = [m for f in ("launch/device.sh", "configs/tune-fast.toml")
-             for m in re.findall(r"STACK_ONLY=([\w,-]+-[\w,-]+)", (ROOT / f).read_text())]
-    assert len(lists) >= 2
-    for names in lists:
-        assert set(names.split(",")) <= slugs, names
+
+    def slugs(config):
+        return {row.slug for row in load_stack(ROOT / "configs" / config).rows}
+    lists = [("tune-fast.toml", m) for m in re.findall(r"STACK_ONLY=([\w,-]+-[\w,-]+)",
+                                                        (ROOT / "configs" / "tune-fast.toml").read_text())]
+    lists += re.findall(r"stack_item configs/([\w-]+\.toml) [\w-]+ \S+ ([\w,-]+)",
+                        (ROOT / "launch" / "device.sh").read_text())
+    assert len(lists) >= 2 and {c for c, _ in lists} >= {"stack-quick.toml", "tune-recipe.toml", "stack.toml"}
+    for config, names in lists:
+        assert set(names.split(",")) <= slugs(config), (config, names)
+
+
+# ------------------------------------------------------------------------------------------- the queue
+
+def dry_tree(root: Path) -> Path:
+    """What `launch/device.sh next` needs of the repo, copied (its dry run writes under runs/device-dryrun)."""
+    for d in ("fastres", "configs", "launch"):
+        shutil.copytree(ROOT / d, root / d)
+    (root / "tests").mkdir()
+    for f in ("conftest.py", "test_cuda.py"):
+        shutil.copy(ROOT / "tests" / f, root / "tests" / f)
+    return root / "launch" / "device.sh"
+
+
+def next_call(script: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    import os
+    return subprocess.run(["bash", str(script), "next"], capture_output=True, text=True, timeout=600,
+                          cwd=script.parent.parent, env={**os.environ, "FASTRES_DEVICE_DRYRUN": "1", "OUT": str(out),
+                                                         "PYTHONPATH": str(script.parent.parent), **env})
+
+
+ITEMS = ("check", "throughput", "profile", "quick", "recipes", "ladder", "depths")
+
+
+def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
+    script = dry_tree(tmp_path / "there")
+    res = tmp_path / "there" / "runs" / "device-dryrun" / "results"
+    r = next_call(script, tmp_path / "out")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "pending: " in r.stdout and "need no data (call 1)" in r.stdout  # the plan, before anything runs
+    for item in ITEMS:
+        assert f"=== {item} done" in r.stdout, item
+        mark = json.loads((res / "device" / f"{item}.json").read_text())
+        assert mark["item"] == item and mark["device"].startswith("CPU") and mark["torch_version"]
+    rows = json.loads((res / "bench.json").read_text())
+    assert sorted(row["config_name"] for row in rows) == sorted(
+        f"fast {v} synthetic" for v in ("b512-reduce-overhead", "b512-step-graph", "b1024-reduce-overhead",
+                                        "b1024-step-graph"))
+    assert all(row["baseline_img_per_s"] > 0 and row["floor_img_per_s"] > 0 for row in rows)
+    assert sorted(p.name for p in (res / "profile").iterdir()) == [
+        "fast-b1024-step-graph.txt", "fast-b512-reduce-overhead.txt", "fast-b512-step-graph.txt"]
+    assert "A step alone" in (res / "profile" / "fast-b512-step-graph.txt").read_text()
+    for stack_out in ("stack-quick", "tune-recipe", "stack"):
+        assert (res / stack_out / "stack.md").is_file(), stack_out
+    assert (res / "depths" / "resnet-depths.md").is_file()
+    with tarfile.open(tmp_path / "out" / "back.tgz") as tar:
+        names = set(tar.getnames())
+    assert {f"runs/device-dryrun/results/device/{item}.json" for item in ITEMS} <= names
+    assert not (tmp_path / "there" / "results" / "device").exists()  # a dry run never marks the real queue
+
+    again = next_call(script, tmp_path / "out2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(f"=== {item}: done before, skipped" in again.stdout for item in ITEMS)
+    assert len(json.loads((res / "bench.json").read_text())) == 4  # nothing ran again
+
+
+def test_next_stops_an_item_at_its_budget_packs_and_goes_on(tmp_path):
+    script = dry_tree(tmp_path / "there")
+    marks = tmp_path / "there" / "runs" / "device-dryrun" / "results" / "device"
+    marks.mkdir(parents=True)
+    for item in ITEMS[2:]:  # profile and the rest: done before
+        (marks / f"{item}.json").write_text("{}\n")
+    r = next_call(script, tmp_path / "out", BUDGET_throughput="2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "=== check done" in r.stdout
+    assert "=== throughput (budget 2s)" in r.stdout
+    assert "=== throughput not done (exit 124: out of its budget" in r.stdout
+    assert not (marks / "throughput.json").exists() and (marks / "check.json").exists()
+    with tarfile.open(tmp_path / "out" / "back.tgz") as tar:
+        assert "runs/device-dryrun/results/device/check.json" in tar.getnames()  # packed after the stopped item too
+    assert (tmp_path / "out" / "device.log").read_text().count("=== throughput") == 2
+
+
+def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_path):
+    script = copy_of_script(tmp_path / "repo")
+    r = sh(script, "next")
+    assert r.returncode == 2 and "no .device/git_sha" in r.stderr
+    script = dry_tree(tmp_path / "there")
+    (tmp_path / "there" / ".device").mkdir()
+    (tmp_path / "there" / ".device" / "git_sha").write_text("abc\n")
+    marks = tmp_path / "there" / "results" / "device"
+    marks.mkdir(parents=True)
+    for item in ITEMS[:3]:
+        (marks / f"{item}.json").write_text("{}\n")
+    import os
+    r = subprocess.run(["bash", str(script), "next"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path / "there", env={**os.environ, "OUT": str(tmp_path / "out"),
+                                                    "FASTRES_DATA": str(tmp_path / "nowhere")})
+    assert r.returncode == 0, r.stderr
+    assert "=== quick and the rest need CIFAR-10" in r.stdout and "staging" in r.stdout

@@ -273,3 +273,16 @@ def test_compile_makes_the_evaluations_graphs_before_training(small_cifar, tmp_p
 
 def _build_step_without_evaluate(build_step, *a, evaluate=None, **kw):
     return build_step(*a, **kw)
+
+
+def test_stop_at_target_ends_the_run_at_the_first_evaluation_at_or_above_it(small_cifar, tmp_path):
+    args = ["--run.target_acc=0.01", "--run.epochs=3"]
+    s = train.main(tiny(small_cifar, tmp_path / "stop", *args, "--run.stop_at_target=true"))
+    assert s["stopped_at_target"] and s["epochs_trained"] == 1 and s["epochs_to_target"] == 1
+    assert s["epochs"] == 3 and s["steps"] == 450 // 50 and s["time_to_target_s"] == s["train_time_s"]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "stop" / "run")] == [1]
+    again = train.main(tiny(small_cifar, tmp_path / "stop", *args, "--run.stop_at_target=true"))  # resumes
+    assert again["epochs_trained"] == 1 and again["time_to_target_s"] == s["time_to_target_s"]  # trains no more
+    assert [r["epoch"] for r in read_metrics(tmp_path / "stop" / "run")] == [1]
+    plain = train.main(tiny(small_cifar, tmp_path / "plain", *args))
+    assert not plain["stopped_at_target"] and plain["epochs_trained"] == 3 and plain["epochs_to_target"] == 1
