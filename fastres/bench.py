@@ -40,7 +40,7 @@ from fastres import config, distributed, provenance, train
 from fastres.build import build
 from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
 from fastres.config import Config
-from fastres.data import build_loader, fetch, load
+from fastres.data import build_loader, endless, fetch, load
 from fastres.data.cifar import Split
 from fastres.errors import UserError, read_json
 from fastres.log import read_metrics
@@ -105,14 +105,7 @@ def measure_training(cfg: Config, device: torch.device, *, steps: int, warmup: i
     p = build(cfg, distributed.single(device))
     lr = p.optimizer.param_groups[0]["lr"]
 
-    def batches():
-        epoch = 0
-        while True:
-            p.loader.set_epoch(epoch)
-            yield from p.loader
-            epoch += 1
-
-    stream, timer, index = batches(), Timer(device), 0
+    stream, timer, index = endless(p.loader), Timer(device), 0
     for phase, n in (("warmup", warmup), ("timed", steps)):
         if phase == "timed":
             timer.start()

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from fastres import distributed, provenance
 from fastres.build import build
 from fastres.config import Config
+from fastres.data import endless
 
 TRACES = Path("runs/profile")
 
@@ -105,14 +106,7 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
     p = build(cfg, distributed.single(device))
     batch = cfg.optim.batch_size
 
-    def batches():
-        epoch = 0
-        while True:
-            p.loader.set_epoch(epoch)
-            yield from p.loader
-            epoch += 1
-
-    stream, index = batches(), [0]
+    stream, index = endless(p.loader), [0]
     sums = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device),
             torch.full((), -1, dtype=torch.int64, device=device)]
 

@@ -31,6 +31,15 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches across epoch boundaries (epochs 0, 1, ...), as training would see them."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def synthetic(seed: int = 0) -> cifar.Cifar10:
     """Random uint8 images and labels with CIFAR-10's shapes and sizes (50k train, 10k test), made in memory."""
     g = np.random.default_rng(seed)
