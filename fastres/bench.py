@@ -18,6 +18,9 @@ results/loaders.json, a table of ratios against the gpu loader to results/loader
 ``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
 :mod:`fastres.scaling`.
 
+``--what dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source; see
+:mod:`fastres.dispatch`. On a CPU too (it counts, it does not time).
+
 ``--what profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
 written to ``--out``/<label>.txt (default results/profile/); see :mod:`fastres.profile`.
 
@@ -42,6 +45,8 @@ from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
 from fastres.config import Config
 from fastres.data import build_loader, endless, fetch, load
 from fastres.data.cifar import Split
+from fastres.dispatch import count_host_ops
+from fastres.dispatch import report as dispatch_report
 from fastres.errors import UserError, read_json
 from fastres.log import read_metrics
 from fastres.model import build_model
@@ -54,7 +59,7 @@ from fastres.timing import Timer
 LOADERS = ("workers", "gpu", "dali", "dali-device")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
-                  "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml"}
+                  "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml", "dispatch": CONFIGS / "fast.toml"}
 BASELINE = CONFIGS / "baseline.toml"
 RECIPE_DATA_KEYS = ("--data.loader", "--data.num_workers", "--data.dali_source")  # how, not what, it loads
 
@@ -286,10 +291,11 @@ def _main(argv: list[str]) -> None:
     if what not in DEFAULT_CONFIG:
         raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
     out = Path(take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
-                                         "scaling": "results/scaling.md", "profile": "results/profile"}[what]))
+                                         "scaling": "results/scaling.md", "profile": "results/profile",
+                                         "dispatch": ""}[what]))
     loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
     repeats = whole_number("--repeats", take_flag(argv, "--repeats", "3"), 1)
-    steps = whole_number("--steps", take_flag(argv, "--steps", "30" if what == "profile" else "100"), 1)
+    steps = whole_number("--steps", take_flag(argv, "--steps", {"profile": "30", "dispatch": "10"}.get(what, "100")), 1)
     warmup = whole_number("--warmup", take_flag(argv, "--warmup", "20"), 0)
     procs = [whole_number("--gloo-procs", p, 1)
              for p in take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
@@ -310,6 +316,10 @@ def _main(argv: list[str]) -> None:
                           overrides=overrides)
         append_rows(out, [row], "train")
         print(train_table([row]), end="")
+    elif what == "dispatch":
+        counts = count_host_ops(cfg, distributed.measurement_device(cfg.run.device), steps=steps,
+                                warmup=max(1, warmup if warmup != 20 else 3))
+        print(dispatch_report(label or Path(path).stem, counts), end="")
     elif what == "profile":
         print(profile_step(cfg, distributed.measurement_device(cfg.run.device), steps=steps,
                            label=label or Path(path).stem, out=out), end="")

@@ -90,7 +90,10 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         checkpoint.restore_ema(path, state, ema)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
-        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+        # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
+        # first (train.py), and training normalizes with batch statistics; re-sending them before every forward
+        # changed nothing but cost a broadcast per buffer per step (2 ranks still equal 1 process: test_train.py).
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
                   find_unused_parameters=cfg.model.stochastic_depth > 0, gradient_as_bucket_view=True)
     train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
     evaluate = functools.partial(evaluate_all, model, cfg.eval, ema=ema, train_images=train_images, batch=micro,

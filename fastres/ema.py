@@ -74,8 +74,7 @@ class WeightEMA:
 
     def broadcast(self) -> None:
         """Give every rank rank 0's average. The parameters' averages agree anyway; the BN statistics' do not
-        (DDP broadcasts rank 0's buffers before each forward, and then each rank updates them on its own
-        images), so every rank must score the same average."""
+        (each rank updates them on its own images), so every rank must score the same average."""
         if dist.is_initialized():
             for t in self.avg:
                 dist.broadcast(t, src=0)

@@ -2,7 +2,7 @@
 
 Builds the run as training does (fastres.build; ``data.source = "synthetic"`` needs no data set), then:
   A  ``--steps`` steps of the step alone on one fixed batch (CUDA events)          -> the step's own cost
-  B  ``--steps`` iterations of the training loop: loader, step, the loop's sums    -> the step as training sees it
+  B  ``--steps`` iterations of the training loop: loader and step                -> the step as training sees it
   C  B again under torch.profiler: GPU busy time per step (the union of kernel and copy intervals) against the
      step's wall time, the largest idle gaps (named by the kernels around them), the top kernels, host API calls
      per step (kernel launches, graph launches, synchronizations), the top host ops, and dynamo's counters
@@ -107,20 +107,18 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
     batch = cfg.optim.batch_size
 
     stream, index = endless(p.loader), [0]
-    sums = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device),
-            torch.full((), -1, dtype=torch.int64, device=device)]
-
-    def loop_iteration() -> None:  # one iteration of fastres.train's inner loop, its sums included
-        k = index[0]
-        x, y = next(stream)
-        loss, correct = p.step(x, y, p.schedule(k), k)
-        sums[0] += loss
-        sums[1] += correct
-        sums[2] = torch.where((sums[2] < 0) & ~torch.isfinite(loss), k, sums[2])
-        index[0] = k + 1
-
     x0, y0 = next(stream)
-    a_wall, a_host = _timed(lambda: p.step(x0, y0, p.schedule(0), 0), steps, cuda)
+
+    def step_alone() -> None:
+        p.step(x0, y0, p.schedule(index[0]), index[0])
+        index[0] += 1
+
+    def loop_iteration() -> None:  # one iteration of fastres.train's inner loop (its sums are in the step)
+        x, y = next(stream)
+        p.step(x, y, p.schedule(index[0]), index[0])
+        index[0] += 1
+
+    a_wall, a_host = _timed(step_alone, steps, cuda)
     b_wall, b_host = _timed(loop_iteration, steps, cuda)
     TRACES.mkdir(parents=True, exist_ok=True)
     trace = TRACES / f"{label}.trace.json"

@@ -194,9 +194,10 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
                 lines.append(f"| {n} | {B // n} | {tc * 1e3:.3f} | {link} | {comm * 1e3:.3f} | {exposed * 1e3:.3f} "
                              f"| {epoch:.3f} | {eff:.1%} |")
         lines += ["", f"### Weak scaling: per-GPU batch {B}, global batch N x {B}", "",
-                  "The same measured t_comp at every N (each GPU does the one-GPU step); efficiency is images/s "
-                  "per GPU against one GPU, t_comp / (t_comp + exposed). A different recipe, whose accuracy this "
-                  "table does not validate.", "",
+                  "Model output, not a multi-GPU measurement: the same measured t_comp at every N (each GPU does "
+                  "the one-GPU step), plus the modelled exposed all-reduce; efficiency is images/s per GPU against "
+                  "one GPU, t_comp / (t_comp + exposed). Accuracy cost of the larger global batch: unmeasured "
+                  "(a different recipe: linear LR scaling and warmup to N x the lr, to be validated).", "",
                   "| GPUs | global batch | steps/epoch | link | exposed (ms) | epoch (s) | efficiency |",
                   "|---|---|---|---|---|---|---|"]
         for n in (1, 2, 4, 8):

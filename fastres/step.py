@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import rng
@@ -44,8 +45,8 @@ def train_on_batch(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: tor
     only after the last one (DDP's no_sync). Each micro-batch's mean loss is divided by accum, so the gradient is
     that of k ranks: BatchNorm normalizes each micro-batch over its own images (as each rank does over its share),
     and only micro-batch 0 updates BN's running statistics, once per step, as rank 0 does under DDP (whose
-    broadcast_buffers hands rank 0's to every rank before each forward). ``before_forward()`` runs before every
-    forward (stochastic depth reseeds there).
+    statistics every rank evaluates with). ``before_forward()`` runs before every forward (stochastic depth
+    reseeds there).
     """
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -212,7 +213,11 @@ class Step:
     ``index`` (stochastic depth draws the step's drops from (seed, index), the same on every rank and
     micro-batch: Huang 2016 drops per batch) and returns (summed loss, correct) on the device. Eager and compiled
     set the lr in the optimizer and update the weight average after the step; the graph form does both inside its
-    replay. A graph cannot hold stochastic depth, so it is never built with it (config.validate refuses)."""
+    replay. A graph cannot hold stochastic depth, so it is never built with it (config.validate refuses).
+
+    The epoch's sums live here, on the device, added inside the step (inside the graph too): ``loss_sum``,
+    ``correct``, and ``bad_step``, the first step whose loss was not finite (-1: none). ``start_epoch(index)``
+    zeroes them; every call must then be the next step, so the device's count of steps is the caller's."""
 
     def __init__(self, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, *, accum: int, amp_dtype: torch.dtype | None, label_smoothing: float,
@@ -221,22 +226,50 @@ class Step:
         self.kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=label_smoothing)
         self.stochastic_depth = any(model.death_rates)
         self.captured: CapturedStep | None = None
+        device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # the step being taken, on the device
+        self.next_index = 0  # ... and on the host
+        self.cudagraph_skips = 0  # parts torch.compile's CUDA graphs left eager (see build_step)
+
+    def start_epoch(self, index: int) -> None:
+        """Zero the epoch's sums; the next call is global step ``index`` (four fills, once an epoch)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.bad_step.fill_(-1)
+        self.count.fill_(index)
+        self.next_index = index
+
+    def _tally(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        """Add a step's results to the epoch's sums, on the device (no host sync)."""
+        self.loss_sum += loss
+        self.correct += correct
+        self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.count, self.bad_step))
+        self.count += 1
 
     def capture(self, *, batch: int, prec: Precision, device: torch.device) -> None:
-        """Make this the graph form: capture the step (and the weight average's update) as one CUDA graph."""
+        """Make this the graph form: capture the step (the weight average's update, the sums) as one CUDA graph."""
         if self.stochastic_depth:
             raise ValueError("a captured step cannot draw stochastic depth's per-step drops")
+        sums = [self.loss_sum, self.correct, self.bad_step, self.count]
         self.captured = CapturedStep(self._whole_step, self.model, self.opt, batch=batch, dtype=prec.dtype,
                                      memory_format=prec.memory_format, device=device,
-                                     state=self.ema.avg if self.ema is not None else ())
+                                     state=(self.ema.avg if self.ema is not None else []) + sums)
 
     def _whole_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
         if self.ema is not None:
             self.ema.apply()  # reads the weight prepare() filled: the same kernels every replay
+        self._tally(*out)
         return out
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index != self.next_index:
+            raise ValueError(f"step {index} called where step {self.next_index} is next: call start_epoch(index) "
+                             "when the steps do not follow on")
+        self.next_index += 1
         if self.captured is not None:
             if self.ema is not None:
                 self.ema.prepare()
@@ -250,6 +283,7 @@ class Step:
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, before_forward=reseed, **self.kw)
         if self.ema is not None:
             self.ema.update()
+        self._tally(*out)
         return out
 
 
@@ -262,12 +296,16 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
     prec = precision(cfg)
     timer = Timer(device)
     timer.start()
+    skips = counters["inductor"]["cudagraph_skips"]
     if cfg.compile:
         compile_net(net, model, cfg)
         precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
                    prec=prec, evaluate=evaluate)
     step = Step(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
                 label_smoothing=optim.label_smoothing, seed=seed, ema=ema)
+    # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
+    # pytorch#139207); inductor counts each skip, and the run reports them
+    step.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips
     if cfg.step_graph:
         step.capture(batch=batch_per_rank, prec=prec, device=device)
     return step, timer.stop()

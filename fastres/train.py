@@ -68,6 +68,9 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         if p.lsuv is not None:
             (out / "lsuv.json").write_text(json.dumps(p.lsuv, indent=1) + "\n")
         log.info(_start_line(cfg, p, dist, progress))
+        if p.step.cudagraph_skips:
+            log.info(f"fastres: warning: torch.compile left {p.step.cudagraph_skips} part(s) of the step out of its "
+                     "CUDA graphs, which then run eagerly (TORCH_LOGS=cudagraphs says why); see cudagraph_skips")
 
     # ---------------------------------------------------------------- train
     timer, step = Timer(dev), progress.step
@@ -79,22 +82,17 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank, resumable
         p.loader.set_epoch(epoch)
         p.model.train()
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # first step with a non-finite loss
+        p.step.start_epoch(step)  # the epoch's loss, accuracy and first non-finite step are summed on the device
         timer.start()
         with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
             for x, y in p.loader:
-                step_loss, step_correct = p.step(x, y, p.schedule(step), step)
-                loss_sum += step_loss
-                correct += step_correct
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)  # no host sync
+                p.step(x, y, p.schedule(step), step)
                 step += 1
                 log.advance()
         epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
         progress.train_time_s += distributed.all_reduce(epoch_time, op="max").item()  # the slowest rank's
         done = epoch + 1
-        bad = distributed.all_reduce(bad_step, op="max").item()  # once an epoch: stop a diverged run
+        bad = distributed.all_reduce(p.step.bad_step.clone(), op="max").item()  # once an epoch: stop a diverged run
         if bad >= 0:
             raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
                             f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
@@ -105,8 +103,8 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
         # ------------------------------------------------------------ evaluate + checkpoint (untimed)
         t_eval = time.perf_counter()
         seen = steps_per_epoch * batch
-        train_loss = distributed.all_reduce(loss_sum).item() / seen
-        train_acc = distributed.all_reduce(correct).item() / seen  # on augmented batches, as trained
+        train_loss = distributed.all_reduce(p.step.loss_sum.clone()).item() / seen
+        train_acc = distributed.all_reduce(p.step.correct.clone()).item() / seen  # on augmented batches, as trained
         distributed.broadcast_buffers(p.model)
         if p.ema is not None:
             p.ema.broadcast()
@@ -198,7 +196,7 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
         img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
         params=count_params(p.model), **code, torch_version=torch.__version__,
         device=provenance.device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
-        train_images=len(p.data.train), config=config.to_dict(cfg))
+        train_images=len(p.data.train), cudagraph_skips=p.step.cudagraph_skips, config=config.to_dict(cfg))
 
 
 def cli(argv: list[str] | None = None) -> int:

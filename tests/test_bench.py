@@ -3,10 +3,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastres import bench, config
 from fastres.errors import UserError
 from fastres.log import read_metrics
+
+from conftest import ROOT
 
 
 def test_loader_bench_writes_rows_and_ratios(small_cifar, tmp_path, capsys):
@@ -106,3 +109,39 @@ def test_profile_writes_its_table_from_real_steps(tmp_path, capsys, monkeypatch)
     for line in ("A step alone", "B real loop", "C profiled", "GPU: no kernels", "top host ops", "aten::"):
         assert line in text, line
     assert "data synthetic, batch 64" in text and (tmp_path / "traces" / "tiny.trace.json.gz").stat().st_size > 0
+
+
+DISPATCH = ["--data.source=synthetic", "--data.subset=1024", "--model.depth=8", "--optim.batch_size=64",
+            "--precision.compile=false", "--precision.amp=off", "--run.device=cpu", "--data.loader=gpu"]
+
+
+def test_dispatch_counts_the_host_ops_of_a_step(monkeypatch):
+    from fastres import dispatch
+    from fastres.data.gpu import GpuLoader
+
+    def counts(*extra):
+        cfg = config.load(ROOT / "configs" / "fast.toml", [*DISPATCH, *extra])
+        return dispatch.count_host_ops(cfg, torch.device("cpu"), steps=4, warmup=1)
+    graphed = counts("--precision.step_graph=true")
+    # two copies of the batch into the graph's inputs, the lr fill, the replay: the loader's views cost nothing
+    assert graphed["per_step"] == 4 and graphed["by_source"] == {"step": 4}
+    assert graphed["by_op"][("step", "graph replay")] == 1 and graphed["by_op"][("step", "aten::copy_")] == 2
+    assert graphed["epoch_start"] > 4  # the epoch's augmentation, once an epoch
+    assert counts("--precision.step_graph=true", "--optim.ema_decay=0.9")["per_step"] == 5  # + the EMA weight fill
+    eager = counts()
+    assert eager["per_step"] > 50 and ("step", "aten::_fused_sgd_") in eager["by_op"]
+
+    real_iter = GpuLoader.__iter__
+
+    def one_more(self):  # an extra op in every batch the loop takes
+        for x, y in real_iter(self):
+            yield x.add(0), y
+    monkeypatch.setattr(GpuLoader, "__iter__", one_more)
+    more = counts("--precision.step_graph=true")
+    assert more["per_step"] == 5 and more["by_op"][("loader", "aten::add")] == 1
+
+
+def test_dispatch_command_prints_the_count(capsys):
+    assert bench.cli(["--what", "dispatch", "--steps", "3", *DISPATCH, "--precision.step_graph=true"]) == 0
+    out = capsys.readouterr().out
+    assert "host ops per step: 4" in out and "graph replay 1 (step)" in out and "counts as one op" in out

@@ -191,3 +191,34 @@ def test_accumulation_updates_bn_running_statistics_once_per_step_as_rank_0_does
         assert torch.equal(bufs[k], v), k
     assert model.stem.bn.num_batches_tracked.item() == 1
     assert all(bn.track_running_stats for bn in step._batchnorms(model))  # put back
+
+
+def test_cuda_graphs_that_torch_compile_skips_are_reported(tmp_path, monkeypatch, capsys):
+    """reduce-overhead runs what it cannot graph eagerly and only logs it (BatchNorm under DDP: pytorch#139207);
+    the run counts inductor's skips, warns once and records them."""
+    from torch._dynamo.utils import counters
+
+    def skipping(*a, **kw):
+        counters["inductor"]["cudagraph_skips"] += 2
+    monkeypatch.setattr(step, "compile_net", lambda *a, **kw: None)  # what torch.compile would do: skip twice
+    monkeypatch.setattr(step, "precompile", skipping)
+    s = train.main(tiny(tmp_path / "run", "--precision.compile=true", "--run.epochs=1"))
+    assert s["cudagraph_skips"] == 2 and "left 2 part(s) of the step out of its CUDA graphs" in capsys.readouterr().err
+    assert train.main(tiny(tmp_path / "plain", "--run.epochs=1"))["cudagraph_skips"] == 0
+
+
+def test_the_step_keeps_the_epochs_sums_and_its_count_on_the_device(tmp_path):
+    p = build.build(tiny(tmp_path), distributed.single(CPU))
+    p.step.start_epoch(7)
+    batches = iter(p.loader)
+    outs = [p.step(*next(batches), 0.05, 7 + k) for k in range(2)]
+    assert p.step.loss_sum.item() == pytest.approx(sum(o[0].item() for o in outs))
+    assert p.step.correct.item() == sum(o[1].item() for o in outs) and p.step.bad_step.item() == -1
+    assert p.step.count.item() == 9
+    with pytest.raises(ValueError, match="step 3 called where step 9 is next"):
+        p.step(*next(batches), 0.05, 3)
+    x, y = next(batches)
+    p.step(x.fill_(float("nan")), y, 0.05, 9)  # a non-finite loss: its step is kept, without a host sync
+    assert p.step.bad_step.item() == 9
+    p.step.start_epoch(10)
+    assert (p.step.loss_sum.item(), p.step.correct.item(), p.step.bad_step.item()) == (0.0, 0, -1)

@@ -67,6 +67,8 @@ def test_prediction_tables_from_a_measured_step(gpu_step_of_4ms):
     for line in weak4:
         exposed_ms, eff = float(line.split("|")[5]), float(line.split("|")[7].strip(" %"))
         assert eff == pytest.approx(100 * 4 / (4 + exposed_ms), abs=0.06) and 90 < eff <= 100
+    assert "Model output, not a multi-GPU measurement" in weak
+    assert "Accuracy cost of the larger global batch: unmeasured" in weak
 
 
 @pytest.mark.parametrize("step_graph", [False, True])

@@ -128,12 +128,16 @@ class DaliLoader:
         gpu, out_fp16 = self.gpu, self.dtype in (torch.float16, torch.bfloat16)
         src = _EpochSource(self, base_epoch)
 
+        on_device = gpu and self.images_dev is not None
+        # the batch is gathered on torch's current stream: DALI copies it on that stream too, in order, instead of
+        # blocking the host until the gather is done (external_source's cuda_stream)
+        stream = {"cuda_stream": torch.cuda.current_stream(self.device)} if on_device else {}
+
         @self.pipeline_def(batch_size=self.b, num_threads=self.num_threads,
                            device_id=self.device.index if gpu else None, prefetch_queue_depth=2)
         def pipeline():
-            on_device = gpu and self.images_dev is not None
             images = fn.external_source(source=src.images, batch=True, batch_info=True, layout="HWC",
-                                        device="gpu" if on_device else "cpu")
+                                        device="gpu" if on_device else "cpu", **stream)
             pos_x, pos_y, mirror, labels = fn.external_source(source=src.params, num_outputs=4, batch=True,
                                                               batch_info=True)
             if gpu and not on_device:
