@@ -8,9 +8,10 @@ checkpoint's state or LSUV; then the weight average, DDP, and last the step (com
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
-from fastres.config import Config
+from fastres.config import Config, DataCfg
 from fastres.data import Loader, build_loader, fetch, load
 from fastres.data.cifar import Cifar10, Split
 from fastres.data.transform import normalize
@@ -50,6 +51,7 @@ class Parts:
     staging_s: float  # read, validate, split, copy to the device, build the loader
     compile_s: float  # compile, its warm-up, the step graph's capture
     lsuv: list[dict[str, Any]] | None  # LSUV's per-layer records (model.init = lsuv, a fresh run, rank 0)
+    notes: list[str]  # what the build changed from the config, for the log (once)
 
 
 def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts:
@@ -64,7 +66,8 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         fetch(cfg.data)  # downloads once, on rank 0
     distributed.barrier()
     data = load(cfg.data)
-    loader = build_loader(cfg.data, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
+    data_cfg, notes = _workers_that_fit(cfg.data)
+    loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
                           world=world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype)
     evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
              for name, s in (("test", data.test if cfg.eval.on_test else None), ("val", data.val)) if s is not None}
@@ -104,7 +107,17 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                                  batch_per_rank=batch_per_rank, device=dev, ema=ema, evaluate=lambda: evaluate(blank))
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
                  scaler=scaler, ema=ema, evaluate=evaluate, step=step, prec=prec, micro_batch=micro,
-                 staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records)
+                 staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:
+    """data.num_workers clamped to this process's share of the machine's cores (torch only warns, per worker pool)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.loader != "workers" or cfg.num_workers <= share:
+        return cfg, []
+    return replace(cfg, num_workers=share), [f"data.num_workers = {cfg.num_workers} but this process has {share} of "
+                                             f"the machine's {cores} cores: using {share} workers"]
 
 
 def _random_batches(split: Split, batch: int, seed: int, device: torch.device, prec: Precision):

@@ -75,6 +75,7 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
 
 
 _NUMBER = (int, float)
+_ADDED = ("epoch_loss_sum", "epoch_correct", "epoch_bad_step")  # progress fields newer checkpoints carry
 _LAST_ROW = ("epoch", "train_time_s", "test_acc", "val_acc")  # what a resumed run reads of the last eval row
 
 
@@ -90,6 +91,10 @@ class Progress:
     epochs_to_target: int | None = None
     t0: float = field(default_factory=time.time)  # the run's start, wall clock (TensorBoard's time axis)
     last: dict[str, Any] | None = None  # the last evaluation's metrics row
+    # a checkpoint inside an epoch: the epoch's sums so far, over every rank (then the steps past `epoch` epochs)
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_bad_step: int = -1
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,12 +102,15 @@ class Progress:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Take ``saved``'s values; KeyError or TypeError naming the first key that is missing or of another
         type than the loop reads."""
+        saved = {**{k: getattr(Progress(), k) for k in _ADDED}, **saved}  # written before those existed
         for f in fields(self):
             if f.name not in saved:
                 raise KeyError(f"progress.{f.name}")
             value = saved[f.name]
-            if f.name in ("epoch", "step"):
+            if f.name in ("epoch", "step", "epoch_correct"):
                 ok = isinstance(value, int) and value >= 0
+            elif f.name == "epoch_bad_step":
+                ok = isinstance(value, int) and value >= -1
             elif f.name == "last":
                 ok = value is None or (isinstance(value, dict) and all(
                     k in value and (value[k] is None or isinstance(value[k], _NUMBER)) for k in _LAST_ROW))
@@ -136,6 +144,18 @@ def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torc
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+
+
+def restore_rng_ranks(path: Path, state: dict[str, Any], rank: int, world: int) -> None:
+    """This rank's random streams from a checkpoint written inside an epoch (its "rng_ranks"); a UserError if it
+    holds none for this rank: it was written by another number of ranks, or damaged."""
+    ranks = state.get("rng_ranks")
+    if not isinstance(ranks, list) or len(ranks) != world:
+        n = len(ranks) if isinstance(ranks, list) else "an unknown number of"
+        raise UserError(f"checkpoint {path} was written inside an epoch by {n} rank(s), and this run has {world}: "
+                        f"resume it with as many, or {_FIX}")
+    with _fitting(path):
+        set_rng_state(ranks[rank])
 
 
 def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
@@ -179,7 +199,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: Progress,
-           config: dict[str, Any], ema: WeightEMA | None = None) -> dict[str, Any]:
-    """What :func:`save` writes for a run: every :data:`PARTS`, and "ema" when there is a weight average."""
+           config: dict[str, Any], ema: WeightEMA | None = None,
+           rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What :func:`save` writes for a run: every :data:`PARTS`, "ema" when there is a weight average, and
+    "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where dropout's streams go on)."""
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
+    if rng_ranks is not None:
+        extra["rng_ranks"] = rng_ranks
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),
-                progress=progress.state_dict(), config=config, **({"ema": ema.state_dict()} if ema is not None else {}))
+                progress=progress.state_dict(), config=config, **extra)

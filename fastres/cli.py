@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from fastres.config import ConfigError
 from fastres.distributed import env_rank
-from fastres.errors import UserError
+from fastres.errors import Interrupted, UserError
 
 
 def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage: str) -> int:
@@ -25,8 +25,9 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
     except UserError as e:
         rank = env_rank()  # under torchrun: rank 0 speaks for all, see UserError
         if rank == 0 or e.per_rank:
-            print(f"fastres: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
-        return 2
+            what = "" if isinstance(e, Interrupted) else "error: "
+            print(f"fastres: {what}{f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -69,6 +69,8 @@ class RunCfg:
                                "autotuning): the same seed gives the same metrics, bit for bit")
     sync_debug: bool = _opt(False, "CUDA only: raise at any host-device synchronization inside the training "
                             "loop (torch.cuda.set_sync_debug_mode), to check the fast path has none")
+    checkpoint_every_s: float = _opt(600.0, "also checkpoint inside an epoch, at a step boundary, once this many "
+                                     "seconds have passed since the last checkpoint; 0 = only at evaluations", ge=0.0)
 
 
 @dataclass
@@ -179,6 +181,12 @@ class EvalCfg:
 
 
 @dataclass
+class LogCfg:
+    every_steps: int = _opt(50, "write the training batch's loss and the lr to TensorBoard every this many steps "
+                            "(read without waiting for the device); 0 = only at evaluations", ge=0)
+
+
+@dataclass
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -186,11 +194,13 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     precision: PrecisionCfg = field(default_factory=PrecisionCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
-RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "data.dir", "data.num_workers")
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "data.dir",
+                     "data.num_workers", "log.every_steps")
 
 
 def _hints(section_cls: type) -> dict[str, Any]:

@@ -21,6 +21,14 @@ class UserError(Exception):
         self.per_rank = per_rank
 
 
+class Interrupted(UserError):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint: one line and exit code 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def one_line(e: BaseException, limit: int = 200) -> str:
     """``e``'s message folded onto one line (some, the unpickler's among them, span lines) and cut to
     ``limit`` characters."""

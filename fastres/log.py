@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from fastres.errors import UserError
@@ -56,9 +58,10 @@ class RunLog:
     """Writers for one run; every method is a no-op on ranks other than 0 (``enabled=False``)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, step: int, epoch: int,
-                 t0: float):
-        self.enabled, self.total_steps, self.t0 = enabled, total_steps, t0
+                 t0: float, every_steps: int = 0):
+        self.enabled, self.total_steps, self.t0, self.every_steps = enabled, total_steps, t0, every_steps
         self.bar = None
+        self.pending: deque = deque()  # batch losses on their way to host memory
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported on rank 0 only
@@ -85,6 +88,30 @@ class RunLog:
         if self.bar is not None:
             self.bar.update()
 
+    def batch(self, step: int, loss_sum: torch.Tensor, images: int, lr: float, train_time_s: float) -> None:
+        """TensorBoard's train/batch_loss (the batch's mean loss) and train/lr at ``step``, without waiting for the
+        device: the loss is copied to host memory asynchronously and written by a later call, or by close(), once
+        the copy is done (an event's query, not a sync)."""
+        if not self.enabled:
+            return
+        host = torch.empty((), dtype=loss_sum.dtype, pin_memory=loss_sum.is_cuda)
+        host.copy_(loss_sum.detach(), non_blocking=True)
+        done = None
+        if loss_sum.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending.append((step, host, done, images, lr, train_time_s))
+        self._write_batches()
+
+    def _write_batches(self, wait: bool = False) -> None:
+        while self.pending and (wait or self.pending[0][2] is None or self.pending[0][2].query()):
+            step, host, done, images, lr, train_time_s = self.pending.popleft()
+            if done is not None:
+                done.synchronize()  # done already unless wait (at close)
+            wall = self.t0 + train_time_s
+            self.tb.add_scalar("train/batch_loss", host.item() / images, step, walltime=wall)
+            self.tb.add_scalar("train/lr", lr, step, walltime=wall)
+
     def evaluation(self, row: dict[str, Any]) -> None:
         """Record one evaluation: a metrics.jsonl line, TensorBoard scalars, a printed line."""
         if not self.enabled:
@@ -94,6 +121,8 @@ class RunLog:
         wall, step = self.t0 + row["train_time_s"], row["step"]
         for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/acc", "test_acc"),
                          ("val/acc", "val_acc"), ("perf/img_per_s", "img_per_s")):
+            if tag == "train/lr" and self.every_steps and step % self.every_steps == 0:
+                continue  # batch() wrote this step's lr
             if row.get(key) is not None:
                 self.tb.add_scalar(tag, row[key], step, walltime=wall)
         self.tb.flush()
@@ -110,6 +139,7 @@ class RunLog:
             return
         if self.bar is not None:
             self.bar.close()
+        self._write_batches(wait=True)
         self.jsonl.close()
         self.tb.close()
 

@@ -106,15 +106,18 @@ def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
     up before its timer too). Every stochastic-depth branch is kept meanwhile, so each is compiled."""
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
     rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
-    x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=prec.dtype, memory_format=prec.memory_format)
-    y = torch.randint(0, 10, (batch,), device=device)
-    model.train()
-    for _ in range(steps):
-        train_on_batch(net, opt, scaler, x, y, accum=accum, amp_dtype=prec.amp_dtype)
-    model.death_rates = rates
-    if evaluate is not None:
-        evaluate()
+    # its random batches and dropout draws must not move the run's streams (a run resumed inside an epoch
+    # continues them from the checkpoint)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=prec.dtype, memory_format=prec.memory_format)
+        y = torch.randint(0, 10, (batch,), device=device)
         model.train()
+        for _ in range(steps):
+            train_on_batch(net, opt, scaler, x, y, accum=accum, amp_dtype=prec.amp_dtype)
+        model.death_rates = rates
+        if evaluate is not None:
+            evaluate()
+            model.train()
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     scaler.load_state_dict(saved[2])
@@ -234,11 +237,12 @@ class Step:
         self.next_index = 0  # ... and on the host
         self.cudagraph_skips = 0  # parts torch.compile's CUDA graphs left eager (see build_step)
 
-    def start_epoch(self, index: int) -> None:
-        """Zero the epoch's sums; the next call is global step ``index`` (four fills, once an epoch)."""
-        self.loss_sum.zero_()
-        self.correct.zero_()
-        self.bad_step.fill_(-1)
+    def start_epoch(self, index: int, loss_sum: float = 0.0, correct: int = 0, bad_step: int = -1) -> None:
+        """Start the epoch's sums (at zero; at a checkpoint's values for an epoch resumed inside); the next call is
+        global step ``index`` (four fills, once an epoch)."""
+        self.loss_sum.fill_(loss_sum)
+        self.correct.fill_(correct)
+        self.bad_step.fill_(bad_step)
         self.count.fill_(index)
         self.next_index = index
 

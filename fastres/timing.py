@@ -32,6 +32,20 @@ class Timer:
 
 
 @contextmanager
+def sync_allowed(device: torch.device) -> Iterator[None]:
+    """Inside, a synchronization is allowed even under :func:`forbid_host_sync` (a deliberate, rare one)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+@contextmanager
 def forbid_host_sync(device: torch.device, enabled: bool) -> Iterator[None]:
     """Inside, any host-device synchronization raises (torch.cuda.set_sync_debug_mode("error")): an
     ``.item()``, a blocking copy, ``nonzero`` or a boolean mask stalls the host until the GPU drains, which

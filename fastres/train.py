@@ -28,11 +28,15 @@ from fastres.build import Parts, build
 from fastres.checkpoint import Progress
 from fastres.cli import entry, parse_args
 from fastres.config import Config
-from fastres.errors import UserError
+from fastres.errors import Interrupted, UserError
 from fastres.evaluate import target_split
 from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, plot_curves, read_metrics
 from fastres.model import count_params
+from fastres.pause import Pauses
 from fastres.timing import Timer, forbid_host_sync
+
+ESTIMATE_AFTER_STEPS = 20  # steps timed (host clock) before saying how long a long run will take
+LONG_RUN_S = 1800.0  # what "long" is
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -53,6 +57,7 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup + build
     config.validate(cfg, dist.world)  # before anything is written or staged
     dev, out, target = dist.device, Path(cfg.run.out_dir), target_split(cfg.eval)
+    _check_device(cfg, dev)
     code = dict(git_sha=provenance.git_sha(), code_hash=provenance.code_hash())  # what runs, read at start
     state = open_run_dir(cfg, dist)
     progress = checkpoint.restore_progress(out / checkpoint.NAME, state) if state else Progress()
@@ -61,72 +66,72 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)
     p = build(cfg, dist, state)
     steps_per_epoch, batch = len(p.loader), cfg.optim.batch_size
-    log = RunLog(out, enabled=dist.is_main, total_steps=steps_per_epoch * cfg.run.epochs, step=progress.step,
-                 epoch=progress.epoch, t0=progress.t0)
+    total_steps, t_loop, estimate_from = steps_per_epoch * cfg.run.epochs, time.perf_counter(), progress.step
+    estimate_at = estimate_from + min(ESTIMATE_AFTER_STEPS, steps_per_epoch)
+    log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress.step, epoch=progress.epoch,
+                 t0=progress.t0, every_steps=cfg.log.every_steps)
     if dist.is_main:
-        (out / "config.toml").write_text(config.to_toml(cfg))
-        if p.lsuv is not None:
-            (out / "lsuv.json").write_text(json.dumps(p.lsuv, indent=1) + "\n")
-        log.info(_start_line(cfg, p, dist, progress))
-        if p.step.cudagraph_skips:
-            log.info(f"fastres: warning: torch.compile left {p.step.cudagraph_skips} part(s) of the step out of its "
-                     "CUDA graphs, which then run eagerly (TORCH_LOGS=cudagraphs says why); see cudagraph_skips")
+        _announce(cfg, p, dist, progress, log)
 
     # ---------------------------------------------------------------- train
-    timer, step = Timer(dev), progress.step
-    for epoch in range(progress.epoch, cfg.run.epochs):
-        if cfg.run.stop_at_target and progress.time_to_target_s is not None:
-            log.info(f"fastres: {target} accuracy reached {cfg.run.target_acc:.0%} at epoch {progress.epoch}: "
-                     "stopping (run.stop_at_target)")
-            break
-        torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank, resumable
-        p.loader.set_epoch(epoch)
-        p.model.train()
-        p.step.start_epoch(step)  # the epoch's loss, accuracy and first non-finite step are summed on the device
-        timer.start()
-        with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
-            for x, y in p.loader:
-                p.step(x, y, p.schedule(step), step)
-                step += 1
-                log.advance()
-        epoch_time = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
-        progress.train_time_s += distributed.all_reduce(epoch_time, op="max").item()  # the slowest rank's
-        done = epoch + 1
-        bad = distributed.all_reduce(p.step.bad_step.clone(), op="max").item()  # once an epoch: stop a diverged run
-        if bad >= 0:
-            raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
-                            f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
-                            f"the last good checkpoint (epoch {progress.epoch}) is kept")
-        if done % cfg.run.eval_every and done != cfg.run.epochs:
-            continue
+    timer, step, pauses = Timer(dev), progress.step, Pauses(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
+    try:
+        for epoch in range(progress.epoch, cfg.run.epochs):
+            if cfg.run.stop_at_target and progress.time_to_target_s is not None:
+                log.info(f"fastres: {target} accuracy reached {cfg.run.target_acc:.0%} at epoch {progress.epoch}: "
+                         "stopping (run.stop_at_target)")
+                break
+            batches = _start_epoch(cfg, p, dist, progress, state, epoch, step)
+            while True:  # timed segments of the epoch, between checkpoints inside it
+                timer.start()
+                t_segment = time.perf_counter()
+                with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
+                    for x, y in batches:
+                        step_loss, _ = p.step(x, y, p.schedule(step), step)
+                        step += 1
+                        log.advance()
+                        if cfg.log.every_steps and step % cfg.log.every_steps == 0:
+                            log.batch(step, step_loss, len(y), p.schedule(step - 1),
+                                      progress.train_time_s + time.perf_counter() - t_segment)
+                        if step == estimate_at and (line := _duration_line(
+                                time.perf_counter() - t_loop, step - estimate_from, total_steps - step)):
+                            log.info(line)
+                        if pauses.due(step):
+                            break
+                segment = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
+                progress.train_time_s += distributed.all_reduce(segment, op="max").item()  # the slowest rank's
+                if step == (epoch + 1) * steps_per_epoch:
+                    break
+                _save(cfg, p, dist, progress, step, mid_epoch=True)  # at a step boundary, outside the timed segments
+                pauses.saved()
+                if pauses.signum is not None:
+                    raise _interrupted(pauses.signum, epoch, step)
+            done = epoch + 1
+            bad = distributed.all_reduce(p.step.bad_step.clone(), op="max").item()  # once an epoch: a diverged run
+            if bad >= 0:
+                raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
+                                f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
+                                f"the last good checkpoint (step {progress.step}) is kept")
+            progress.epoch = done  # a checkpoint inside the next epoch resumes there
+            stopping = pauses.stopping()
+            if done % cfg.run.eval_every and done != cfg.run.epochs and not stopping:
+                continue
 
-        # ------------------------------------------------------------ evaluate + checkpoint (untimed)
-        t_eval = time.perf_counter()
-        seen = steps_per_epoch * batch
-        train_loss = distributed.all_reduce(p.step.loss_sum.clone()).item() / seen
-        train_acc = distributed.all_reduce(p.step.correct.clone()).item() / seen  # on augmented batches, as trained
-        distributed.broadcast_buffers(p.model)
-        if p.ema is not None:
-            p.ema.broadcast()
-        acc, extra = p.evaluate(p.evals)
-        last = progress.last or dict(epoch=0, train_time_s=0.0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        eval_s = time.perf_counter() - t_eval
-        progress.eval_time_s += eval_s
-        row = dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
-                   val_acc=acc.get("val"), lr=p.schedule(step - 1), train_time_s=progress.train_time_s,
-                   img_per_s=(done - last["epoch"]) * seen / max(1e-9, progress.train_time_s - last["train_time_s"]),
-                   eval_s=eval_s, **extra)
-        if progress.time_to_target_s is None and acc[target] >= cfg.run.target_acc:
-            progress.reached(done)
-        log.evaluation(row)
-        progress.epoch, progress.step, progress.last = done, step, row
-        if dist.is_main:
-            plot_curves(read_metrics(out), out / "curves.png")
-            checkpoint.save(out / checkpoint.NAME, checkpoint.gather(p.model, p.optimizer, p.scaler, progress,
-                                                                      config.to_dict(cfg), p.ema))
-    log.close()
+            # -------------------------------------------------------- evaluate + checkpoint (untimed)
+            row = _evaluation(p, dist, progress, step, done, seen=steps_per_epoch * batch)
+            if progress.time_to_target_s is None and row[f"{target}_acc"] >= cfg.run.target_acc:
+                progress.reached(done)
+            log.evaluation(row)
+            progress.last = row
+            if dist.is_main:
+                plot_curves(read_metrics(out), out / "curves.png")
+            _save(cfg, p, dist, progress, step, mid_epoch=False)
+            pauses.saved()
+            if stopping:
+                raise _interrupted(pauses.signum, epoch, step)
+    finally:
+        pauses.close()
+        log.close()
 
     # ---------------------------------------------------------------- summary
     summary = _summary(cfg, p, dist, progress, code)
@@ -138,6 +143,95 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
                  f", compile {p.compile_s:.1f} s), time to {cfg.run.target_acc:.0%}: "
                  + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
     return summary
+
+
+def _check_device(cfg: Config, dev: torch.device) -> None:
+    if cfg.precision.amp == "fp16" and dev.type == "cpu" and cfg.run.device != "cpu":
+        raise UserError("precision.amp = fp16 on a CPU (run.device = auto found no GPU) runs many times slower than "
+                        "fp32 there (no fast fp16 kernels): use precision.amp = bf16 or off, or --run.device=cpu to "
+                        "run fp16 on the CPU anyway")
+
+
+def _announce(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, log: RunLog) -> None:
+    """Rank 0, before training: the resolved config, LSUV's records, and what the run is, in the log."""
+    out = Path(cfg.run.out_dir)
+    (out / "config.toml").write_text(config.to_toml(cfg))
+    if p.lsuv is not None:
+        (out / "lsuv.json").write_text(json.dumps(p.lsuv, indent=1) + "\n")
+    log.info(_start_line(cfg, p, dist, progress))
+    for note in p.notes:
+        log.info(f"fastres: {note}")
+    if p.step.cudagraph_skips:
+        log.info(f"fastres: warning: torch.compile left {p.step.cudagraph_skips} part(s) of the step out of its "
+                 "CUDA graphs, which then run eagerly (TORCH_LOGS=cudagraphs says why); see cudagraph_skips")
+
+
+def _start_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, state: dict[str, Any] | None,
+                 epoch: int, step: int):
+    """The epoch's batches from ``step`` on: from its start, or (a checkpoint inside it) where it stopped, with
+    the checkpoint's random streams and the epoch's sums so far."""
+    first = step - epoch * len(p.loader)
+    if first == 0:
+        torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank
+    else:
+        checkpoint.restore_rng_ranks(Path(cfg.run.out_dir) / checkpoint.NAME, state, dist.rank, dist.world)
+    sums = (progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step) if first and dist.is_main else ()
+    p.loader.set_epoch(epoch, first)
+    p.model.train()
+    p.step.start_epoch(step, *sums)  # the epoch's loss, accuracy and first non-finite step, on the device
+    return iter(p.loader)
+
+
+def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, step: int, done: int, seen: int) -> dict:
+    """The metrics row of the evaluation after ``done`` epochs (its time goes to progress.eval_time_s)."""
+    t_eval = time.perf_counter()
+    train_loss = distributed.all_reduce(p.step.loss_sum.clone()).item() / seen
+    train_acc = distributed.all_reduce(p.step.correct.clone()).item() / seen  # on augmented batches, as trained
+    distributed.broadcast_buffers(p.model)
+    if p.ema is not None:
+        p.ema.broadcast()
+    acc, extra = p.evaluate(p.evals)
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize(dist.device)
+    eval_s = time.perf_counter() - t_eval
+    progress.eval_time_s += eval_s
+    last = progress.last or dict(epoch=0, train_time_s=0.0)
+    since = max(1e-9, progress.train_time_s - last["train_time_s"])
+    return dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
+                val_acc=acc.get("val"), lr=p.schedule(step - 1), train_time_s=progress.train_time_s,
+                img_per_s=(done - last["epoch"]) * seen / since, eval_s=eval_s, **extra)
+
+
+def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, step: int, *, mid_epoch: bool) -> None:
+    """A checkpoint at ``step`` (every rank takes part; rank 0 writes). Inside an epoch it also keeps the epoch's
+    sums so far, over every rank, and every rank's random streams, so the epoch goes on exactly."""
+    progress.step = step
+    rng_ranks = None
+    if mid_epoch:
+        sums = [distributed.all_reduce(p.step.loss_sum.clone()).item(), distributed.all_reduce(
+            p.step.correct.clone()).item(), distributed.all_reduce(p.step.bad_step.clone(), op="max").item()]
+        progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = sums
+        rng_ranks = distributed.all_gather_object(checkpoint.rng_state())
+    else:
+        progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
+    if dist.is_main:
+        checkpoint.save(Path(cfg.run.out_dir) / checkpoint.NAME, checkpoint.gather(
+            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks))
+    distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
+
+
+def _interrupted(signum: int, epoch: int, step: int) -> Interrupted:
+    return Interrupted(f"interrupted at epoch {epoch + 1} step {step}; checkpoint kept; run the same command to "
+                       "resume", signum)
+
+
+def _duration_line(seconds: float, steps_timed: int, steps_left: int) -> str | None:
+    """After the first steps: how long the rest takes at this speed, when that is long (host clock: approximate)."""
+    left = seconds / max(1, steps_timed) * steps_left
+    if left < LONG_RUN_S:
+        return None
+    return (f"fastres: about {left / 3600:.1f} h to go at this speed ({seconds / max(1, steps_timed):.2f} s a step, "
+            f"{steps_left} steps left); configs/smoke.toml shows the whole path in a minute")
 
 
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:

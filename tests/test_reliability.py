@@ -41,7 +41,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 def test_four_epochs_equal_two_then_two_more(small_cifar, tmp_path, monkeypatch, amp):
     """Train 4 epochs; train 2, stop, resume for 2 more: the same weights, optimizer and scaler, bit for bit."""
     extra = [f"--precision.amp={amp}", "--model.dropout=0.1", "--model.stochastic_depth=0.2", "--data.subset=250",
-             "--optim.warmup_epochs=1", "--data.loader=workers", "--data.num_workers=1"]
+             "--optim.warmup_epochs=1", "--data.loader=workers", "--data.num_workers=1", "--run.device=cpu"]
     train.main(config.load(None, tiny(small_cifar, tmp_path / "a", *extra)))
 
     real_save, saves = checkpoint.save, []

@@ -39,8 +39,15 @@ def test_one_bf16_step(small_cifar, tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
 
 
+def test_fp16_on_a_cpu_it_was_not_asked_for_is_refused(small_cifar, tmp_path):
+    with pytest.raises(UserError, match="fp16 on a CPU .* --run.device=cpu to run fp16 on the CPU anyway"):
+        train.main(tiny(small_cifar, tmp_path, "--precision.amp=fp16", "--run.device=auto"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_fp16_uses_a_grad_scaler(small_cifar, tmp_path):
-    s = train.main(tiny(small_cifar, tmp_path, "--precision.amp=fp16", "--run.epochs=1", "--data.subset=150",
+    s = train.main(tiny(small_cifar, tmp_path, "--precision.amp=fp16", "--run.device=cpu", "--run.epochs=1",
+                        "--data.subset=150",
                         "--data.test_subset=20"))
     assert s["steps"] == 2
     state = checkpoint.load(tmp_path / "run" / checkpoint.NAME)

@@ -2,8 +2,9 @@
 
 Every loader keeps one contract (NVIDIA ConvNets' data backends do the same): per rank, ``len(loader)``
 full batches per epoch of ``(images, labels)`` where images are normalized float (NCHW shape; channels_last
-memory format when asked; dtype as asked) and labels int64, both on ``device``. ``set_epoch(e)`` picks the
-epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree image for image.
+memory format when asked; dtype as asked) and labels int64, both on ``device``. ``set_epoch(e, start)`` picks the
+epoch's order and augmentation (see :mod:`fastres.data.order`), so loaders agree image for image; the next
+iteration then yields the epoch's batches from batch ``start`` on (a run resumed inside an epoch).
 ``data.source = "synthetic"`` feeds the same loaders random images of CIFAR-10's shape.
 """
 
@@ -27,7 +28,7 @@ from fastres.errors import UserError
 
 class Loader(Protocol):
     def __len__(self) -> int: ...
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start: int = 0) -> None: ...
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 

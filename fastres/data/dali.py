@@ -66,8 +66,8 @@ class _EpochSource:
     training loop still belong to the right epoch.
     """
 
-    def __init__(self, loader: DaliLoader, base_epoch: int):
-        self.loader, self.base_epoch, self.cached = loader, base_epoch, None
+    def __init__(self, loader: DaliLoader, base_epoch: int, start: int = 0):
+        self.loader, self.base_epoch, self.start, self.cached = loader, base_epoch, start, None
 
     def _epoch(self, epoch: int):
         if self.cached is None or self.cached[0] != epoch:
@@ -82,10 +82,11 @@ class _EpochSource:
         return self.cached
 
     def _slice(self, info):
-        if info.iteration >= len(self.loader):
+        k = info.iteration + (self.start if info.epoch_idx == 0 else 0)  # the first epoch may resume at `start`
+        if k >= len(self.loader):
             raise StopIteration
         b = self.loader.b
-        return self._epoch(self.base_epoch + info.epoch_idx), slice(info.iteration * b, (info.iteration + 1) * b)
+        return self._epoch(self.base_epoch + info.epoch_idx), slice(k * b, (k + 1) * b)
 
     def images(self, info):
         (_, order, order_dev, *_), sl = self._slice(info)
@@ -117,16 +118,16 @@ class DaliLoader:
         self.labels = split.y.astype(np.int64)
         self.images_dev = torch.from_numpy(padded).to(device) if source == "device" else None
         self.images_host = padded if source == "host" else None
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         self._build(0)
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
 
-    def _build(self, base_epoch: int) -> None:
+    def _build(self, base_epoch: int, start: int = 0) -> None:
         fn, types = self.fn, self.types
         gpu, out_fp16 = self.gpu, self.dtype in (torch.float16, torch.bfloat16)
-        src = _EpochSource(self, base_epoch)
+        src = _EpochSource(self, base_epoch, start)
 
         on_device = gpu and self.images_dev is not None
         # the batch is gathered on torch's current stream: DALI copies it on that stream too, in order, instead of
@@ -154,12 +155,12 @@ class DaliLoader:
         self.iterator = self.Iterator(pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False)
         self.pipe_epoch, self.needs_reset = base_epoch, False
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.pipe_epoch != self.epoch:  # first use after a jump (resume) or a partly read epoch
-            self._build(self.epoch)
+        if self.pipe_epoch != self.epoch or self.start:  # first use after a jump (resume) or a partly read epoch
+            self._build(self.epoch, self.start)
         elif self.needs_reset:  # here, not at the end of the last epoch: its prefetch is then training time
             self.iterator.reset()
         self.pipe_epoch, self.needs_reset = None, True

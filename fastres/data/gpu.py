@@ -42,17 +42,18 @@ class GpuLoader:
         self.labels = torch.from_numpy(split.y).to(device)
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
-        self.epoch, self.flip = 0, flip
+        self.epoch, self.start, self.flip = 0, 0, flip
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        steps, b = len(self), self.b
-        order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world)[:steps * b]
+        b, start = self.b, self.start
+        steps = len(self) - start  # the epoch from batch `start` on
+        order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world)[start * b:(start + steps) * b]
         order = order.to(self.device, non_blocking=True)
         params = aug_params(self.n, self.seed, self.epoch, self.flip)
         dy, dx, flip = (t.to(self.device, non_blocking=True) for t in params)

@@ -24,16 +24,17 @@ class _AugmentedSampler(Sampler):
 
     def __init__(self, n: int, seed: int, rank: int, world: int, flip: str):
         self.n, self.seed, self.rank, self.world, self.flip, self.epoch = n, seed, rank, world, flip, 0
+        self.skip = 0  # images of the epoch already trained on (a resumed epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return self.n // self.world - self.skip
 
     def __iter__(self):
         dy, dx, flip = (t.tolist() for t in aug_params(self.n, self.seed, self.epoch, self.flip))
-        for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist():
+        for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world)[self.skip:].tolist():
             yield i, dy[i], dx[i], flip[i]
 
 
@@ -70,8 +71,8 @@ class WorkersLoader:
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start * self.b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
