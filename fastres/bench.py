@@ -47,7 +47,7 @@ from fastres.data import build_loader, endless, fetch, load
 from fastres.data.cifar import Split
 from fastres.dispatch import count_host_ops
 from fastres.dispatch import report as dispatch_report
-from fastres.errors import UserError, read_json
+from fastres.errors import UserError, read_json, write_text, writing
 from fastres.log import read_metrics
 from fastres.model import build_model
 from fastres.precision import precision
@@ -272,13 +272,14 @@ TABLES = {
 
 def append_rows(path: Path, rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     """Append to the JSON list at ``path`` and rewrite its markdown table beside it; all rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     old = read_json(path, list, "results file") if path.exists() else []
     everything = old + rows
-    path.write_text(json.dumps(everything, indent=1) + "\n")
+    write_text(path, json.dumps(everything, indent=1) + "\n")
     title, intro, table = TABLES[what]
-    path.with_suffix(".md").write_text(f"# {title}\n\nRows of `{path.name}`, written by {intro}\n\n"
-                                       + table(everything))
+    write_text(path.with_suffix(".md"),
+               f"# {title}\n\nRows of `{path.name}`, written by {intro}\n\n" + table(everything))
     return everything
 
 
@@ -327,8 +328,9 @@ def _main(argv: list[str]) -> None:
         flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else []) + (
             [f"--out={out}"] if out != Path("results/scaling.md") else [])
         text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        with writing(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(out, text)
         print(text, end="")
 
 

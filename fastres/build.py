@@ -25,6 +25,7 @@ from fastres.data.cifar import Cifar10, Split
 from fastres.data.transform import normalize
 from fastres.distributed import Dist
 from fastres.ema import WeightEMA
+from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
 from fastres.init import lsuv_
 from fastres.model import ResNetCifar, build_model
@@ -66,6 +67,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         fetch(cfg.data)  # downloads once, on rank 0
     distributed.barrier()
     data = load(cfg.data)
+    _check_labels(data, cfg.model.num_classes)
     data_cfg, notes = _workers_that_fit(cfg.data)
     loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
                           world=world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype)
@@ -108,6 +110,13 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
                  scaler=scaler, ema=ema, evaluate=evaluate, step=step, prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def _check_labels(data: Cifar10, num_classes: int) -> None:
+    top = max(int(s.y.max()) for s in (data.train, data.test) if len(s))
+    if top >= num_classes:
+        raise UserError(f"model.num_classes = {num_classes} but the data's labels go up to {top}: set "
+                        f"model.num_classes to at least {top + 1}")
 
 
 def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:

@@ -7,6 +7,7 @@ tensors and plain Python values (RNG states included, converted where needed).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from fastres.ema import WeightEMA
-from fastres.errors import UserError, one_line
+from fastres.errors import UserError, one_line, writing
 
 NAME = "checkpoint.pt"
 
@@ -31,17 +32,20 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` so that ``path`` is always a whole checkpoint: the old one or the new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+    buf = io.BytesIO()
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
+        with writing(path, needs=None, kept=kept):
+            torch.save(state, buf)  # in memory first: the disk then sees one write, of a known size
+        with writing(path, needs=buf.getbuffer().nbytes, kept=kept):
+            with open(tmp, "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except UserError:
         tmp.unlink(missing_ok=True)
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
-        raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}): free space or fix permissions "
-                        f"there and run the same command again; {kept}") from None
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

@@ -38,9 +38,14 @@ def _opt(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None
     return field(default=default, metadata=meta)
 
 
+MAX_SEED = 2**32 - 1  # numpy's global seed takes at most 32 bits
+MAX_EPOCHS = 1_000_000  # the step counts made from epochs stay exact integers and floats
+MAX_IMAGES = 10_000_000  # more than any CIFAR-sized set holds: a typo, not a choice
+
+
 def _check_depth(depth: int) -> str | None:
-    if depth < 8 or (depth - 2) % 6:
-        return "must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202 are the paper's)"
+    if depth < 8 or (depth - 2) % 6 or depth > 10_000:
+        return "must be 6n+2 with n >= 1, at most 10,000 (20, 32, 44, 56, 110, 1202 are the paper's)"
     return None
 
 
@@ -55,11 +60,13 @@ def _check_milestones(ms: list[float]) -> str | None:
 @dataclass
 class RunCfg:
     name: str = _opt("baseline", "run name; the run directory defaults to runs/<name>")
-    seed: int = _opt(0, "seed for init, data order, augmentation and stochastic depth", ge=0)
+    seed: int = _opt(0, "seed for init, data order, augmentation and stochastic depth", ge=0, le=MAX_SEED)
     out_dir: str = _opt("", "run directory (default: runs/<name>)")
-    epochs: int = _opt(164, "training epochs (He 2015: 64k iterations at batch 128 = 164 epochs)", ge=1)
+    epochs: int = _opt(164, "training epochs (He 2015: 64k iterations at batch 128 = 164 epochs)", ge=1,
+                       le=MAX_EPOCHS)
     target_acc: float = _opt(0.91, "test accuracy whose first crossing gives time_to_target_s", gt=0.0, le=1.0)
-    eval_every: int = _opt(1, "evaluate (and checkpoint) every this many epochs, and at the end", ge=1)
+    eval_every: int = _opt(1, "evaluate (and checkpoint) every this many epochs, and at the end", ge=1,
+                           le=MAX_EPOCHS)
     stop_at_target: bool = _opt(False, "end the run at the first evaluation at or above run.target_acc (its summary "
                                 "says stopped_at_target); for timing time to target, not final accuracy")
     resume: str = _opt("auto", "auto: continue from out_dir's checkpoint if any; never: refuse an existing "
@@ -70,7 +77,8 @@ class RunCfg:
     sync_debug: bool = _opt(False, "CUDA only: raise at any host-device synchronization inside the training "
                             "loop (torch.cuda.set_sync_debug_mode), to check the fast path has none")
     checkpoint_every_s: float = _opt(600.0, "also checkpoint inside an epoch, at a step boundary, once this many "
-                                     "seconds have passed since the last checkpoint; 0 = only at evaluations", ge=0.0)
+                                     "seconds have passed since the last checkpoint; 0 = only at evaluations", ge=0.0,
+                                     le=1e9)
 
 
 @dataclass
@@ -89,13 +97,16 @@ class DataCfg:
     flip: str = _opt("random", "training flips: random (each image mirrored with p = 1/2 every epoch, He 2015) or "
                      "alternate (random in epoch 0, then each image's flip inverted every epoch; Jordan 2024, "
                      "cifar10-airbench)", choices=("random", "alternate"))
-    val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0)
+    val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0,
+                         le=MAX_IMAGES)
     split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
-                           "of a recipe is tuned on the same split)", ge=0)
-    subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests)", ge=0)
-    test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests)", ge=0)
+                           "of a recipe is tuned on the same split)", ge=0, le=MAX_SEED)
+    subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests)", ge=0,
+                       le=MAX_IMAGES)
+    test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests)", ge=0,
+                            le=MAX_IMAGES)
     num_workers: int = _opt(4, "CPU workers per rank: DataLoader processes (workers), DALI threads (dali)",
-                            ge=0)
+                            ge=0, le=1024)
 
 
 @dataclass
@@ -112,31 +123,34 @@ class ModelCfg:
     zero_init_residual: bool = _opt(False, "start every residual branch at zero (Goyal et al. 2017)")
     init: str = _opt("kaiming", "kaiming: He et al. 2015 normal init; lsuv: orthonormal, then each layer scaled "
                      "to unit output variance on real batches (Mishkin & Matas 2016)", choices=("kaiming", "lsuv"))
-    lsuv_tol_var: float = _opt(0.1, "LSUV: stop scaling a layer once |output variance - 1| < this", gt=0.0)
-    lsuv_t_max: int = _opt(10, "LSUV: at most this many tries (each on a fresh mini-batch) per layer", ge=1)
+    lsuv_tol_var: float = _opt(0.1, "LSUV: stop scaling a layer once |output variance - 1| < this", gt=0.0,
+                               le=1.0)
+    lsuv_t_max: int = _opt(10, "LSUV: at most this many tries (each on a fresh mini-batch) per layer", ge=1,
+                           le=10_000)
     dropout: float = _opt(0.0, "dropout rate between the two convolutions of every residual branch "
                           "(as Wide ResNets place it); 0 = off", ge=0.0, lt=1.0)
     dropout_kind: str = _opt("standard", "standard: inverted dropout of single activations; spatial: of whole "
                              "channels (SpatialDropout, Tompson et al. 2015)", choices=("standard", "spatial"))
-    num_classes: int = _opt(10, "output classes", ge=2)
+    num_classes: int = _opt(10, "output classes (at least the data's labels: checked when the data is read)",
+                            ge=2, le=1_000_000)
 
 
 @dataclass
 class OptimCfg:
     lr_per_128: float = _opt(0.1, "learning rate per 128 images: lr = lr_per_128 * batch_size / 128 "
-                             "(Goyal et al. 2017)", gt=0.0)
-    batch_size: int = _opt(128, "global batch size, split evenly over ranks", ge=1)
-    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank", ge=1)
+                             "(Goyal et al. 2017)", gt=0.0, le=1000.0)
+    batch_size: int = _opt(128, "global batch size, split evenly over ranks", ge=1, le=MAX_IMAGES)
+    accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each rank", ge=1, le=MAX_IMAGES)
     momentum: float = _opt(0.9, "SGD momentum", ge=0.0, lt=1.0)
     nesterov: bool = _opt(False, "Nesterov momentum")
-    weight_decay: float = _opt(1e-4, "L2 weight decay on every parameter (He 2015)", ge=0.0)
+    weight_decay: float = _opt(1e-4, "L2 weight decay on every parameter (He 2015)", ge=0.0, le=1.0)
     warmup_epochs: float = _opt(0.0, "linear per-iteration warmup from lr_per_128 to the scaled lr "
-                                "(Goyal et al. 2017)", ge=0.0)
+                                "(Goyal et al. 2017)", ge=0.0, le=MAX_EPOCHS)
     warmup_mode: str = _opt("gradual", "gradual: lr rises linearly over the warmup (Goyal et al. 2017); "
                             "constant: lr stays at its start value, then jumps (He 2015's ResNet-110)",
                             choices=("gradual", "constant"))
     warmup_start: float = _opt(1.0, "the warmup's first lr, as a multiple of lr_per_128 (Goyal: 1; He 2015's "
-                               "ResNet-110: 0.1, i.e. 0.01)", gt=0.0)
+                               "ResNet-110: 0.1, i.e. 0.01)", gt=0.0, le=1000.0)
     schedule: str = _opt("step", "step: lr * gamma at each milestone; cosine: cosine decay to 0 "
                          "after warmup", choices=("step", "cosine"))
     milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr *= gamma "
@@ -171,7 +185,7 @@ class EvalCfg:
     precise_bn: bool = _opt(False, "before each evaluation, recompute BN statistics with the current weights "
                             "over un-augmented training images instead of the running averages")
     precise_bn_batches: int = _opt(200, "precise BN: training batches (per rank, at the training batch size) "
-                                   "to average over", ge=1)
+                                   "to average over", ge=1, le=MAX_IMAGES)
     tta: str = _opt("off", "test-time augmentation: flip averages each image's logits with its mirror "
                     "image's (cifar10-airbench); flip-translate adds the flip averages of the image moved one "
                     "pixel each way (6 passes; airbench's tta_level 2); the plain accuracy is logged beside it "
@@ -183,7 +197,8 @@ class EvalCfg:
 @dataclass
 class LogCfg:
     every_steps: int = _opt(50, "write the training batch's loss and the lr to TensorBoard every this many steps "
-                            "(read without waiting for the device); 0 = only at evaluations", ge=0)
+                            "(read without waiting for the device); 0 = only at evaluations", ge=0,
+                            le=10**9)
 
 
 @dataclass
@@ -199,8 +214,8 @@ class Config:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
-RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "data.dir",
-                     "data.num_workers", "log.every_steps")
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "run.out_dir",
+                     "data.dir", "data.num_workers", "log.every_steps")  # run.out_dir: where it lives, moved or not
 
 
 def _hints(section_cls: type) -> dict[str, Any]:

@@ -5,6 +5,10 @@ file fastres wrote without trusting it. fastres.cli.entry turns a UserError into
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,44 @@ class Interrupted(UserError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def _free(path: Path) -> str:
+    """The room left on ``path``'s disk, as a user reads it ("" when even that cannot be found)."""
+    for parent in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(parent).free / 2**20:,.1f} MB free there"
+        except OSError:
+            continue
+    return ""
+
+
+def write_failed(path: str | os.PathLike, why: str, needs: int | None = None, kept: str = "") -> UserError:
+    """The one line for a write that failed: the file, why, the room it needed and has, what to do."""
+    path = Path(path)
+    room = ", ".join(filter(None, [f"it needed {needs / 2**20:,.1f} MB" if needs else "", _free(path)]))
+    return UserError(f"cannot write {path} ({why}{'; ' + room if room else ''}): free space (or fix permissions) "
+                     f"there and run the same command again{'; ' + kept if kept else ''}")
+
+
+@contextmanager
+def writing(path: str | os.PathLike, needs: int | None = None, kept: str = "") -> Iterator[None]:
+    """Inside, a failed write of ``path`` (a full disk, a quota, permissions; torch's and tensorboard's own
+    errors for a full disk included) is :func:`write_failed`'s one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failed(path, e.strerror or one_line(e), needs, kept) from None
+    except RuntimeError as e:  # torch's zip writer on a full disk: "[enforce fail at inline_container.cc] ..."
+        if "inline_container" not in str(e) and "write" not in str(e).lower():
+            raise
+        raise write_failed(path, one_line(e, 120), needs, kept) from None
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``Path(path).write_text(text)``, a failure being :func:`write_failed`'s one line."""
+    with writing(path, needs=len(text.encode())):
+        Path(path).write_text(text)
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fastres.errors import UserError
+from fastres.errors import UserError, writing
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -67,9 +67,12 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter  # imported on rank 0 only
 
         rows = [r for r in read_metrics(out_dir) if r["epoch"] <= epoch]
-        (out_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.jsonl = open(out_dir / METRICS, "a")
-        self.tb = SummaryWriter(str(out_dir / TB_DIR), purge_step=step + 1 if step else None)
+        self.metrics, self.tb_dir = out_dir / METRICS, out_dir / TB_DIR
+        with writing(self.metrics):
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.jsonl = open(self.metrics, "a")
+        with writing(self.tb_dir):
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=step + 1 if step else None)
         self.tty = sys.stderr.isatty()
         if self.tty:
             self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
@@ -109,23 +112,26 @@ class RunLog:
             if done is not None:
                 done.synchronize()  # done already unless wait (at close)
             wall = self.t0 + train_time_s
-            self.tb.add_scalar("train/batch_loss", host.item() / images, step, walltime=wall)
-            self.tb.add_scalar("train/lr", lr, step, walltime=wall)
+            with writing(self.tb_dir):
+                self.tb.add_scalar("train/batch_loss", host.item() / images, step, walltime=wall)
+                self.tb.add_scalar("train/lr", lr, step, walltime=wall)
 
     def evaluation(self, row: dict[str, Any]) -> None:
         """Record one evaluation: a metrics.jsonl line, TensorBoard scalars, a printed line."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        with writing(self.metrics):
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
         wall, step = self.t0 + row["train_time_s"], row["step"]
-        for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/acc", "test_acc"),
-                         ("val/acc", "val_acc"), ("perf/img_per_s", "img_per_s")):
-            if tag == "train/lr" and self.every_steps and step % self.every_steps == 0:
-                continue  # batch() wrote this step's lr
-            if row.get(key) is not None:
-                self.tb.add_scalar(tag, row[key], step, walltime=wall)
-        self.tb.flush()
+        with writing(self.tb_dir):
+            for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/acc", "test_acc"),
+                             ("val/acc", "val_acc"), ("perf/img_per_s", "img_per_s")):
+                if tag == "train/lr" and self.every_steps and step % self.every_steps == 0:
+                    continue  # batch() wrote this step's lr
+                if row.get(key) is not None:
+                    self.tb.add_scalar(tag, row[key], step, walltime=wall)
+            self.tb.flush()
         done = row["step"] / max(1, self.total_steps)
         eta = row["train_time_s"] * (1 - done) / done if done else 0.0
         accs = "".join(f"  {name} {row[name + '_acc']:.2%}" for name in ("test", "val")
@@ -140,8 +146,10 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
         self._write_batches(wait=True)
-        self.jsonl.close()
-        self.tb.close()
+        with writing(self.metrics):
+            self.jsonl.close()
+        with writing(self.tb_dir):
+            self.tb.close()
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -163,5 +171,6 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with writing(path):
+        fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,6 +28,7 @@ from fastres import distributed, provenance
 from fastres.build import build
 from fastres.config import Config
 from fastres.data import endless
+from fastres.errors import write_text, writing
 
 TRACES = Path("runs/profile")
 
@@ -152,6 +153,7 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50),
               "```"]
     text = "\n".join(lines) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{label}.txt").write_text(text)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{label}.txt", text)
     return text

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastres.cli import entry, take_flag, take_switch
-from fastres.errors import UserError, read_json
+from fastres.errors import UserError, read_json, writing
 from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics
 from fastres.provenance import short_sha
 
@@ -276,13 +276,14 @@ def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """The manifest's report in ``out_dir`` (stack.md/.csv/.png, or resnet-depths.csv/.md)."""
     manifest, rows = collect(runs_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if manifest.get("report") == "depths":
-        return depth_report(manifest, rows, out)
-    paths = [out / "stack.md", out / "stack.csv", out / "stack.png"]
-    paths[0].write_text(markdown(manifest, rows))
-    write_csv(paths[1], rows)
-    plot(paths[2], manifest, rows)
+    with writing(out):  # a full disk or a read-only folder: one line
+        out.mkdir(parents=True, exist_ok=True)
+        if manifest.get("report") == "depths":
+            return depth_report(manifest, rows, out)
+        paths = [out / "stack.md", out / "stack.csv", out / "stack.png"]
+        paths[0].write_text(markdown(manifest, rows))
+        write_csv(paths[1], rows)
+        plot(paths[2], manifest, rows)
     return paths
 
 

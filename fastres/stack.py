@@ -36,7 +36,7 @@ import torch
 from fastres import config, provenance
 from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
 from fastres.config import RESUME_MAY_DIFFER, ConfigError
-from fastres.errors import UserError, read_json
+from fastres.errors import UserError, read_json, write_text, writing
 from fastres.log import SUMMARY
 from fastres.report import build_report
 
@@ -186,16 +186,18 @@ def launch(cfg: config.Config, nproc: int, run_dir: Path, code: str, timeout_s: 
     or "interrupted" (time budget; the next sitting resumes from the checkpoint)."""
     if run_dir.exists() and any(run_dir.iterdir()) and not resumable(run_dir, cfg, code):
         # another recipe or other code ran here: keep it aside, start clean
-        run_dir.rename(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d%H%M%S')}"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_MARK).write_text(json.dumps({"code_hash": code, "config": config.to_dict(cfg)}) + "\n")
+        with writing(run_dir):
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d%H%M%S')}"))
+    with writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / RUN_MARK, json.dumps({"code_hash": code, "config": config.to_dict(cfg)}) + "\n")
     cfg_path = run_dir / RUN_CONFIG
-    cfg_path.write_text(config.to_toml(cfg))
+    write_text(cfg_path, config.to_toml(cfg))
     cmd = [sys.executable, "-m", "fastres.train", "--config", str(cfg_path)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *cmd[1:]]
-    with open(run_dir / "stack.log", "ab") as log:
+    with writing(run_dir / "stack.log"), open(run_dir / "stack.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -218,8 +220,9 @@ def write_manifest(stack: Stack) -> None:
     data = {"name": stack.name, "device": stack.device, "base": str(stack.base), "report": stack.report,
             "rows": [asdict(r) for r in stack.rows]}
     tmp = stack.runs_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, stack.runs_dir / MANIFEST)
+    write_text(tmp, json.dumps(data, indent=1) + "\n")
+    with writing(stack.runs_dir / MANIFEST):
+        os.replace(tmp, stack.runs_dir / MANIFEST)
 
 
 def gpus_available() -> int:

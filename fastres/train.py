@@ -28,7 +28,7 @@ from fastres.build import Parts, build
 from fastres.checkpoint import Progress
 from fastres.cli import entry, parse_args
 from fastres.config import Config
-from fastres.errors import Interrupted, UserError
+from fastres.errors import Interrupted, UserError, write_text
 from fastres.evaluate import target_split
 from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, plot_curves, read_metrics
 from fastres.model import count_params
@@ -136,7 +136,7 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     # ---------------------------------------------------------------- summary
     summary = _summary(cfg, p, dist, progress, code)
     if dist.is_main:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         ttt = summary["time_to_target_s"]
         log.info(f"fastres: done: {target} {progress.last[target + '_acc']:.2%}, train "
                  f"{summary['train_time_s']:.1f} s (+ eval {summary['eval_time_s']:.1f} s, staging {p.staging_s:.1f} s"
@@ -155,9 +155,9 @@ def _check_device(cfg: Config, dev: torch.device) -> None:
 def _announce(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, log: RunLog) -> None:
     """Rank 0, before training: the resolved config, LSUV's records, and what the run is, in the log."""
     out = Path(cfg.run.out_dir)
-    (out / "config.toml").write_text(config.to_toml(cfg))
+    write_text(out / "config.toml", config.to_toml(cfg))
     if p.lsuv is not None:
-        (out / "lsuv.json").write_text(json.dumps(p.lsuv, indent=1) + "\n")
+        write_text(out / "lsuv.json", json.dumps(p.lsuv, indent=1) + "\n")
     log.info(_start_line(cfg, p, dist, progress))
     for note in p.notes:
         log.info(f"fastres: {note}")

@@ -119,9 +119,18 @@ def read_batch(path: Path, per_file: int | None = None) -> Split:
     return Split(x.reshape(per_file, 3, 32, 32), y.astype(np.int64))
 
 
+def _resolved(root: str | os.PathLike) -> Path:
+    """``root`` made absolute with its links followed; a DataError for a symlink loop or an unreadable path."""
+    try:
+        return Path(root).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: pathlib's "Symlink loop from ..."
+        raise DataError(f"data.dir {root} cannot be followed ({one_line(e, 120)}): point --data.dir at the folder "
+                        f"holding {FOLDER}, not at a link that leads back to itself") from None
+
+
 def find(root: str | os.PathLike) -> Path | None:
     """The folder holding the batch files: ``root`` itself or ``root/cifar-10-batches-py``; None if neither."""
-    root = Path(root)
+    root = _resolved(root)
     for cand in (root, root / FOLDER):
         if (cand / TRAIN_FILES[0]).exists() or (cand / TEST_FILE).exists():
             return cand
@@ -130,8 +139,8 @@ def find(root: str | os.PathLike) -> Path | None:
 
 def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s: float = 30.0) -> Path:
     """Fetch and unpack the official archive into ``root``; verify its MD5 first. Returns the batch folder."""
-    root = Path(root)
-    where = f"put the {FOLDER} folder in {root.resolve()} (or point --data.dir / $FASTRES_DATA at it)"
+    root = _resolved(root)
+    where = f"put the {FOLDER} folder in {root} (or point --data.dir / $FASTRES_DATA at it)"
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
@@ -173,7 +182,7 @@ def load(root: str | os.PathLike, per_file: int | None = None) -> Cifar10:
     """All 50k training and 10k test images, validated (no download: call :func:`ensure` first)."""
     folder = find(root)
     if folder is None:
-        raise DataError(f"CIFAR-10 not found in {Path(root).resolve()}: put the {FOLDER} folder there "
+        raise DataError(f"CIFAR-10 not found in {_resolved(root)}: put the {FOLDER} folder there "
                         f"(or point --data.dir / $FASTRES_DATA at it)")
     parts = [read_batch(folder / name, per_file) for name in TRAIN_FILES]
     train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
