@@ -35,11 +35,12 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
     buf = io.BytesIO()
     try:
-        with writing(path, needs=None, kept=kept):
+        with writing(path, kept=kept):
             torch.save(state, buf)  # in memory first: the disk then sees one write, of a known size
-        with writing(path, needs=buf.getbuffer().nbytes, kept=kept):
+        data = buf.getbuffer()
+        with writing(path, needs=data.nbytes, kept=kept):
             with open(tmp, "wb") as f:
-                f.write(buf.getbuffer())
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -21,8 +21,9 @@ from fastres.build import build
 from fastres.config import Config
 
 CAPTURED = "fastres::captured"  # the step graph's region: one op however many it holds
-SOURCES = ("loader", "step", "loop")
-_SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+# the CUDA calls counted per step: launches, and the calls that copy or wait
+_CUDA_CALLS = ("cudaLaunchKernel", "cudaGraphLaunch", "cudaMemcpy", "cudaMemcpyAsync", "cudaStreamSynchronize",
+               "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def _as_one(fn):
@@ -57,7 +58,7 @@ def _tally(prof, steps: int) -> tuple[dict, dict, dict]:
     for e in prof.events():
         if (e.name.startswith("aten::") or e.name == CAPTURED) and not _inside_an_op(e):
             by_op[(_source(e), "graph replay" if e.name == CAPTURED else e.name)] += 1
-        elif e.name in ("cudaLaunchKernel", "cudaGraphLaunch") or e.name in _SYNC:
+        elif e.name in _CUDA_CALLS:
             cuda[e.name] += 1
     by_source: collections.Counter = collections.Counter()
     for (source, _), n in by_op.items():

@@ -108,7 +108,7 @@ def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
     rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
     # its random batches and dropout draws must not move the run's streams (a run resumed inside an epoch
     # continues them from the checkpoint)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+    with _streams_kept(device):
         x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=prec.dtype, memory_format=prec.memory_format)
         y = torch.randint(0, 10, (batch,), device=device)
         model.train()
@@ -156,7 +156,7 @@ class CapturedStep:
         saved = [t.detach().clone() for t in state]
         cuda = self.x.device.type == "cuda"
         # the warm-up's random input (and dropout's draws) must not move the run's random streams
-        with torch.random.fork_rng(devices=[self.x.device] if cuda else [], device_type=self.x.device.type):
+        with _streams_kept(self.x.device):
             self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
             opt.zero_grad(set_to_none=True)
             with _side_stream(self.x.device):
@@ -187,6 +187,11 @@ class CapturedStep:
             return self.step(self.x, self.y)
         self.graph.replay()
         return self.out
+
+
+def _streams_kept(device: torch.device):
+    """Inside, random draws on the CPU and ``device`` leave the global random streams as they were."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
 
 
 @contextmanager

@@ -250,7 +250,7 @@ plan() {  # the queue with each item's budget and state, and the 15-minute arith
 }
 
 next() {  # run the first pending items within one call's budget, packing after each
-  local call=${NEXT_BUDGET_S:-540} start=$SECONDS name budget needs left b rc out=${OUT:-/tmp/out}
+  local call=${NEXT_BUDGET_S:-540} start=$SECONDS name budget needs left b rc runs out=${OUT:-/tmp/out}
   [ -n "$DRY" ] || [ -f .device/git_sha ] || [ -e .git ] || \
     die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
   export FASTRES_DATA=$DATA PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:$root${PYTHONPATH:+:$PYTHONPATH}
@@ -279,8 +279,8 @@ next() {  # run the first pending items within one call's budget, packing after 
     timeout -k 15 "$b" bash "$0" item "$name" "$b" 2>&1 | tee -a "$out/device.log" "$R/device/$name.log"
     rc=${PIPESTATUS[0]}
     set -e
-    if [ "$rc" = 0 ] && { [ "$name" != quick ] && [ "$name" != recipes ] && [ "$name" != ladder ] && \
-                          [ "$name" != depths ] || stack_complete "$(stack_runs "$name")"; }; then
+    runs=$(stack_runs "$name")  # a ladder item is done when every row of its stack is
+    if [ "$rc" = 0 ] && { [ -z "$runs" ] || stack_complete "$runs"; }; then
       mark_done "$name"
       echo "=== $name done" | tee -a "$out/device.log"
     else
