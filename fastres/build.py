@@ -1,6 +1,7 @@
 """Everything a run trains with, built in one place: ``build(cfg, dist) -> Parts``.
 
-fastres.train, fastres.bench and fastres.scaling build through here, so a benchmark times what training runs.
+fastres.train and the measuring tools (fastres.tools.bench, .scaling, .profile, .dispatch) build through here, so
+a benchmark times what training runs.
 Order matters and is kept here once: data and loader (staging_s), model, optimizer, schedule and scaler; then a
 checkpoint's state or LSUV; then the weight average, DDP, and last the step (compiled, captured: compile_s).
 """
@@ -20,17 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
 from fastres.config import Config, DataCfg
-from fastres.data import Loader, build_loader, fetch, load
-from fastres.data.cifar import Cifar10, Split
-from fastres.data.transform import normalize
+from fastres.data import Cifar10, Split, fetch, load, normalize
+from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
-from fastres.ema import WeightEMA
 from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
-from fastres.init import lsuv_
-from fastres.model import ResNetCifar, build_model
-from fastres.optim import Schedule, build_optimizer, build_schedule
-from fastres.precision import Precision, precision
+from fastres.model import Precision, ResNetCifar, build_model, lsuv_, precision
+from fastres.optim import Schedule, WeightEMA, build_optimizer, build_schedule
 from fastres.step import Step, build_step
 
 

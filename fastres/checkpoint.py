@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres.ema import WeightEMA
 from fastres.errors import UserError, one_line, writing
+from fastres.optim import WeightEMA
 
 NAME = "checkpoint.pt"
 

@@ -162,7 +162,7 @@ class OptimCfg:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
     ema_decay: float = _opt(0.0, "score an exponential moving average of the weights and BN statistics at every "
                             "evaluation, updated after each step with decay min(d, (1+t)/(10+t)) (Polyak "
-                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/ema.py); the trained weights' own "
+                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/optim.py); the trained weights' own "
                             "accuracy (their running BN statistics) is logged beside it as <split>_acc_no_ema; 0 = off",
                             ge=0.0, lt=1.0)
 
@@ -425,6 +425,29 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     if not cfg.run.out_dir:
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
     return cfg
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into (--config path, overrides). ``--section.key value`` is accepted too."""
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file, e.g. --config configs/smoke.toml")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append(f"{arg}={argv[i + 1]}")
+            i += 1
+        elif arg.startswith("--"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and --section.key=value")
+        i += 1
+    return path, overrides
 
 
 def help_text(prog: str) -> str:

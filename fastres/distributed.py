@@ -41,7 +41,7 @@ def env_world() -> int:
 
 
 def measurement_device(device: str = "auto") -> torch.device:
-    """The device of a one-process measurement (fastres.bench, the scaling model): CUDA when torch sees
+    """The device of a one-process measurement (fastres.tools.bench, the scaling model): CUDA when torch sees
     one, unless run.device = "cpu"."""
     return torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
 

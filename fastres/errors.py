@@ -1,5 +1,5 @@
 """The one exception type for mistakes a user can make (bad config, bad data, bad launch), and reading a JSON
-file fastres wrote without trusting it. fastres.cli.entry turns a UserError into one line and exit code 2.
+file fastres wrote without trusting it. :func:`entry` turns a UserError into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,19 @@ def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
         raise UserError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} a {what} is: "
                         f"fix or move it; nothing was written")
     return value
+
+
+def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage: str) -> int:
+    """Run a command-line ``body(argv)``: ``--help`` prints ``usage``; a UserError becomes one line, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return 0
+    try:
+        return body(argv) or 0
+    except UserError as e:
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
+        if rank == 0 or e.per_rank:
+            what = "" if isinstance(e, Interrupted) else "error: "
+            print(f"fastres: {what}{f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from fastres import distributed
 from fastres.config import EvalCfg
-from fastres.data.transform import normalize, to_batch
-from fastres.ema import WeightEMA
-from fastres.init import batchnorm_train_mode
-from fastres.precision import Precision
+from fastres.data import normalize, to_batch
+from fastres.model import Precision, batchnorm_train_mode
+from fastres.optim import WeightEMA
 
 Sets = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split name -> (uint8 images, labels) on the device
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256 is the fastest forward batch on our 2-core CPU

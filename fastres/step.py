@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -26,9 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import rng
 from fastres.config import OptimCfg, PrecisionCfg
-from fastres.ema import WeightEMA
-from fastres.precision import Precision, precision
-from fastres.timing import Timer
+from fastres.model import Precision, precision
+from fastres.optim import WeightEMA
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 PRECOMPILE_STEPS = 3  # compile warm-up steps: every graph torch.compile makes for training is made there
@@ -129,7 +129,7 @@ class CapturedStep:
     The optimizer's lr becomes a device tensor here (float32 on CUDA, which fused SGD reads as a float; float64
     on a CPU, whose kernel reads a double, so the CPU run equals one with a Python float lr). The model's
     parameters, buffers and momentum buffers, and ``state`` (tensors the step also changes, such as the weight
-    average of fastres/ema.py), are the graph's state: they keep their storage (updated in place) and are put
+    average of fastres/optim.py), are the graph's state: they keep their storage (updated in place) and are put
     back after the capture warm-up, so training starts where it would have without a graph. The tensors a call
     returns are the graph's outputs, overwritten by the next call: use them before that.
     """
@@ -318,3 +318,59 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
     if cfg.step_graph:
         step.capture(batch=batch_per_rank, prec=prec, device=device)
     return step, timer.stop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device-synchronized timing: what every number fastres reports is measured with.
+
+class Timer:
+    """Seconds between start() and stop(), device-synchronized (CUDA events on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.t
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.begin.elapsed_time(end) / 1000.0
+
+
+@contextmanager
+def sync_allowed(device: torch.device) -> Iterator[None]:
+    """Inside, a synchronization is allowed even under :func:`forbid_host_sync` (a deliberate, rare one)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+@contextmanager
+def forbid_host_sync(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Inside, any host-device synchronization raises (torch.cuda.set_sync_debug_mode("error")): an
+    ``.item()``, a blocking copy, ``nonzero`` or a boolean mask stalls the host until the GPU drains, which
+    costs a fast loop its lead. Off, or on a device other than CUDA, it does nothing.
+    """
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres import checkpoint, config, distributed, provenance, rng
+from fastres import checkpoint, config, distributed, rng
 from fastres.build import Parts, build
 from fastres.checkpoint import Progress
-from fastres.cli import entry, parse_args
-from fastres.config import Config
-from fastres.errors import Interrupted, UserError, write_text
+from fastres.config import Config, parse_args
+from fastres.errors import Interrupted, UserError, entry, write_text
 from fastres.evaluate import target_split
-from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, plot_curves, read_metrics
+from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha, plot_curves, read_metrics
 from fastres.model import count_params
-from fastres.pause import Pauses
-from fastres.timing import Timer, forbid_host_sync
+from fastres.step import Timer, forbid_host_sync, sync_allowed
 
 ESTIMATE_AFTER_STEPS = 20  # steps timed (host clock) before saying how long a long run will take
 LONG_RUN_S = 1800.0  # what "long" is
@@ -58,7 +58,7 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     config.validate(cfg, dist.world)  # before anything is written or staged
     dev, out, target = dist.device, Path(cfg.run.out_dir), target_split(cfg.eval)
     _check_device(cfg, dev)
-    code = dict(git_sha=provenance.git_sha(), code_hash=provenance.code_hash())  # what runs, read at start
+    code = dict(git_sha=git_sha(), code_hash=code_hash())  # what runs, read at start
     state = open_run_dir(cfg, dist)
     progress = checkpoint.restore_progress(out / checkpoint.NAME, state) if state else Progress()
     random.seed(cfg.run.seed)
@@ -265,7 +265,7 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
 
 def _start_line(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress) -> str:
     line = (f"fastres: {cfg.run.name}: ResNet-{cfg.model.depth} ({count_params(p.model):,} params) on "
-            f"{provenance.device_name(dist.device)} x{dist.world}, {len(p.data.train)} train images, batch "
+            f"{device_name(dist.device)} x{dist.world}, {len(p.data.train)} train images, batch "
             f"{cfg.optim.batch_size}, {len(p.loader)} steps/epoch, {cfg.run.epochs} epochs -> {cfg.run.out_dir}")
     if progress.epoch:
         line += f"\nfastres: resuming from epoch {progress.epoch} (step {progress.step})"
@@ -289,7 +289,7 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
         epochs_trained=progress.epoch, stopped_at_target=progress.epoch < cfg.run.epochs, steps=steps,
         img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
         params=count_params(p.model), **code, torch_version=torch.__version__,
-        device=provenance.device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
+        device=device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
         train_images=len(p.data.train), cudagraph_skips=p.step.cudagraph_skips, config=config.to_dict(cfg))
 
 
@@ -302,3 +302,64 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
+
+
+# ----------------------------------------------------------------------------------------------------
+# When the training loop stops between two steps: a signal, or a checkpoint that is due inside an epoch.
+#
+# SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM) set a flag: the loop
+# finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second one exits at once
+# (the previous checkpoint is whole: saves are atomic). With one rank the loop reads the flags every step, a host
+# value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce (a host sync every
+# CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
+
+CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Pauses:
+    def __init__(self, every_s: float, world: int, device: torch.device, is_main: bool):
+        self.every_s, self.world, self.device, self.is_main = every_s, world, device, is_main
+        self.signum: int | None = None  # the first signal received
+        self.last_save = time.monotonic()
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self.old[s] = signal.signal(s, self._received)
+
+    def _received(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # the second: at once
+        self.signum = signum
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s
+
+    def due(self, step: int) -> bool:
+        """After ``step`` steps: stop here (a signal) or checkpoint here (run.checkpoint_every_s)? The same answer on
+        every rank."""
+        if self.world == 1:
+            return self.signum is not None or self._checkpoint_due()
+        if step % CHECK_EVERY:
+            return False
+        return any(self.agree())
+
+    def agree(self) -> tuple[int, int]:
+        """(the signal any rank received or 0, whether rank 0's clock says a checkpoint is due), on every rank."""
+        with sync_allowed(self.device):
+            signum, due = distributed.agree([self.signum or 0, int(self.is_main and self._checkpoint_due())],
+                                            self.device)
+        if signum and self.signum is None:
+            self.signum = signum  # another rank's: stop with it
+        return signum, due
+
+    def stopping(self) -> bool:
+        """At an epoch's end: has any rank received a signal?"""
+        return bool(self.agree()[0]) if self.world > 1 else self.signum is not None
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)

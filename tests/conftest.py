@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastres import checkpoint
-from fastres.data import cifar
+from fastres import data as cifar
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"

@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fastres import bench, report, stack, train
+from fastres import train
+from fastres.tools import bench, report, stack
 
 RUN = ["--data.dir={data}", "--run.out_dir={tmp}/{name}", "--model.depth=8", "--optim.batch_size=50",
        "--run.epochs=1", "--data.loader=gpu", "--data.val_size=50"]

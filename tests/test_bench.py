@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from fastres import bench, config
+from fastres import config
 from fastres.errors import UserError
 from fastres.log import read_metrics
+from fastres.tools import bench
 
 from conftest import ROOT
 
@@ -98,7 +99,7 @@ def test_model_cost_counts_resnet20():
 
 
 def test_profile_writes_its_table_from_real_steps(tmp_path, capsys, monkeypatch):
-    from fastres import profile
+    from fastres.tools import profile
     monkeypatch.setattr(profile, "TRACES", tmp_path / "traces")
     args = ["--what", "profile", "--steps", "3", f"--out={tmp_path / 'prof'}", "--label=tiny",
             "--data.source=synthetic", "--data.subset=512", "--model.depth=8", "--optim.batch_size=64",
@@ -116,8 +117,8 @@ DISPATCH = ["--data.source=synthetic", "--data.subset=1024", "--model.depth=8", 
 
 
 def test_dispatch_counts_the_host_ops_of_a_step(monkeypatch):
-    from fastres import dispatch
-    from fastres.data.gpu import GpuLoader
+    from fastres.data.loaders import GpuLoader
+    from fastres.tools import dispatch
 
     def counts(*extra):
         cfg = config.load(ROOT / "configs" / "fast.toml", [*DISPATCH, *extra])

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastres import bench, build, checkpoint, config, distributed, scaling, stack, step, train
+from fastres import build, checkpoint, config, distributed, step, train
 from fastres.build import Parts
 from fastres.config import ConfigError
-from fastres.data import build_loader, synthetic
-from fastres.data.cifar import NUM_CLASSES, Split
+from fastres.data import NUM_CLASSES, Split, synthetic
+from fastres.data.loaders import build_loader
 from fastres.model import build_model
+from fastres.tools import bench, scaling, stack
 
 from conftest import ROOT
 
@@ -136,7 +137,7 @@ def test_train_bench_and_scaling_all_build_through_build(tmp_path, monkeypatch):
     train.main(cfg)
     bench.measure_training(cfg, CPU, steps=2, warmup=1)
     assert scaling.compute_step_s(cfg, 20, CPU, steps=2, warmup=1) > 0
-    assert calls == ["fastres.train", "fastres.bench", "fastres.scaling"]
+    assert calls == ["fastres.train", "fastres.tools.bench", "fastres.tools.scaling"]
 
 
 def test_the_step_graph_form_refuses_stochastic_depth_instead_of_ignoring_the_step_index():

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import tomllib
 
-from fastres import cli, config
+from fastres import config
 from fastres.config import ConfigError
 
 from conftest import ROOT, run_cli
@@ -16,7 +16,7 @@ CONFIGS = ROOT / "configs"
 def test_choices_match_the_modules_that_take_them():
     """data.flip and eval.tta are checked against config's choices; the modules keep their own tuple (config
     imports no torch), so the two must agree or a valid config would end in a module's traceback."""
-    from fastres.data.order import FLIPS
+    from fastres.data.loaders import FLIPS
     from fastres.evaluate import TTA
     meta = {f.name: f.metadata for cls in (config.DataCfg, config.EvalCfg) for f in dataclasses.fields(cls)}
     assert meta["flip"]["choices"] == FLIPS and meta["tta"]["choices"] == TTA
@@ -45,7 +45,7 @@ def test_baseline_is_the_seed_recipe():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     if "[stack]" in path.read_text():  # stack files: rows of train configs
-        from fastres import stack
+        from fastres.tools import stack
         assert stack.load_stack(path).rows
     else:
         config.load(path)
@@ -75,9 +75,9 @@ def test_overrides_beat_the_file(tmp_path):
 
 
 def test_parse_args_forms():
-    assert cli.parse_args(["--config", "a.toml", "--model.depth", "56", "--run.seed=3"]) == (
+    assert config.parse_args(["--config", "a.toml", "--model.depth", "56", "--run.seed=3"]) == (
         "a.toml", ["--model.depth=56", "--run.seed=3"])
-    assert cli.parse_args(["--config=b.toml"]) == ("b.toml", [])
+    assert config.parse_args(["--config=b.toml"]) == ("b.toml", [])
 
 
 def test_data_dir_from_env_then_default(monkeypatch):

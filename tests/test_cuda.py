@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastres import checkpoint, config, step, train
+from fastres import data as cifar
 from fastres.config import DataCfg
-from fastres.data import build_loader, cifar
+from fastres.data.loaders import build_loader
 from fastres.model import build_model
 from fastres.optim import build_optimizer
 
@@ -32,7 +33,7 @@ def epoch(loader, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_gpu_loader_on_cuda_gives_the_cpu_batches(small_cifar):
     """The same crops, flips and order on the GPU as the CPU tests check image by image."""
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     on = {d: build_loader(DataCfg(loader="gpu"), split, batch_per_rank=32, seed=5, rank=1, world=2, device=d)
           for d in (CPU, CUDA)}
     for e in (0, 3):
@@ -92,7 +93,7 @@ def test_compiled_training_matches_eager_on_the_gpu(small_cifar, tmp_path, extra
 @pytest.mark.parametrize("source", ["host", "device"])
 def test_dali_on_the_gpu_gives_the_gpu_loaders_batches(small_cifar, source):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     args = dict(batch_per_rank=32, seed=5, rank=1, world=2, device=CUDA)
     gpu = build_loader(DataCfg(loader="gpu"), split, **args)
     dali = build_loader(DataCfg(loader="dali", dali_source=source, num_workers=2), split, **args)

@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from fastres import data as cifar
 from fastres.config import DataCfg
-from fastres.data import build_loader, cifar
-from fastres.data.cifar import Split
-from fastres.data.order import PAD, aug_params, steps_per_epoch
-from fastres.data.transform import normalize
+from fastres.data import Split, normalize
+from fastres.data.loaders import PAD, aug_params, build_loader, steps_per_epoch
 from fastres.errors import UserError
 
 from conftest import ROOT, run_cli
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-from fastres.data import dali as dali_mod  # noqa: E402
+from fastres.data import loaders as dali_mod  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -84,7 +83,7 @@ def test_crop_offsets_and_flips_are_the_drawn_ones_and_in_range():
 
 @pytest.mark.parametrize("flip", ["random", "alternate"])
 def test_same_batches_as_the_gpu_loader(small_cifar, flip):
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     gpu = build_loader(DataCfg(loader="gpu", flip=flip), split, batch_per_rank=32, seed=5, rank=1, world=2,
                        device=CPU)
     for source in ("host", "device"):
@@ -149,7 +148,7 @@ def test_missing_dali_is_one_line_with_the_pip_command(monkeypatch):
 def test_nothing_imports_dali_unless_chosen(small_cifar):
     code = (
         "import sys, torch\n"
-        "import fastres.train, fastres.bench\n"
+        "import fastres.train, fastres.tools.bench\n"
         "from fastres.config import DataCfg\n"
         "from fastres.data import build_loader\n"
         "from fastres.data.cifar import Split\n"

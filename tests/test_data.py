@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from fastres import data as cifar
 from fastres.config import DataCfg
-from fastres.data import build_loader, cifar
-from fastres.data.cifar import DataError
-from fastres.data.gpu import crop_flip
-from fastres.data.order import PAD, aug_params, epoch_indices, steps_per_epoch
-from fastres.data.transform import normalize
+from fastres.data import DataError, normalize
+from fastres.data.loaders import PAD, aug_params, build_loader, crop_flip, epoch_indices, steps_per_epoch
 from fastres.errors import UserError
 
 from conftest import write_batch, write_cifar
@@ -26,7 +24,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------- reader
 
 def test_reads_the_official_layout(small_cifar):
-    d = cifar.load(small_cifar)
+    d = cifar.read_cifar10(small_cifar)
     assert d.train.x.shape == (500, 3, 32, 32) and d.train.x.dtype == np.uint8
     assert d.train.y.shape == (500,) and d.train.y.dtype == np.int64
     assert d.test.x.shape == (100, 3, 32, 32)
@@ -90,7 +88,7 @@ def test_bad_files_are_one_line_errors_naming_the_file(small_cifar, damage, word
     elif damage == "huge_memo_index":
         path.write_bytes(b"\x80\x02}r\xff\xff\xff\x7f.")
     with pytest.raises(DataError) as e:
-        cifar.load(small_cifar)
+        cifar.read_cifar10(small_cifar)
     msg = str(e.value)
     assert "\n" not in msg
     for w in words:
@@ -117,7 +115,7 @@ def test_any_damaged_bytes_give_a_data_error(small_cifar):
 
 
 def test_real_set_validates(real_cifar):
-    d = cifar.load(real_cifar)
+    d = cifar.read_cifar10(real_cifar)
     assert len(d.train) == 50_000 and len(d.test) == 10_000
     assert np.bincount(d.train.y).tolist() == [5000] * 10
     assert np.bincount(d.test.y).tolist() == [1000] * 10
@@ -154,11 +152,11 @@ def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
     assert cifar.find(tmp_path / "bad") is None
     folder = cifar.download(tmp_path / "good", md5=hashlib.md5(blob).hexdigest())
     assert folder == tmp_path / "good" / "cifar-10-batches-py"
-    assert len(cifar.load(tmp_path / "good").train) == 500
+    assert len(cifar.read_cifar10(tmp_path / "good").train) == 500
 
 
 def test_split_holds_out_a_seeded_validation_set(small_cifar):
-    d = cifar.load(small_cifar)
+    d = cifar.read_cifar10(small_cifar)
     s = cifar.split(d, val_size=50, split_seed=1, subset=400, test_subset=60)
     assert (len(s.train), len(s.val), len(s.test)) == (350, 50, 60)
     # train + val partition the first 400 training images, order kept
@@ -262,7 +260,7 @@ def _loader(kind, split, flip="random", **kw):
 
 @pytest.mark.parametrize("kind", ["gpu", "workers"])
 def test_batch_contract(small_cifar, kind):
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     loader = _loader(kind, split)
     loader.set_epoch(0)
     batches = list(loader)
@@ -285,7 +283,7 @@ def test_batch_contract(small_cifar, kind):
 
 @pytest.mark.parametrize("flip", ["random", "alternate"])
 def test_gpu_and_workers_loaders_agree_image_for_image(small_cifar, flip):
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     for world, rank in ((1, 0), (2, 1)):
         a = _loader("gpu", split, flip, world=world, rank=rank)
         b = _loader("workers", split, flip, world=world, rank=rank)
@@ -318,13 +316,13 @@ def test_alternating_flip_changes_only_the_mirroring():
 
 
 def test_loader_rejects_a_set_smaller_than_a_batch(small_cifar):
-    split = cifar.load(small_cifar).train
+    split = cifar.read_cifar10(small_cifar).train
     with pytest.raises(UserError, match="no full batch"):
         _loader("gpu", split, batch_per_rank=300, world=2, rank=0)
 
 
 def test_train_size_matches_split(small_cifar):
-    data = cifar.load(small_cifar)
+    data = cifar.read_cifar10(small_cifar)
     for val_size, subset in ((0, 0), (50, 0), (30, 200)):
         n = len(cifar.split(data, val_size=val_size, subset=subset).train)
         assert cifar.train_size(val_size=val_size, subset=subset) == n

@@ -1,16 +1,17 @@
-"""optim.ema_decay: the weight average (fastres/ema.py) and what the training loop does with it."""
+"""optim.ema_decay: the weight average (fastres/optim.py) and what the training loop does with it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastres import checkpoint, config, ema, train
-from fastres.data import cifar
+from fastres import checkpoint, config, train
+from fastres import data as cifar
 from fastres.errors import UserError
 from fastres.evaluate import accuracy
 from fastres.log import read_metrics
 from fastres.model import build_model
+from fastres.optim import WeightEMA
 
 from conftest import killed_after_first_checkpoint
 
@@ -30,7 +31,7 @@ def small_model() -> torch.nn.Module:
 
 def test_the_average_follows_the_warmed_up_decay_over_parameters_and_bn_statistics():
     model = small_model()
-    avg = ema.WeightEMA(model, decay=0.9)
+    avg = WeightEMA(model, decay=0.9)
     floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     assert avg.names == list(floats) and any("running_var" in k for k in avg.names)
     assert not any("num_batches_tracked" in k for k in avg.names)
@@ -53,7 +54,7 @@ def test_the_average_follows_the_warmed_up_decay_over_parameters_and_bn_statisti
 
 def test_swapped_in_scores_the_average_and_puts_the_weights_back_even_after_an_error():
     model = small_model()
-    avg = ema.WeightEMA(model, decay=0.5)
+    avg = WeightEMA(model, decay=0.5)
     with torch.no_grad():
         for t in avg.avg:
             t.fill_(0.25)
@@ -71,13 +72,13 @@ def test_swapped_in_scores_the_average_and_puts_the_weights_back_even_after_an_e
 
 
 def test_state_round_trip_and_what_does_not_fit():
-    a = ema.WeightEMA(small_model(), decay=0.99)
+    a = WeightEMA(small_model(), decay=0.99)
     for _ in range(3):
         with torch.no_grad():
             for p in a.live:
                 p.add_(1.0)
         a.update()
-    b = ema.WeightEMA(small_model(), decay=0.99)
+    b = WeightEMA(small_model(), decay=0.99)
     b.load_state_dict(a.state_dict())
     assert b.updates == 3 and all(torch.equal(x, y) for x, y in zip(a.avg, b.avg))
     state = a.state_dict()
@@ -88,7 +89,7 @@ def test_state_round_trip_and_what_does_not_fit():
     with pytest.raises(TypeError, match="updates"):
         b.load_state_dict({**state, "updates": -1})
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
-        ema.WeightEMA(small_model(), decay=1.0)
+        WeightEMA(small_model(), decay=1.0)
 
 
 def test_training_is_untouched_and_the_average_is_what_is_scored(small_cifar, tmp_path):
@@ -110,7 +111,7 @@ def test_training_is_untouched_and_the_average_is_what_is_scored(small_cifar, tm
     model = build_model(cfg.model)
     model.load_state_dict({**b["model"], **b["ema"]["avg"]})
     assert any(not torch.equal(b["ema"]["avg"][k], b["model"][k]) for k in b["ema"]["avg"])
-    data = cifar.split(cifar.load(small_cifar), val_size=50, split_seed=cfg.data.split_seed)
+    data = cifar.split(cifar.read_cifar10(small_cifar), val_size=50, split_seed=cfg.data.split_seed)
     for split, key in ((data.test, "final_test_acc"), (data.val, "final_val_acc")):
         assert accuracy(model, torch.from_numpy(split.x), torch.from_numpy(split.y)) == on[key]
 

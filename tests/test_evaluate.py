@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastres import config, train
-from fastres.data.order import PAD
-from fastres.data.transform import normalize, to_batch
+from fastres.data import normalize, to_batch
+from fastres.data.loaders import PAD
 from fastres.evaluate import accuracies, accuracy
 from fastres.log import read_metrics
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres import bench, checkpoint, config, scaling, step, train
+from fastres import checkpoint, config, step, train
 from fastres.errors import UserError
 from fastres.log import read_metrics
 from fastres.model import build_model
 from fastres.optim import build_optimizer
+from fastres.tools import bench, scaling
 
 from conftest import killed_after_first_checkpoint
 

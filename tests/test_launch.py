@@ -1,5 +1,5 @@
-"""launch/device.sh, the GPU session's runbook, and launch/fastpath.sh: what a CPU can check of them (phases,
-pack and unpack; the commands the fast-path ladder runs)."""
+"""launch/device.sh, the measurement queue for a GPU machine, and launch/fastpath.sh: what a CPU can check of
+them (the queue's dry run, skip-if-done, budgets, pack and unpack; the commands the fast-path ladder runs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from fastres import provenance
+from fastres import log
 
 from conftest import ROOT
 
@@ -25,12 +25,14 @@ def sh(script: Path, *args: str, env: dict | None = None) -> subprocess.Complete
                           env={"PATH": "/usr/bin:/bin", **(env or {})})
 
 
-def test_unknown_phase_and_missing_data_are_one_line_errors(tmp_path):
+def test_bad_arguments_are_one_line_errors(tmp_path):
     script = copy_of_script(tmp_path / "repo")
-    r = sh(script, "run", "check", "benchh")
-    assert r.returncode == 2 and "unknown phase 'benchh'" in r.stderr
-    r = sh(script, "run", "check", env={"FASTRES_DATA": str(tmp_path / "nowhere")})
-    assert r.returncode == 2 and "no CIFAR-10 at" in r.stderr and "staging" in r.stderr
+    r = sh(script, "next", "--budgett=5")
+    assert r.returncode == 2 and "unknown argument '--budgett=5'" in r.stderr
+    r = sh(script, "next", "--budget=soon")
+    assert r.returncode == 2 and "whole number of seconds" in r.stderr
+    r = sh(script, "run", "check")  # the older one-phase runner is gone
+    assert r.returncode == 2 and "usage" in r.stderr
     r = sh(script, "frobnicate")
     assert r.returncode == 2 and "usage" in r.stderr
 
@@ -47,7 +49,7 @@ def test_pack_keeps_unfinished_checkpoints_and_unpack_puts_everything_back(tmp_p
     out = tmp_path / "out"
     r = sh(script, "pack", env={"OUT": str(out)})
     assert r.returncode == 0, r.stderr
-    with tarfile.open(out / "back.tgz") as tar:
+    with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
     assert "runs/stack/a/seed0/checkpoint.pt" not in names  # finished: its summary is what counts
     assert names == set(files) - {"runs/stack/a/seed0/checkpoint.pt"}
@@ -58,7 +60,7 @@ def test_pack_keeps_unfinished_checkpoints_and_unpack_puts_everything_back(tmp_p
     assert r.returncode == 0, r.stderr
     assert (here / "runs/stack/b/seed0/checkpoint.pt").read_text() == "half"
     assert (here / "results/bench.json").read_text() == "[]\n"
-    assert sh(script_here, "unpack", str(tmp_path)).returncode == 2  # no back.tgz there
+    assert sh(script_here, "unpack", str(tmp_path)).returncode == 2  # no results.tgz there
 
 
 def test_git_sha_outside_git_is_what_prepare_recorded(tmp_path, monkeypatch):
@@ -66,52 +68,33 @@ def test_git_sha_outside_git_is_what_prepare_recorded(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
     copy = outer / "copy"
     copy.mkdir()
-    monkeypatch.setattr(provenance, "_REPO", copy)
-    assert provenance.git_sha() == "unknown"  # not the outer repository's HEAD
+    monkeypatch.setattr(log, "_REPO", copy)
+    assert log.git_sha() == "unknown"  # not the outer repository's HEAD
     (copy / ".device").mkdir()
     (copy / ".device" / "git_sha").write_text("0123abc-dirty\n")
-    assert provenance.git_sha() == "0123abc-dirty"
+    assert log.git_sha() == "0123abc-dirty"
 
 
 def test_git_sha_in_this_checkout_is_its_head():
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    assert provenance.git_sha().removesuffix("-dirty") == head
+    assert log.git_sha().removesuffix("-dirty") == head
 
-
-
-def test_a_phase_past_its_budget_is_stopped_and_what_finished_comes_back(tmp_path, small_cifar):
-    import os
-    there = tmp_path / "there"
-    script = copy_of_script(there)
-    shutil.copytree(ROOT / "configs", there / "configs")
-    (there / ".device").mkdir()
-    (there / ".device" / "git_sha").write_text("abc\n")
-    (there / "results").mkdir()
-    (there / "results" / "loaders.json").write_text("[]\n")
-    out = tmp_path / "out"
-    r = subprocess.run(["bash", str(script), "run", "scaling=2"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OUT": str(out), "FASTRES_DATA": str(small_cifar)})
-    assert r.returncode == 124, r.stdout + r.stderr
-    assert "=== scaling=2 failed (exit 124: out of its time budget)" in r.stdout
-    assert (out / "device.log").read_text().count("=== scaling") == 2
-    with tarfile.open(out / "back.tgz") as tar:
-        assert "results/loaders.json" in tar.getnames()
 
 
 def test_what_prepare_recorded_wins_over_a_stale_git_for_the_same_code(tmp_path, monkeypatch):
-    """The GPU machine's copy carried a .git at an older commit; the record made for this code wins, and a
+    """A copy of the tree has a .git at an older commit; the record made for this code wins, and a
     record made for other code does not."""
     copy = tmp_path / "copy"
     subprocess.run(["git", "init", "-q", str(copy)], check=True)
     shutil.copytree(ROOT / "fastres", copy / "fastres")
-    monkeypatch.setattr(provenance, "_REPO", copy)
+    monkeypatch.setattr(log, "_REPO", copy)
     (copy / ".device").mkdir()
     (copy / ".device" / "git_sha").write_text("45a1702\n")
-    (copy / ".device" / "code_hash").write_text(provenance.code_hash() + "\n")
-    assert provenance.git_sha() == "45a1702"
+    (copy / ".device" / "code_hash").write_text(log.code_hash() + "\n")
+    assert log.git_sha() == "45a1702"
     (copy / ".device" / "code_hash").write_text("0" * 16 + "\n")  # recorded for other code
-    assert provenance.git_sha() != "45a1702"
+    assert log.git_sha() != "45a1702"
 
 
 def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
@@ -127,23 +110,23 @@ def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = [line.split("\t") for line in log.read_text().splitlines()]
     assert len(calls) == 10
-    assert calls[0] == ["-m", "fastres.bench", "--config", "configs/baseline.toml",
+    assert calls[0] == ["-m", "fastres.tools.bench", "--config", "configs/baseline.toml",
                         "--label=step 0: baseline (workers, fp32, batch 128)", "--steps=1"]
     assert [len(c) - 6 for c in calls] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # step 9 adds two flags
     assert calls[9][-2:] == ["--precision.compile_mode=default", "--precision.step_graph=true"]
     assert calls[9][6:-2] == calls[8][6:] and calls[8][-1] == "--optim.batch_size=1024"
 
 
-def test_the_runbooks_row_lists_name_rows_of_their_stacks():
-    """Row lists typed by hand (the STACK_ONLY list in configs/tune-fast.toml, the rows each queue item's dry run
-    takes in device.sh) must name rows of their stack, or a GPU session's call stops on an unknown row."""
+def test_the_queues_row_lists_name_rows_of_their_stacks():
+    """Row lists typed by hand (the --only list in configs/tune-fast.toml, the rows each queue item's dry run
+    takes in device.sh) must name rows of their stack, or a call stops on an unknown row."""
     import re
 
-    from fastres.stack import load_stack
+    from fastres.tools.stack import load_stack
 
     def slugs(config):
         return {row.slug for row in load_stack(ROOT / "configs" / config).rows}
-    lists = [("tune-fast.toml", m) for m in re.findall(r"STACK_ONLY=([\w,-]+-[\w,-]+)",
+    lists = [("tune-fast.toml", m) for m in re.findall(r"--only=([\w,-]+-[\w,-]+)",
                                                         (ROOT / "configs" / "tune-fast.toml").read_text())]
     lists += re.findall(r"stack_item configs/([\w-]+\.toml) [\w-]+ \S+ ([\w,-]+)",
                         (ROOT / "launch" / "device.sh").read_text())
@@ -179,7 +162,7 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     res = tmp_path / "there" / "runs" / "device-dryrun" / "results"
     r = next_call(script, tmp_path / "out")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "pending: " in r.stdout and "need no data (call 1)" in r.stdout  # the plan, before anything runs
+    assert "pending: " in r.stdout and "need no data set" in r.stdout  # the plan, before anything runs
     for item in ITEMS:
         assert f"=== {item} done" in r.stdout, item
         mark = json.loads((res / "device" / f"{item}.json").read_text())
@@ -195,7 +178,7 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     for stack_out in ("stack-quick", "tune-recipe", "stack"):
         assert (res / stack_out / "stack.md").is_file(), stack_out
     assert (res / "depths" / "resnet-depths.md").is_file()
-    with tarfile.open(tmp_path / "out" / "back.tgz") as tar:
+    with tarfile.open(tmp_path / "out" / "results.tgz") as tar:
         names = set(tar.getnames())
     assert {f"runs/device-dryrun/results/device/{item}.json" for item in ITEMS} <= names
     assert not (tmp_path / "there" / "results" / "device").exists()  # a dry run never marks the real queue
@@ -218,12 +201,14 @@ def test_next_stops_an_item_at_its_budget_packs_and_goes_on(tmp_path):
     assert "=== throughput (budget 2s)" in r.stdout
     assert "=== throughput not done (exit 124: out of its budget" in r.stdout
     assert not (marks / "throughput.json").exists() and (marks / "check.json").exists()
-    with tarfile.open(tmp_path / "out" / "back.tgz") as tar:
+    with tarfile.open(tmp_path / "out" / "results.tgz") as tar:
         assert "runs/device-dryrun/results/device/check.json" in tar.getnames()  # packed after the stopped item too
     assert (tmp_path / "out" / "device.log").read_text().count("=== throughput") == 2
 
 
 def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_path):
+    """Without .git a run needs what prepare recorded; without CIFAR-10 the data items wait, said once, naming
+    what to set."""
     script = copy_of_script(tmp_path / "repo")
     r = sh(script, "next")
     assert r.returncode == 2 and "no .device/git_sha" in r.stderr
@@ -235,8 +220,12 @@ def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_p
     for item in ITEMS[:3]:
         (marks / f"{item}.json").write_text("{}\n")
     import os
-    r = subprocess.run(["bash", str(script), "next"], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path / "there", env={**os.environ, "OUT": str(tmp_path / "out"),
-                                                    "FASTRES_DATA": str(tmp_path / "nowhere")})
-    assert r.returncode == 0, r.stderr
-    assert "=== quick and the rest need CIFAR-10" in r.stdout and "staging" in r.stdout
+    env = {k: v for k, v in os.environ.items() if k != "FASTRES_DATA"}
+    for args, data in (((), {"FASTRES_DATA": str(tmp_path / "nowhere")}), ((f"--data={tmp_path / 'nowhere'}",), {})):
+        r = subprocess.run(["bash", str(script), "next", *args], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path / "there", env={**env, "OUT": str(tmp_path / "out"), **data})
+        assert r.returncode == 0, r.stderr
+        assert "=== quick and the rest need CIFAR-10" in r.stdout and "FASTRES_DATA" in r.stdout
+        assert "--data=DIR" in r.stdout and r.stdout.count("need CIFAR-10, not found") == 1
+        assert not any(f"=== {item} (budget" in r.stdout for item in ITEMS)  # nothing ran
+        assert not (marks / "quick.json").exists()

@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import checkpoint, config, evaluate, report, train
+from fastres import checkpoint, config, evaluate, train
 from fastres.config import ModelCfg
 from fastres.evaluate import precise_bn_
-from fastres.init import lsuv_
 from fastres.log import read_metrics
-from fastres.model import build_model, count_params
+from fastres.model import build_model, count_params, lsuv_
 from fastres.step import train_on_batch
+from fastres.tools import report
 
 
 def tiny(small_cifar, tmp_path, *overrides):
@@ -151,7 +151,7 @@ def test_lsuv_brings_every_layer_to_unit_variance():
     for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o.var().item()))
-    from fastres.init import batchnorm_train_mode
+    from fastres.model import batchnorm_train_mode
     with torch.no_grad(), batchnorm_train_mode(model):
         model(torch.randn(256, 3, 32, 32, generator=gen))
     assert all(0.8 < v < 1.2 for v in outs.values()), outs
@@ -308,7 +308,7 @@ def test_depth_table_from_hand_made_summaries(tmp_path):
 
 
 def test_depth_table_header_without_runs(tmp_path):
-    from fastres import stack
+    from fastres.tools import stack
     st = stack.load_stack(config.Path(__file__).parent.parent / "configs" / "depths.toml")
     st.runs_dir, st.out = tmp_path / "runs", tmp_path / "out"
     stack.run_stack(st, [], dry_run=True, say=lambda *a: None)

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastres import config, scaling
+from fastres import config
 from fastres.model import build_model, count_params
+from fastres.tools import scaling
 
 
 def test_ring_allreduce_formula():
@@ -48,7 +49,7 @@ def test_scaling_report_on_cpu(tmp_path):
 def gpu_step_of_4ms(monkeypatch):
     """A GPU whose measured step takes 4 ms at every batch size (in place of the measurement)."""
     monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(scaling.provenance, "device_name", lambda device: f"fake {device.type}")
+    monkeypatch.setattr(scaling.log, "device_name", lambda device: f"fake {device.type}")
     monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
 
 

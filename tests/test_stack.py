@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fastres import provenance, report, stack
+from fastres import log
 from fastres.config import ConfigError
-from fastres.stack import slugify
+from fastres.tools import report, stack
+from fastres.tools.stack import slugify
 
 from conftest import ROOT
 
@@ -37,7 +38,7 @@ def test_smoke_ladder_end_to_end(cifar_dir, tmp_path, capsys):
         assert row["world_size"] == str(s["world_size"]) == str(spec["nproc"])
         if s["time_to_target_s"] is not None:
             assert float(row["time_to_target_s_mean"]) == pytest.approx(s["time_to_target_s"])
-        assert row["code_hash"] == s["code_hash"] == provenance.code_hash()
+        assert row["code_hash"] == s["code_hash"] == log.code_hash()
         assert s["config"]["run"]["device"] == "cpu"
     # the ladder is cumulative: row 3 (2 processes) keeps row 2's batch
     third = json.loads((runs / "plus-2-processes" / "seed0" / "summary.json").read_text())
@@ -68,7 +69,7 @@ def test_other_code_is_not_reused(cifar_dir, tmp_path, monkeypatch, capsys):
             f"--data.dir={cifar_dir}", "--only=baseline"]
     assert stack.cli(args) == 0
     capsys.readouterr()
-    monkeypatch.setattr(provenance, "code_hash", lambda: "0123456789abcdef")
+    monkeypatch.setattr(log, "code_hash", lambda: "0123456789abcdef")
     assert stack.cli([*args, "--dry-run"]) == 0
     assert "baseline seed 0: would run" in capsys.readouterr().out
 
@@ -179,14 +180,14 @@ def test_report_from_hand_made_summaries(tmp_path):
 
 def test_report_without_a_stack_is_one_line(tmp_path, capsys):
     assert report.cli([f"--runs={tmp_path}"]) == 2
-    assert "run fastres.stack first" in capsys.readouterr().err
+    assert "run fastres.tools.stack first" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, words", [
     ("manifest torn", "stack.json is not valid JSON"),
     ("manifest a list", "holds a JSON list, not the dict"),
-    ("manifest without rows", "is not a fastres.stack manifest"),
-    ("row without runs", "is not a fastres.stack manifest"),
+    ("manifest without rows", "is not a fastres.tools.stack manifest"),
+    ("row without runs", "is not a fastres.tools.stack manifest"),
     ("summary without keys", "lacks device, git_sha"),
     ("metrics line", "line 1 is not a metrics row"),
 ])

@@ -1,4 +1,4 @@
-"""The multi-GPU scaling model: ``python -m fastres.bench --what scaling [--config configs/fast.toml]``.
+"""The multi-GPU scaling model: ``python -m fastres.tools.bench --what scaling [--config configs/fast.toml]``.
 
 Data-parallel training of a global batch B on N GPUs takes, per step,
 
@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastres import config, distributed, provenance
+from fastres import config, distributed, log
 from fastres.build import build
 from fastres.config import Config
-from fastres.data import cifar
+from fastres.data import train_size
+from fastres.log import short_sha
 from fastres.model import build_model, count_params
-from fastres.provenance import short_sha
-from fastres.timing import Timer
+from fastres.step import Timer
 
 LINKS = {"NVLink (H100 SXM)": (5e-6, 350e9), "PCIe Gen5 x16": (10e-6, 40e9)}  # (alpha s, beta bytes/s)
 FIRST_BUCKET, BUCKET = 2**20, 25 * 2**20  # DDP's defaults
@@ -158,10 +158,10 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
     device = distributed.measurement_device(cfg.run.device)
     B = cfg.optim.batch_size
     lines = [f"# Scaling model: {name} (ResNet-{cfg.model.depth}, global batch {B}, amp {cfg.precision.amp})", "",
-             f"Produced by `python -m fastres.bench --what scaling --config configs/{name}.toml"
+             f"Produced by `python -m fastres.tools.bench --what scaling --config configs/{name}.toml"
              f"{''.join(' ' + f for f in flags)}` at "
-             f"{short_sha(provenance.git_sha())} (torch {torch.__version__}). The model is described in "
-             "fastres/scaling.py.", "",
+             f"{short_sha(log.git_sha())} (torch {torch.__version__}). The model is described in "
+             "fastres/tools/scaling.py.", "",
              f"- gradient bytes per step: {grad_bytes:,} ({count_params(model):,} fp32 parameters) in "
              f"{len(bucket_bytes)} DDP bucket(s) of {', '.join(f'{b:,}' for b in bucket_bytes)} bytes",
              "- link parameters (alpha latency per ring step, beta bus bandwidth): " + "; ".join(
@@ -170,12 +170,12 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
     lines += ["## Predicted epoch time and efficiency", ""]
     if device.type != "cuda":
         lines += [f"Not produced: the compute term has to be measured on a GPU and this run had none "
-                  f"({provenance.device_name(device)}). Run this command on a GPU machine.", ""]
+                  f"({log.device_name(device)}). Run this command on a GPU machine.", ""]
     else:
-        images = cifar.train_size(val_size=cfg.data.val_size, subset=cfg.data.subset)
+        images = train_size(val_size=cfg.data.val_size, subset=cfg.data.subset)
         steps_per_epoch = images // B
         t1 = compute_step_s(cfg, B, device, steps, warmup)
-        lines += [f"Compute measured on {provenance.device_name(device)}; {steps_per_epoch} steps per epoch.", ""]
+        lines += [f"Compute measured on {log.device_name(device)}; {steps_per_epoch} steps per epoch.", ""]
         if cfg.precision.step_graph:
             lines += ["The step is measured as one CUDA graph (precision.step_graph). fastres runs that on one rank "
                       "only (config.validate refuses more): the rows for N > 1 model a graph that would also hold "
@@ -218,7 +218,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
             measured[(n, s)] = t
     if sum(1 for (n, _) in measured if n > 1) >= 2:
         alpha, beta = fit_ring(measured)
-        lines += [f"{provenance.device_name(torch.device('cpu'))}, gloo, {len(sizes)} message sizes around the "
+        lines += [f"{log.device_name(torch.device('cpu'))}, gloo, {len(sizes)} message sizes around the "
                   f"gradient size; fitted alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s.", "",
                   "| processes | bytes | measured (ms) | ring model (ms) | model / measured |", "|---|---|---|---|---|"]
         for (n, s), t in sorted(measured.items()):

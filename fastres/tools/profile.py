@@ -1,4 +1,4 @@
-"""Where a training step's time goes: ``python -m fastres.bench --what profile [--config X] [--label L]``.
+"""Where a training step's time goes: ``python -m fastres.tools.bench --what profile [--config X] [--label L]``.
 
 Builds the run as training does (fastres.build; ``data.source = "synthetic"`` needs no data set), then:
   A  ``--steps`` steps of the step alone on one fixed batch (CUDA events)          -> the step's own cost
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from fastres import distributed, provenance
+from fastres import distributed, log
 from fastres.build import build
 from fastres.config import Config
-from fastres.data import endless
+from fastres.data.loaders import endless
 from fastres.errors import write_text, writing
 
 TRACES = Path("runs/profile")
@@ -138,8 +138,8 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
     profiled = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
     pc = cfg.precision
     lines = [f"# Step profile: {label}", "",
-             f"`python -m fastres.bench --what profile` at {provenance.short_sha(provenance.git_sha())}: "
-             f"{provenance.device_name(device)}, torch {torch.__version__}, data {cfg.data.source}, batch {batch}, "
+             f"`python -m fastres.tools.bench --what profile` at {log.short_sha(log.git_sha())}: "
+             f"{log.device_name(device)}, torch {torch.__version__}, data {cfg.data.source}, batch {batch}, "
              f"amp {pc.amp}, compile {pc.compile}/{pc.compile_mode}, step_graph {pc.step_graph}, "
              f"build of the step {p.compile_s:.1f} s", "", "```",
              f"A step alone : {a_wall:7.3f} ms/step wall, {a_host:7.3f} ms host -> {batch / a_wall * 1e3:10,.0f} img/s",

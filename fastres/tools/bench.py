@@ -1,4 +1,4 @@
-"""Benchmarks that print ratios: ``python -m fastres.bench [--what train|loaders|scaling] [--config X] [...]``.
+"""Benchmarks that print ratios: ``python -m fastres.tools.bench [--what train|loaders|scaling] [--config X] [...]``.
 
 ``--what train`` (default; configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps
 (compilation happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
@@ -16,13 +16,13 @@ device-resident): images/s of the loader alone over full epochs (after a warm-up
 results/loaders.json, a table of ratios against the gpu loader to results/loaders.md.
 
 ``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
-:mod:`fastres.scaling`.
+:mod:`fastres.tools.scaling`.
 
 ``--what dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source; see
-:mod:`fastres.dispatch`. On a CPU too (it counts, it does not time).
+:mod:`fastres.tools.dispatch`. On a CPU too (it counts, it does not time).
 
 ``--what profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
-written to ``--out``/<label>.txt (default results/profile/); see :mod:`fastres.profile`.
+written to ``--out``/<label>.txt (default results/profile/); see :mod:`fastres.tools.profile`.
 
 Benchmarks assert no speed: they measure on whatever machine they run and say which.
 """
@@ -39,22 +39,20 @@ from typing import Any
 
 import torch
 
-from fastres import config, distributed, provenance, train
+from fastres import config, distributed, log, train
 from fastres.build import build
-from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
-from fastres.config import Config
-from fastres.data import build_loader, endless, fetch, load
-from fastres.data.cifar import Split
-from fastres.dispatch import count_host_ops
-from fastres.dispatch import report as dispatch_report
-from fastres.errors import UserError, read_json, write_text, writing
-from fastres.log import read_metrics
-from fastres.model import build_model
-from fastres.precision import precision
-from fastres.profile import profile_step
-from fastres.provenance import short_sha
-from fastres.scaling import scaling_report
-from fastres.timing import Timer
+from fastres.config import Config, parse_args
+from fastres.data import Split, fetch, load
+from fastres.data.loaders import build_loader, endless
+from fastres.errors import UserError, entry, read_json, write_text, writing
+from fastres.log import read_metrics, short_sha
+from fastres.model import build_model, precision
+from fastres.step import Timer
+from fastres.tools import take_flag, take_switch, whole_number
+from fastres.tools.dispatch import count_host_ops
+from fastres.tools.dispatch import report as dispatch_report
+from fastres.tools.profile import profile_step
+from fastres.tools.scaling import scaling_report
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -177,7 +175,7 @@ def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
 def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
                 overrides: list[str]) -> dict[str, Any]:
     device = distributed.measurement_device(cfg.run.device)
-    git_sha, code_hash = provenance.git_sha(), provenance.code_hash()
+    git_sha, code_hash = log.git_sha(), log.code_hash()
     fast = measure_training(cfg, device, steps=steps, warmup=warmup)
     # the baseline trains on the same data (dir, subset, split), with its own loader
     same_data = [o for o in overrides if o.startswith("--data.") and o.split("=")[0] not in RECIPE_DATA_KEYS]
@@ -185,7 +183,7 @@ def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_
     hw = hardware_rates(device, precision(cfg.precision).dtype if device.type == "cuda" else torch.float32)
     cost = model_cost(cfg)
     floor = floor_img_per_s(cost, hw)
-    row = dict(what="train", device=provenance.device_name(device), config_name=cfg_name, world_size=1,
+    row = dict(what="train", device=log.device_name(device), config_name=cfg_name, world_size=1,
                batch_size=cfg.optim.batch_size, amp=cfg.precision.amp, depth=cfg.model.depth,
                img_per_s=fast["img_per_s"], epoch_s=fast["epoch_s"], step_s=fast["step_s"],
                compile_s=fast["compile_s"], baseline_img_per_s=base["img_per_s"], baseline_epoch_s=base["epoch_s"],
@@ -225,7 +223,7 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
     except ImportError:
         dali_version = None
     rows, run_id = [], time.strftime("%Y%m%dT%H%M%S")
-    git_sha, code_hash = provenance.git_sha(), provenance.code_hash()  # the code as started
+    git_sha, code_hash = log.git_sha(), log.code_hash()  # the code as started
     for name in loaders:
         if name.startswith("dali") and dali_version is None:
             print(f"bench: skipping {name}: NVIDIA DALI does not import", file=sys.stderr)
@@ -234,7 +232,7 @@ def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[st
         alone = loader_alone(var, data.train, device, repeats)
         e2e = end_to_end_epoch(var)
         rows.append(dict(
-            what="loaders", loader=name, device=provenance.device_name(device), img_per_s=alone,
+            what="loaders", loader=name, device=log.device_name(device), img_per_s=alone,
             epoch_s=e2e["epoch_s"], train_img_per_s=e2e["train_img_per_s"], first_epoch_s=e2e["first_epoch_s"],
             batch_size=cfg.optim.batch_size, images=len(data.train), amp=cfg.precision.amp,
             channels_last=cfg.precision.channels_last, compile=cfg.precision.compile, depth=cfg.model.depth,
@@ -260,12 +258,13 @@ def loader_table(rows: list[dict[str, Any]]) -> str:
 
 
 TABLES = {
-    "loaders": ("Loader benchmark", "`python -m fastres.bench --what loaders`. img/s alone: the loader iterating "
+    "loaders": ("Loader benchmark", "`python -m fastres.tools.bench --what loaders`. img/s alone: the loader iterating "
                 "full epochs by itself; s/epoch: the second epoch of a real training run with it. Ratios are "
                 "against the gpu loader of the same bench run.", loader_table),
-    "train": ("Training throughput", "`python -m fastres.bench --what train`: img/s of timed training steps after "
-              "warm-up (CUDA events), the seed's baseline recipe measured in the same process, and the fraction "
-              "of this device's roofline for the model (matmul rate and copy bandwidth measured in the same run).",
+    "train": ("Training throughput", "`python -m fastres.tools.bench --what train`: img/s of timed training "
+              "steps after warm-up (CUDA events), the baseline recipe measured in the same process, and the "
+              "fraction of this device's roofline for the model (matmul rate and copy bandwidth measured in the "
+              "same run).",
               train_table),
 }
 

@@ -1,6 +1,6 @@
-"""The speed/accuracy table, from run summaries only: ``python -m fastres.report [--runs=DIR] [--out=DIR]``.
+"""The speed/accuracy table, from run summaries only: ``python -m fastres.tools.report [--runs=DIR] [--out=DIR]``.
 
-Reads the stack manifest (``<runs>/stack.json``, written by fastres.stack) for the rows and their run
+Reads the stack manifest (``<runs>/stack.json``, written by fastres.tools.stack) for the rows and their run
 directories, then each run's summary.json and metrics.jsonl, and writes to ``--out``:
 - stack.md: the table users read (also pasted into the README from results/);
 - stack.csv: the same numbers, one row per combination;
@@ -26,10 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastres.cli import entry, take_flag, take_switch
-from fastres.errors import UserError, read_json, writing
-from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics
-from fastres.provenance import short_sha
+from fastres.errors import UserError, entry, read_json, writing
+from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics, short_sha
+from fastres.tools import take_flag, take_switch
 
 MANIFEST = "stack.json"
 _WORD = {"test": "test", "val": "validation"}
@@ -59,12 +58,12 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     runs_dir = Path(runs_dir)
     path = runs_dir / MANIFEST
     if not path.exists():
-        raise UserError(f"no {path}: run fastres.stack first (or pass --runs=DIR of a stack's runs)")
-    manifest = read_json(path, dict, "fastres.stack manifest")
+        raise UserError(f"no {path}: run fastres.tools.stack first (or pass --runs=DIR of a stack's runs)")
+    manifest = read_json(path, dict, "fastres.tools.stack manifest")
     if not isinstance(manifest.get("rows"), list) or not all(
             isinstance(r, dict) and _ROW_KEYS <= set(r) and isinstance(r["runs"], list) for r in manifest["rows"]):
-        raise UserError(f"{path} is not a fastres.stack manifest (it needs 'rows', each with "
-                        f"{', '.join(sorted(_ROW_KEYS))}): rerun fastres.stack to rewrite it")
+        raise UserError(f"{path} is not a fastres.tools.stack manifest (it needs 'rows', each with "
+                        f"{', '.join(sorted(_ROW_KEYS))}): rerun fastres.tools.stack to rewrite it")
     rows = []
     for row in manifest["rows"]:
         summaries, curves = [], []
@@ -152,7 +151,7 @@ def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"Training wall-clock seconds (device-synchronized, evaluation excluded) until the first evaluation at "
         f"or above {tgt}; mean ± std over seeds, each row a fixed recipe. Speed-up is against the first row. "
-        f"Built by `python -m fastres.report` from the runs' summary.json files.",
+        f"Built by `python -m fastres.tools.report` from the runs' summary.json files.",
         "",
         f"| combination | GPUs | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final {split_of(rows)} acc"
         " | img/s "
@@ -257,7 +256,7 @@ def depth_report(manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path
     lines = [f"# {manifest['name']}", "",
              "Final CIFAR-10 test error (%) of the paper's recipe (option A, post-activation, batch 128, lr 0.1, "
              "/10 at 50% and 75% of 164 epochs on the 50k training set, pad-4 crop + flip), mean ± std over "
-             "seeds, next to He et al. 2015, Table 6. Built by `python -m fastres.report` from run summaries.",
+             "seeds, next to He et al. 2015, Table 6. Built by `python -m fastres.tools.report` from run summaries.",
              "", "| depth | params | seeds | test error (%) | paper (%) | ours - paper | device |",
              "|---|---|---|---|---|---|---|"]
     for r in table:

@@ -1,4 +1,4 @@
-"""Run every stacked combination of techniques: ``python -m fastres.stack --config configs/stack.toml``.
+"""Run every stacked combination of techniques: ``python -m fastres.tools.stack --config configs/stack.toml``.
 
 A stack file names a base config and rows. ``[[ladder]]`` rows add their ``set`` keys on top of the previous
 ladder row (or of the row named by ``from``); ``[[alone]]`` rows add theirs to the first ladder row, the
@@ -10,9 +10,9 @@ when nproc > 1), in ``<runs_dir>/<row>/seed<k>/``. A run whose summary.json carr
 same code hash (a hash of the fastres sources, so committing results does not invalidate it) is skipped,
 and an interrupted run continues from its checkpoint: a ladder can be finished over several sittings, each
 bounded by ``--budget-s``. A row needing more GPUs than the machine has is listed as "needs N GPUs" and never
-run or estimated. At the end the report (fastres.report) is rebuilt from the runs' summaries and metrics.
+run or estimated. At the end the report (fastres.tools.report) is rebuilt from the runs' summaries and metrics.
 
-    python -m fastres.stack --config configs/stack.toml [--data.dir=DIR] [--out=DIR] [--runs=DIR]
+    python -m fastres.tools.stack --config configs/stack.toml [--data.dir=DIR] [--out=DIR] [--runs=DIR]
         [--budget-s=SECONDS] [--only=ROW,ROW] [--seeds=N] [--device=cpu|cuda] [--dry-run] [--section.key=value ...]
 
 ``--device`` replaces the stack file's device (``cpu``: every row on the CPU, e.g. to rehearse a GPU ladder).
@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from fastres import config, provenance
-from fastres.cli import entry, parse_args, take_flag, take_switch, whole_number
-from fastres.config import RESUME_MAY_DIFFER, ConfigError
-from fastres.errors import UserError, read_json, write_text, writing
+from fastres import config, log
+from fastres.config import RESUME_MAY_DIFFER, ConfigError, parse_args
+from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import SUMMARY
-from fastres.report import build_report
+from fastres.tools import take_flag, take_switch, whole_number
+from fastres.tools.report import build_report
 
 MANIFEST = "stack.json"
 RUN_CONFIG = "stack-config.toml"
@@ -232,7 +232,7 @@ def gpus_available() -> int:
 def run_stack(stack: Stack, overrides: list[str], *, budget_s: float | None = None, only: list[str] | None = None,
               dry_run: bool = False, say=print) -> bool:
     """Run (or skip) every row's seeds; the manifest records each row's status. True if nothing failed."""
-    code, deadline = provenance.code_hash(), (time.monotonic() + budget_s) if budget_s else None
+    code, deadline = log.code_hash(), (time.monotonic() + budget_s) if budget_s else None
     ok, gpus = True, gpus_available()
     for row in stack.rows:
         row.runs = [str(stack.runs_dir / row.slug / f"seed{s}") for s in range(row.seeds)]
