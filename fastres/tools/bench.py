@@ -55,7 +55,7 @@ from fastres.tools.profile import profile_step
 from fastres.tools.scaling import scaling_report
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
                   "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml", "dispatch": CONFIGS / "fast.toml"}
 BASELINE = CONFIGS / "baseline.toml"
