@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# A GPU session's runbook. The device tool lends one H200 for 15 minutes of device time per issue in all (machine
-# start, idle time and every call count; 10 minutes a command; 64 MiB carried per call; given back ~30 s after a
-# call); there is no CIFAR-10, no DALI and no .git there. Whoever draws a GPU runs the queue, nothing to decide:
+# A measurement queue for a GPU machine: measure what is pending, in priority order, within a time budget.
+# Made for a GPU box you rent by the hour: run `next` as often as the box lives; each call skips what results/
+# already records as done, runs the pending items each under its own budget, and packs what finished.
 #
-# Here (the dev machine, repo root):
-#   bash launch/device.sh plan           # the queue: each item's budget, done or not, and the 15-minute arithmetic
-#   bash launch/device.sh prepare        # record HEAD in .device/ (carry it); STAGE_PARTS=data also cuts CIFAR-10
-#                                        # into 3 carried parts and prints the 3 staging calls
-#   bash launch/device.sh unpack DIR     # after a call: DIR = its files_at; puts results/ and runs/ back here
-# There (device `run`, carry [".device"]):
-#   bash launch/device.sh next           # call 1 (<= 9 min): the first pending items that need no data set
-#   (the 3 staging calls, back to back; the last one ends with "&& bash launch/device.sh next")
-#                                        # call 4: the items that need CIFAR-10, resuming what a budget stopped
+#   bash launch/device.sh plan                   # the queue: each item's budget, what it needs, done or pending
+#   bash launch/device.sh next [--data=DIR] [--out=DIR] [--budget=S]
+#                                                # run the pending items, at most S seconds in all (default: no
+#                                                # limit); after each item, pack results/ and runs/ to
+#                                                # DIR/results.tgz (--out, else $OUT, else /tmp/fastres-queue)
+#   bash launch/device.sh unpack DIR             # back in your checkout: DIR/results.tgz into results/ and runs/
+#   bash launch/device.sh prepare                # in your checkout, before copying the tree to a machine that
+#                                                # gets no .git: record HEAD in .device/ (copy .device/ along)
+#
+# CIFAR-10 comes from --data=DIR, else $FASTRES_DATA, else data/cifar10 (DIR holds cifar-10-batches-py);
+# without it the items marked [data] wait, said in one line, and the others run.
 # The queue, in priority order (an item is done when results/device/<item>.json exists: commit it with results/):
 #   check      120 s  tests/test_cuda.py: the step graph's capture, the fast loop without host syncs
 #   throughput 180 s  fast.toml on synthetic data, with and without precision.step_graph, batch 512 and 1024,
@@ -20,44 +22,46 @@
 #   quick      330 s  [data] configs/stack-quick.toml: the ladder on 10 epochs, each run stopped at 80% test
 #   recipes    400 s  [data] configs/tune-recipe.toml: 8 recipe rows on the validation split
 #   ladder     540 s  [data] configs/stack.toml, resuming          depths  540 s  [data] configs/depths.toml
-# BUDGET_<item>=S overrides an item's budget, NEXT_BUDGET_S (540) a call's. FASTRES_DEVICE_DRYRUN=1 walks the
-# queue on a CPU (tiny runs, synthetic data, results under runs/device-dryrun/) to test it.
-# Older phases, one by one: bash launch/device.sh run check|bench|steps|final|graph|loaders|scaling|stack=S|...
-# Runs that are not finished keep their checkpoints in back.tgz; `unpack` puts them under runs/ and the next
-# call carries them (carry ["runs/stack-quick"], say) so a ladder resumes on a fresh machine.
+# BUDGET_<item>=S changes an item's budget. A ladder stopped by its budget keeps its unfinished runs'
+# checkpoints (they are packed too); the next `next` resumes them. FASTRES_DEVICE_DRYRUN=1 walks the queue
+# on a CPU (tiny runs, synthetic data, results under runs/device-dryrun/) to test it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 die() { echo "launch/device.sh: $*" >&2; exit 2; }
 
-prepare() {
+ITEMS="check throughput profile quick recipes ladder depths"
+DRY=${FASTRES_DEVICE_DRYRUN:-}
+R=results  # where results and the done marks go; a dry run keeps its own apart from the real ones
+[ -z "$DRY" ] || R=runs/device-dryrun/results
+OUT_DIR=${OUT:-${TMPDIR:-/tmp}/fastres-queue}
+DATA=${FASTRES_DATA:-data/cifar10}
+CALL_BUDGET=${FASTRES_QUEUE_BUDGET_S:-0}  # 0: no limit for the call
+
+prepare() {  # .device/git_sha and .device/code_hash: what fastres records as the code version where .git is absent
   mkdir -p .device
   local sha dirty
-  sha=$(git rev-parse HEAD)
+  sha=$(git rev-parse HEAD) || die "prepare records the git HEAD: run it in a git checkout of fastres"
   dirty=$(git status --porcelain --untracked-files=no -- fastres configs)
-  echo "$sha${dirty:+-dirty}" > .device/git_sha  # provenance.git_sha() reads it where .git is absent
-  python3 -c "from fastres import provenance; print(provenance.code_hash())" > .device/code_hash  # for this code only
-  echo "device runs will record git_sha $(cat .device/git_sha) (code hash $(cat .device/code_hash))"
-  mkdir -p "$(git rev-parse --git-dir)/info"  # stage.sh adds .stage/ to info/exclude, which a fresh clone may lack
-  if [ -n "${STAGE_PARTS:-}" ]; then
-    bash ../shared/device/stage.sh $STAGE_PARTS  # data (3 parts); dali only for a DALI row
-  fi
-  echo "Then, carry [\".device\"]: 'bash launch/device.sh next' (no data needed); staging: STAGE_PARTS=data"
+  echo "$sha${dirty:+-dirty}" > .device/git_sha
+  python3 -c "from fastres.log import code_hash; print(code_hash())" > .device/code_hash  # for this code only
+  echo "runs from a copy of this tree will record git_sha $(cat .device/git_sha) (code hash $(cat .device/code_hash));"
+  echo "copy .device/ along with the tree"
 }
 
 unpack() {
-  local dir=${1:?usage: launch/device.sh unpack FILES_AT}
-  [ -f "$dir/back.tgz" ] || die "no back.tgz in $dir"
-  tar -xzf "$dir/back.tgz" -C "$root"
-  echo "unpacked: $(tar -tzf "$dir/back.tgz" | grep -c .) entries into results/ and runs/"
+  local dir=${1:?usage: launch/device.sh unpack DIR (the folder holding results.tgz)}
+  [ -f "$dir/results.tgz" ] || die "no results.tgz in $dir"
+  tar -xzf "$dir/results.tgz" -C "$root"
+  echo "unpacked: $(tar -tzf "$dir/results.tgz" | grep -c .) entries into results/ and runs/"
   [ -f "$dir/device.log" ] && tail -n 5 "$dir/device.log"
   git status --short results
 }
 
-pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.json beside them)
-  local out=${OUT:-/tmp/out} list
-  mkdir -p "$out"
+pack() {  # results/ and runs/ to $OUT_DIR/results.tgz, less the checkpoints of finished runs (summary.json beside)
+  local list
+  mkdir -p "$OUT_DIR"
   list=$(mktemp)
   : > "$list"
   [ ! -d results ] || find results -type f >> "$list"
@@ -67,82 +71,10 @@ pack() {  # results/ and runs/, less the checkpoints of finished runs (summary.j
       [ -f "$(dirname "$c")/summary.json" ] || echo "$c"
     done >> "$list"
   fi
-  tar -czf "$out/back.tgz" -T "$list"
-  echo "packed $(wc -l < "$list") files: $(du -h "$out/back.tgz" | cut -f1) in $out/back.tgz"
+  tar -czf "$OUT_DIR/results.tgz" -T "$list"
+  echo "packed $(wc -l < "$list") files: $(du -h "$OUT_DIR/results.tgz" | cut -f1) in $OUT_DIR/results.tgz"
+  rm -f "$list"
 }
-
-PHASES="check, bench, steps, final, graph, loaders, scaling, stack=S, tune=S, depths=S"
-
-# Phase NAME: sets argv (its command) and budget (its default seconds); fails for a name that is not one.
-phase_command() {
-  case $1 in
-    check) budget=300 argv=(python3 -m pytest -q -x tests/test_cuda.py tests/test_dali.py) ;;
-    bench) budget=420 argv=(python3 -m fastres.bench --config configs/fast.toml --time-to-target) ;;
-    steps) budget=330 argv=(bash launch/fastpath.sh) ;;
-    final) budget=240 argv=(bash -c 'f=$(python3 -m fastres.report --runs=runs/tune-fast --pick) && set -x &&
-      python3 -m fastres.bench --config configs/fast.toml --label=fast-tuned --time-to-target $f') ;;
-    graph) budget=540 argv=(bash -c 'g="--precision.compile_mode=default --precision.step_graph=true" && set -x &&
-      python3 -m fastres.bench --config configs/fast.toml --label=fast+step-graph --time-to-target $g &&
-      python3 -m fastres.bench --what scaling --config configs/fast.toml --gloo-procs=1 $g \
-        --out=results/scaling-step-graph.md') ;;
-    loaders) budget=240 argv=(python3 -m fastres.bench --what loaders --config configs/bench-loaders.toml) ;;
-    scaling) budget=150 argv=(python3 -m fastres.bench --what scaling --config configs/fast.toml) ;;
-    stack) budget=500 argv=(python3 -m fastres.stack --config configs/stack.toml) ;;
-    tune) budget=500 argv=(python3 -m fastres.stack --config configs/tune-fast.toml) ;;
-    depths) budget=500 argv=(python3 -m fastres.stack --config configs/depths.toml) ;;
-    *) return 1 ;;
-  esac
-}
-
-phase() {  # name[=budget_s]: at most budget seconds (a call has 600 in all)
-  local name=${1%%=*} budget argv limit
-  phase_command "$name"
-  [ "$1" = "$name" ] || budget=${1#*=}
-  limit=$budget
-  if [ "${argv[2]:-}" = fastres.stack ]; then
-    # the ladders stop themselves at the budget (an unfinished run keeps its checkpoint); timeout is a backstop
-    argv+=(--budget-s="$budget") limit=$((budget + 60))
-    [ -z "${STACK_ONLY:-}" ] || argv+=(--only="$STACK_ONLY")  # rows (slugs, comma-separated) to run, in file order
-  fi
-  echo "=== $name (budget ${budget}s) $(date -u +%FT%TZ)"
-  timeout -k 15 "$limit" "${argv[@]}"
-}
-
-run() {
-  [ $# -gt 0 ] || die "name phases: $PHASES"
-  local p budget argv prc
-  for p in "$@"; do phase_command "${p%%=*}" || die "unknown phase '$p' ($PHASES)"; done
-  local data=${FASTRES_DATA:-/root/payload/cifar-10-batches-py}
-  [ -d "$data" ] || die "no CIFAR-10 at $data: make the staging calls 'launch/device.sh prepare' printed first"
-  [ -f .device/git_sha ] || [ -e .git ] || die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
-  export FASTRES_DATA=$data PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:$root${PYTHONPATH:+:$PYTHONPATH}
-  local out=${OUT:-/tmp/out} rc=0
-  mkdir -p "$out"
-  set +e
-  (
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-    python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not importable"
-    for p in "$@"; do
-      prc=0
-      phase "$p" || prc=$?
-      [ "$prc" = 0 ] || { rc=$prc; echo "=== $p failed (exit $prc$([ "$prc" = 124 ] && echo ': out of its time budget'))"; }
-      pack  # after every phase: a call killed at its limit still brings back what finished
-      [ "$prc" != 0 ] && [ "${p%%=*}" = check ] && break  # a broken fast path is not worth benchmarking
-    done
-    exit "$rc"
-  ) 2>&1 | tee -a "$out/device.log"
-  rc=${PIPESTATUS[0]}
-  set -e
-  return "$rc"
-}
-
-# ------------------------------------------------------------------------------------------ the queue
-ITEMS="check throughput profile quick recipes ladder depths"
-DRY=${FASTRES_DEVICE_DRYRUN:-}
-R=results  # where results and the done marks go; a dry run keeps its own apart from the real ones
-[ -z "$DRY" ] || R=runs/device-dryrun/results
-DATA=${FASTRES_DATA:-/root/payload/cifar-10-batches-py}
 
 item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs ("data" or empty)
   case $1 in
@@ -161,6 +93,8 @@ item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs 
 
 item_done() { [ -f "$R/device/$1.json" ]; }
 
+have_data() { [ -d "$DATA/cifar-10-batches-py" ] || [ -f "$DATA/data_batch_1" ]; }
+
 # The step forms throughput and profile measure: label|flags on top of configs/fast.toml.
 VARIANTS=("b512-reduce-overhead|" "b512-step-graph|--precision.step_graph=true --precision.compile_mode=default"
           "b1024-reduce-overhead|--optim.batch_size=1024"
@@ -173,7 +107,11 @@ stack_item() {  # CONFIG RUNS_NAME ITEM_BUDGET [DRY_ROWS]: a ladder within the i
   local extra=() stop=$(( $3 > 40 ? $3 - 20 : $3 / 2 + 1 ))  # the ladder stops itself before the item's timeout
   [ -z "$DRY" ] || extra=(--device=cpu --only="$4" --seeds=1 --runs=runs/device-dryrun/"$2" --out="$R/$2" "${TINY[@]}"
                           --run.epochs=1)
-  python3 -m fastres.stack --config "$1" --budget-s="$stop" "${extra[@]}"
+  python3 -m fastres.tools.stack --config "$1" --budget-s="$stop" "${extra[@]}"
+}
+
+stack_runs() {  # ITEM: its stack's runs directory name
+  case $1 in quick) echo stack-quick ;; recipes) echo tune-recipe ;; ladder) echo stack ;; depths) echo depths ;; esac
 }
 
 stack_complete() {  # RUNS_NAME: every row of the ladder is done (or needs more GPUs than there are)
@@ -196,10 +134,11 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
         [ -z "$DRY" ] || flags=${flags//=1024/=128}
         # shellcheck disable=SC2086  # flags are several words
         if [ "$name" = throughput ]; then
-          python3 -m fastres.bench --config configs/fast.toml --data.source=synthetic --label="fast $label synthetic" \
-            --out="$R/bench.json" ${DRY:+--steps=2 --warmup=1} ${DRY:+"${TINY[@]}"} "${dry_batch[@]}" $flags || rc=$?
+          python3 -m fastres.tools.bench --config configs/fast.toml --data.source=synthetic \
+            --label="fast $label synthetic" --out="$R/bench.json" ${DRY:+--steps=2 --warmup=1} ${DRY:+"${TINY[@]}"} \
+            "${dry_batch[@]}" $flags || rc=$?
         else
-          python3 -m fastres.bench --what profile --config configs/fast.toml --data.source=synthetic \
+          python3 -m fastres.tools.bench --what profile --config configs/fast.toml --data.source=synthetic \
             --label="fast-$label" --out="$R/profile" ${DRY:+--steps=2} ${DRY:+"${TINY[@]}"} "${dry_batch[@]}" $flags \
             || rc=$?
         fi
@@ -219,20 +158,20 @@ import json, sys, time
 
 import torch
 
-from fastres import provenance
+from fastres.log import code_hash, device_name, git_sha
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 json.dump(dict(item=sys.argv[2], command=f"bash launch/device.sh next (item {sys.argv[2]})",
-               device=provenance.device_name(device), torch_version=torch.__version__, git_sha=provenance.git_sha(),
-               code_hash=provenance.code_hash(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+               device=device_name(device), torch_version=torch.__version__, git_sha=git_sha(),
+               code_hash=code_hash(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
           open(sys.argv[1], "w"), indent=1)
 PY
 }
 
-plan() {  # the queue with each item's budget and state, and the 15-minute arithmetic
-  local name total=0 first=0 rest=0 budget needs state
-  echo "fastres device queue${DRY:+ (DRY RUN: CPU, tiny)}: an H200 lends 15 min of device time per issue in all;" \
-       "a call <= ${NEXT_BUDGET_S:-540} s"
+plan() {  # the queue with each item's budget and state
+  local name total=0 free=0 data=0 budget needs state
+  echo "fastres measurement queue${DRY:+ (DRY RUN: CPU, tiny, synthetic data)}; this call:" \
+       "$([ "$CALL_BUDGET" -gt 0 ] && echo "at most ${CALL_BUDGET} s" || echo "no time limit (--budget=S sets one)")"
   printf '  %-11s %7s  %-5s %s\n' item budget needs state
   for name in $ITEMS; do
     item_info "$name"
@@ -241,70 +180,81 @@ plan() {  # the queue with each item's budget and state, and the 15-minute arith
     printf '  %-11s %5s s  %-5s %s\n' "$name" "$budget" "${needs:--}" "$state"
     if [ "$state" = pending ]; then
       total=$((total + budget))
-      if [ -z "$needs" ]; then first=$((first + budget)); else rest=$((rest + budget)); fi
+      if [ -z "$needs" ]; then free=$((free + budget)); else data=$((data + budget)); fi
     fi
   done
-  echo "  pending: ${total} s of item budgets: ${first} s need no data (call 1), ${rest} s need CIFAR-10 (after the"
-  echo "  3 staging calls). 15 min = machine start (~2-3 min) + call 1 (<= ${first} s) + staging (~1 min) + what is"
-  echo "  left for the data items; a budget stops an item, packs what finished, and the next session resumes it."
+  echo "  pending: ${total} s of item budgets: ${free} s need no data set, ${data} s need CIFAR-10" \
+       "($(have_data && echo "found at $DATA" || echo "not found at $DATA: pass --data=DIR or set FASTRES_DATA"))"
 }
 
-next() {  # run the first pending items within one call's budget, packing after each
-  local call=${NEXT_BUDGET_S:-540} start=$SECONDS name budget needs left b rc runs out=${OUT:-/tmp/out}
+next() {  # run the pending items within the call's budget, packing after each
+  local start=$SECONDS name budget needs left b rc runs nodata= log
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --data=*) DATA=${1#*=} ;;
+      --out=*) OUT_DIR=${1#*=} ;;
+      --budget=*) CALL_BUDGET=${1#*=} ;;
+      *) die "next: unknown argument '$1' (use --data=DIR --out=DIR --budget=S)" ;;
+    esac
+    shift
+  done
+  [[ $CALL_BUDGET =~ ^[0-9]+$ ]] || die "--budget=$CALL_BUDGET: a whole number of seconds (0: no limit)"
   [ -n "$DRY" ] || [ -f .device/git_sha ] || [ -e .git ] || \
-    die "no .device/git_sha: run 'launch/device.sh prepare' here and carry .device"
-  export FASTRES_DATA=$DATA PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:$root${PYTHONPATH:+:$PYTHONPATH}
-  mkdir -p "$out" "$R/device"
-  plan | tee -a "$out/device.log"
+    die "no .git and no .device/git_sha: run 'bash launch/device.sh prepare' in your checkout and copy .device/ along"
+  have_data && export FASTRES_DATA=$DATA
+  export PYTHONUNBUFFERED=1 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+  mkdir -p "$OUT_DIR" "$R/device"
+  log=$OUT_DIR/device.log
+  plan | tee -a "$log"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and
+              torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
   for name in $ITEMS; do
     item_info "$name"
     if item_done "$name"; then
-      echo "=== $name: done before, skipped" | tee -a "$out/device.log"
+      echo "=== $name: done before, skipped" | tee -a "$log"
       continue
     fi
-    if [ "$needs" = data ] && [ -z "$DRY" ] && [ ! -d "$DATA" ]; then
-      echo "=== $name and the rest need CIFAR-10 at $DATA: make the staging calls (STAGE_PARTS=data bash" \
-           "launch/device.sh prepare prints them), the last one ending in '&& bash launch/device.sh next'" \
-        | tee -a "$out/device.log"
-      break
+    if [ "$needs" = data ] && [ -z "$DRY" ] && ! have_data; then
+      [ -n "$nodata" ] || echo "=== $name and the rest need CIFAR-10, not found at $DATA: pass --data=DIR or set" \
+                               "FASTRES_DATA to the folder holding cifar-10-batches-py; they wait" | tee -a "$log"
+      nodata=1
+      continue
     fi
-    left=$((call - (SECONDS - start)))
-    if [ "$left" -lt 30 ]; then
-      echo "=== the call's budget is spent: $name and the rest wait for the next call" | tee -a "$out/device.log"
-      break
+    b=$budget
+    if [ "$CALL_BUDGET" -gt 0 ]; then
+      left=$((CALL_BUDGET - (SECONDS - start)))
+      if [ "$left" -lt 30 ]; then
+        echo "=== the call's budget is spent: $name and the rest wait for the next call" | tee -a "$log"
+        break
+      fi
+      b=$((budget < left ? budget : left))
     fi
-    b=$((budget < left ? budget : left))
-    echo "=== $name (budget ${b}s) $(date -u +%FT%TZ)" | tee -a "$out/device.log"
+    echo "=== $name (budget ${b}s) $(date -u +%FT%TZ)" | tee -a "$log"
     set +e
-    timeout -k 15 "$b" bash "$0" item "$name" "$b" 2>&1 | tee -a "$out/device.log" "$R/device/$name.log"
+    timeout -k 15 "$b" bash "$0" item "$name" "$b" 2>&1 | tee -a "$log" "$R/device/$name.log"
     rc=${PIPESTATUS[0]}
     set -e
     runs=$(stack_runs "$name")  # a ladder item is done when every row of its stack is
     if [ "$rc" = 0 ] && { [ -z "$runs" ] || stack_complete "$runs"; }; then
       mark_done "$name"
-      echo "=== $name done" | tee -a "$out/device.log"
+      echo "=== $name done" | tee -a "$log"
     else
       echo "=== $name not done (exit $rc$([ "$rc" = 124 ] && echo ': out of its budget'); the next call resumes it)" \
-        | tee -a "$out/device.log"
+        | tee -a "$log"
     fi
-    pack >> "$out/device.log"  # after every item: a call killed at its limit still brings back what finished
-    [ "$rc" != 0 ] && [ "$name" = check ] && { echo "=== check failed: the queue stops here" | tee -a "$out/device.log"; return 1; }
+    pack >> "$log"  # after every item: a machine lost mid-queue still leaves what finished
+    [ "$rc" != 0 ] && [ "$name" = check ] && { echo "=== check failed: the queue stops here" | tee -a "$log"; return 1; }
   done
   return 0
 }
 
-stack_runs() {  # ITEM: its stack's runs directory name
-  case $1 in quick) echo stack-quick ;; recipes) echo tune-recipe ;; ladder) echo stack ;; depths) echo depths ;; esac
-}
-
 cmd=${1:-}; shift || true
 case $cmd in
+  plan) plan ;;
+  next) next "$@" ;;
   prepare) prepare ;;
   unpack) unpack "$@" ;;
-  run) run "$@" ;;
   pack) pack ;;
-  plan) plan ;;
-  next) next ;;
   item) item "$@" ;;
-  *) die "usage: launch/device.sh plan | prepare | next | unpack FILES_AT | run PHASE... | pack" ;;
+  *) die "usage: launch/device.sh plan | next [--data=DIR] [--out=DIR] [--budget=S] | unpack DIR | prepare | pack" ;;
 esac
