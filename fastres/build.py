@@ -43,7 +43,7 @@ class Parts:
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
     evaluate: Callable[[Sets], tuple[dict[str, float], dict[str, float]]]  # one evaluation: see evaluate_all
-    step: Step  # step(x, y, lr, index)
+    train_step: Step  # train_step(x, y, lr, global_step): one optimizer step
     prec: Precision
     micro_batch: int  # the images one forward sees: what BatchNorm normalizes over
     staging_s: float  # read, validate, split, copy to the device, build the loader
@@ -102,10 +102,10 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                                  rank=dist.rank, world=world, prec=prec)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
-    step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
+    train_step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
                                  batch_per_rank=batch_per_rank, device=dev, ema=ema, evaluate=lambda: evaluate(blank))
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
-                 scaler=scaler, ema=ema, evaluate=evaluate, step=step, prec=prec, micro_batch=micro,
+                 scaler=scaler, ema=ema, evaluate=evaluate, train_step=train_step, prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
 
 

@@ -1,6 +1,6 @@
 """Typed configuration: one dataclass per section, TOML files, ``--section.key=value`` overrides.
 
-The layout follows torchtitan: each section is a dataclass whose defaults are the seed's baseline recipe
+The layout follows torchtitan: each section is a dataclass whose defaults are He et al. 2015's ResNet-20 recipe
 (configs/baseline.toml spells the same values out; a test keeps the two equal), a TOML file may name a
 parent with ``base = "other.toml"``, and the command line overrides single keys. Unknown keys, wrong
 types and out-of-range values raise :class:`ConfigError` naming the key and the valid choices.
@@ -9,6 +9,7 @@ Builders take their own section only (``build_model(cfg.model)``), never the who
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -38,6 +39,8 @@ def _opt(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None
     return field(default=default, metadata=meta)
 
 
+FLIPS = ("random", "alternate")  # data.flip: the loaders draw by these (fastres/data/loaders.py)
+TTA = ("off", "flip", "flip-translate")  # eval.tta, in order of the views each adds (fastres/evaluate.py)
 MAX_SEED = 2**32 - 1  # numpy's global seed takes at most 32 bits
 MAX_EPOCHS = 1_000_000  # the step counts made from epochs stay exact integers and floats
 MAX_IMAGES = 10_000_000  # more than any CIFAR-sized set holds: a typo, not a choice
@@ -88,7 +91,7 @@ class DataCfg:
     source: str = _opt("cifar10", "cifar10: the data set in data.dir; synthetic: random uint8 images and labels of "
                        "CIFAR-10's shape and split sizes, made in memory (for throughput and profiling, where pixel "
                        "values do not matter; its accuracies mean nothing)", choices=("cifar10", "synthetic"))
-    loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the seed's path); "
+    loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the baseline's path); "
                        "gpu: whole uint8 set on the device, augmented with tensor ops; "
                        "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
                        choices=("workers", "gpu", "dali"))
@@ -96,7 +99,7 @@ class DataCfg:
                             "GPU-resident copy and hand them over zero-copy", choices=("host", "device"))
     flip: str = _opt("random", "training flips: random (each image mirrored with p = 1/2 every epoch, He 2015) or "
                      "alternate (random in epoch 0, then each image's flip inverted every epoch; Jordan 2024, "
-                     "cifar10-airbench)", choices=("random", "alternate"))
+                     "cifar10-airbench)", choices=FLIPS)
     val_size: int = _opt(0, "training images held out as a validation split (0 = none; e.g. 5000)", ge=0,
                          le=MAX_IMAGES)
     split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
@@ -189,7 +192,7 @@ class EvalCfg:
     tta: str = _opt("off", "test-time augmentation: flip averages each image's logits with its mirror "
                     "image's (cifar10-airbench); flip-translate adds the flip averages of the image moved one "
                     "pixel each way (6 passes; airbench's tta_level 2); the plain accuracy is logged beside it "
-                    "as <split>_acc_no_tta", choices=("off", "flip", "flip-translate"))
+                    "as <split>_acc_no_tta", choices=TTA)
     on_test: bool = _opt(True, "evaluate on the test set; false (for tuning) never touches it and measures "
                          "time to target on the validation split")
 
@@ -348,14 +351,6 @@ def _apply_overrides(cfg: Config, overrides: list[str]) -> None:
         setattr(getattr(cfg, section), key, _parse_cli_value(text, hints[key], dotted))
 
 
-def override(cfg: Config, overrides: list[str]) -> Config:
-    """A copy of ``cfg`` with ``--section.key=value`` command-line overrides applied and checked."""
-    out = from_dict(to_dict(cfg))
-    _apply_overrides(out, overrides)
-    validate(out)
-    return out
-
-
 def _check_fields(cfg: Config) -> None:
     """Raise ConfigError for the first value outside its field's choices or range."""
     for section in SECTIONS:
@@ -392,6 +387,12 @@ def _check_step_graph(cfg: Config, world: int) -> None:
                           f"validated), and this run has {world}: set precision.step_graph = false")
 
 
+def check_optim(cfg: OptimCfg) -> None:
+    """The [optim] section's own combinations (validate runs it; so does build_optimizer, its one user)."""
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+
+
 def validate(cfg: Config, world: int = 1) -> None:
     """Raise ConfigError for the first bad value: a field outside its choices or range, then a combination that
     cannot run on ``world`` ranks. Called at load, so a stack rejects a bad row before any row runs."""
@@ -402,8 +403,7 @@ def validate(cfg: Config, world: int = 1) -> None:
                           f"{accum} accumulation step(s): use a multiple of {world * accum}")
     if not cfg.eval.on_test and not cfg.data.val_size:
         raise ConfigError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
-    if cfg.optim.nesterov and cfg.optim.momentum == 0:
-        raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+    check_optim(cfg.optim)
     if cfg.precision.step_graph:
         _check_step_graph(cfg, world)
 
@@ -468,17 +468,21 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def with_values(cfg: Config, values: dict[str, Any], source: str = "values") -> Config:
-    """A copy of ``cfg`` with ``{"section.key": value}`` set (TOML-typed values, same checks as a file)."""
+def with_values(cfg: Config, values: dict[str, Any] | None = None, source: str = "values", *,
+                overrides: list[str] = (), world: int = 1) -> Config:
+    """A copy of ``cfg`` with ``{"section.key": value}`` set (TOML-typed values, checked as a file's), then
+    ``--section.key=value`` command-line overrides, validated once for ``world`` ranks: the one way to derive a
+    config from another."""
     nested: dict[str, dict[str, Any]] = {}
-    for dotted, value in values.items():
+    for dotted, value in (values or {}).items():
         if "." not in dotted:
             raise ConfigError(f"{source}: '{dotted}' must be a dotted key like \"model.depth\"")
         section, key = dotted.split(".", 1)
         nested.setdefault(section, {})[key] = value
-    out = from_dict(to_dict(cfg))
+    out = copy.deepcopy(cfg)
     _apply(out, nested, source)
-    validate(out)
+    _apply_overrides(out, list(overrides))
+    validate(out, world)
     return out
 
 

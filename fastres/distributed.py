@@ -1,4 +1,4 @@
-"""torchrun's environment -> a process group (nccl on CUDA, gloo on CPU), and the few collectives we use.
+"""torchrun's environment -> a process group (nccl on CUDA, gloo on CPU), and the few collectives fastres uses.
 
 As in nanoGPT: read RANK / LOCAL_RANK / WORLD_SIZE, which torchrun sets (and leaves unset for a plain
 ``python -m``). Multi-node runs need nothing more here: torchrun's rendezvous flags set the same variables
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastres.config import RunCfg
 from fastres.errors import UserError
 
 
@@ -40,32 +41,51 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def measurement_device(device: str = "auto") -> torch.device:
-    """The device of a one-process measurement (fastres.tools.bench, the scaling model): CUDA when torch sees
-    one, unless run.device = "cpu"."""
-    return torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu")
+def backends(run: RunCfg) -> None:
+    """Set torch's determinism switches from run.deterministic, once, before anything runs on the device: what
+    train and every measurement run with (cuDNN's autotuner picks kernels that vary run to run)."""
+    if run.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # cuBLAS has read it already
+            raise UserError("run.deterministic = true needs CUBLAS_WORKSPACE_CONFIG before CUDA starts: run with "
+                            "CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(run.deterministic)
+    torch.backends.cudnn.deterministic = run.deterministic
+    torch.backends.cudnn.benchmark = not run.deterministic
 
 
-def setup(device: str = "auto") -> Dist:
-    """Pick the device (run.device) and join the process group when launched by torchrun."""
+def _device(choice: str, local_rank: int = 0) -> torch.device:
+    """run.device (auto, cpu, cuda) as this process's device; a UserError where the choice cannot be had."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda' but torch sees no CUDA device (no GPU, driver or CUDA "
+                        f"build; torch {torch.__version__}): use --run.device=cpu or auto", per_rank=True)
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                        "visible: lower torchrun's --nproc_per_node", per_rank=True)
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def measurement_device(run: RunCfg) -> torch.device:
+    """The device of a one-process measurement (fastres.tools.bench, the scaling model), with run's backend
+    switches set: CUDA when torch sees one, unless run.device = "cpu"."""
+    backends(run)
+    return _device(run.device)
+
+
+def setup(run: RunCfg) -> Dist:
+    """Set the backend switches, pick the device (run.device) and join the process group when launched by
+    torchrun."""
+    backends(run)
     world = env_world()
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise UserError("run.device = 'cuda' but torch sees no CUDA device (no GPU, driver or CUDA "
-                            f"build; torch {torch.__version__}): use --run.device=cpu or auto", per_rank=True)
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
-                            "visible: lower torchrun's --nproc_per_node", per_rank=True)
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    dev = _device(run.device, local_rank)
     if world > 1 and not dist.is_initialized():
-        kw = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=_store(rank, world), rank=rank,
-                                world_size=world, **kw)
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=_store(rank, world),
+                                rank=rank, world_size=world, **kw)
     return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
 
 

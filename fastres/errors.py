@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,9 +68,21 @@ def writing(path: str | os.PathLike, needs: int | None = None, kept: str = "") -
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """``Path(path).write_text(text)``, a failure being :func:`write_failed`'s one line."""
-    with writing(path, needs=len(text.encode())):
+    """``Path(path).write_text(text)``, a failure being :func:`write_failed`'s one line; SIGINT and SIGTERM wait
+    until the file is whole (a signal during start-up stops the run at once)."""
+    with writing(path, needs=len(text.encode())), _signals_held():
         Path(path).write_text(text)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM are held back (delivered on leaving), in the main thread; elsewhere nothing."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
@@ -108,3 +121,6 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
             what = "" if isinstance(e, Interrupted) else "error: "
             print(f"fastres: {what}{f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of fastres's own is installed (the tools)
+        print("fastres: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

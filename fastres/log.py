@@ -157,7 +157,7 @@ class RunLog:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """The seed's figure (He 2015, Fig. 6): training, validation and test error (%) against epoch."""
+    """He et al. 2015's figure (Fig. 6): training, validation and test error (%) against epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

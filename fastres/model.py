@@ -1,4 +1,4 @@
-"""ResNet-CIFAR 6n+2 (He et al. 2015, sec. 4.2) with the seed's techniques as flags.
+"""ResNet-CIFAR 6n+2 (He et al. 2015, sec. 4.2) with the speed-up techniques as flags.
 
 - 3 stages of n basic blocks at 16/32/64 channels on 32/16/8 pixels, global average pool, 10-way fc.
 - block "post": conv-BN-ReLU-conv-BN, add, ReLU (He 2015); "pre": BN-ReLU-conv-BN-ReLU-conv, add
@@ -12,7 +12,7 @@
   (Zagoruyko & Komodakis 2016) put it. Eval mode is deterministic; rate 0 adds no module at all.
 - stochastic depth (Huang et al. 2016): block l of L survives training with probability 1 - p_l,
   p_l = p_L (uniform) or p_L * l / L (linear decay); a dropped block skips its residual branch entirely
-  (the source of the seed's speed-up) for the whole mini-batch, as in the paper. In eval the branch is
+  (the source of stochastic depth's speed-up) for the whole mini-batch, as in the paper. In eval the branch is
   scaled by its survival probability. With p_L = 0 the network is exactly the baseline.
 
 ResNet-20 option A has 269,722 trainable parameters (the paper's 0.27M); BN running statistics are

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastres import config
 from fastres.config import OptimCfg
-from fastres.errors import UserError
 
 
 def scaled_lr(cfg: OptimCfg) -> float:
@@ -65,8 +65,7 @@ def build_schedule(cfg: OptimCfg, steps_per_epoch: int, epochs: int) -> Schedule
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
     """SGD over every trainable parameter, weight decay on all of them (He 2015)."""
-    if cfg.nesterov and cfg.momentum == 0:
-        raise UserError("optim.nesterov = true needs optim.momentum > 0")
+    config.check_optim(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.impl]
     opt = torch.optim.SGD(params, lr=scaled_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -330,11 +330,14 @@ class Timer:
         self.cuda = device.type == "cuda"
 
     def start(self) -> None:
+        self.t = time.perf_counter()
         if self.cuda:
             self.begin = torch.cuda.Event(enable_timing=True)
             self.begin.record()
-        else:
-            self.t = time.perf_counter()
+
+    def host_elapsed(self) -> float:
+        """Host seconds since start(), without waiting for the device (for progress lines, not for results)."""
+        return time.perf_counter() - self.t
 
     def stop(self) -> float:
         if not self.cuda:

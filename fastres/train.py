@@ -1,21 +1,24 @@
 """Train a CIFAR ResNet: ``python -m fastres.train`` or ``torchrun --nproc_per_node=N -m fastres.train``.
 
-    python -m fastres.train                                 # the seed's baseline recipe (configs/baseline.toml)
-    python -m fastres.train --config configs/smoke.toml     # about a minute on 2 CPU cores
-    python -m fastres.train --config X.toml --model.depth=56 --precision.amp=bf16
+    python -m fastres.train --config configs/smoke.toml     # the whole path in about a minute on 2 CPU cores
+    python -m fastres.train                                 # He et al. 2015's ResNet-20 recipe (configs/baseline.toml)
+    torchrun --nproc_per_node=4 -m fastres.train --optim.batch_size=1024 --optim.warmup_epochs=5 --data.loader=gpu
 
-Setup, build (fastres.build), one flat loop, summary (nanoGPT's shape). What is timed: from the first batch
-request of an epoch to the end of its last optimizer step (device-synchronized: CUDA events on a GPU), summed
-over epochs; evaluation and checkpointing are outside it. time_to_target_s is that sum at the first evaluation
-whose accuracy on the target split (test; val for tuning runs) reaches run.target_acc.
+Setup, build (fastres.build), one flat loop, summary (nanoGPT's shape). What is timed (train_time_s): from the
+first batch request of an epoch to the end of its last optimizer step, device-synchronized (CUDA events on a GPU),
+summed over epochs; the timer stops around a checkpoint inside an epoch, and evaluations are outside it.
+time_to_target_s is that sum at the first evaluation whose accuracy on the target split (test; val for tuning
+runs) reaches run.target_acc.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,156 +40,148 @@ from fastres.step import Timer, forbid_host_sync, sync_allowed
 
 ESTIMATE_AFTER_STEPS = 20  # steps timed (host clock) before saying how long a long run will take
 LONG_RUN_S = 1800.0  # what "long" is
+LOCK = ".lock"  # in the run directory: held (fcntl) by the one process that writes there
 
 
 def main(cfg: Config) -> dict[str, Any]:
     """Train as ``cfg`` says (joining torchrun's process group if launched by it); the run's summary."""
-    if cfg.run.deterministic:  # before CUDA starts: cuBLAS reads this once
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.run.deterministic)
-    torch.backends.cudnn.deterministic = cfg.run.deterministic
-    torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotuned conv kernels vary run to run
-    dist = distributed.setup(cfg.run.device)
+    pauses = Pauses()  # from here a signal stops the run with one line, during start-up too
     try:
-        return train(cfg, dist)
+        dist = distributed.setup(cfg.run)
+        try:
+            return train(cfg, dist, pauses)
+        finally:
+            distributed.teardown()
     finally:
-        distributed.teardown()
+        pauses.close()
 
 
-def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
+def train(cfg: Config, dist: distributed.Dist, pauses: Pauses) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup + build
-    config.validate(cfg, dist.world)  # before anything is written or staged
+    config.validate(cfg, dist.world)  # for the world it runs in (a config loads for torchrun's), before any write
     dev, out, target = dist.device, Path(cfg.run.out_dir), target_split(cfg.eval)
     _check_device(cfg, dev)
     code = dict(git_sha=git_sha(), code_hash=code_hash())  # what runs, read at start
-    state = open_run_dir(cfg, dist)
-    progress = checkpoint.restore_progress(out / checkpoint.NAME, state) if state else Progress()
-    random.seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-    p = build(cfg, dist, state)
-    steps_per_epoch, batch = len(p.loader), cfg.optim.batch_size
-    total_steps, t_loop, estimate_from = steps_per_epoch * cfg.run.epochs, time.perf_counter(), progress.step
-    estimate_at = estimate_from + min(ESTIMATE_AFTER_STEPS, steps_per_epoch)
-    log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress.step, epoch=progress.epoch,
-                 t0=progress.t0, every_steps=cfg.log.every_steps)
-    if dist.is_main:
-        _announce(cfg, p, dist, progress, log)
-
-    # ---------------------------------------------------------------- train
-    timer, step, pauses = Timer(dev), progress.step, Pauses(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
+    lock = lock_run_dir(out) if dist.is_main else None  # one run per directory: a second is refused
     try:
-        for epoch in range(progress.epoch, cfg.run.epochs):
-            if cfg.run.stop_at_target and progress.time_to_target_s is not None:
-                log.info(f"fastres: {target} accuracy reached {cfg.run.target_acc:.0%} at epoch {progress.epoch}: "
-                         "stopping (run.stop_at_target)")
-                break
-            batches = _start_epoch(cfg, p, dist, progress, state, epoch, step)
-            while True:  # timed segments of the epoch, between checkpoints inside it
-                timer.start()
-                t_segment = time.perf_counter()
-                with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits
-                    for x, y in batches:
-                        step_loss, _ = p.step(x, y, p.schedule(step), step)
-                        step += 1
-                        log.advance()
-                        if cfg.log.every_steps and step % cfg.log.every_steps == 0:
-                            log.batch(step, step_loss, len(y), p.schedule(step - 1),
-                                      progress.train_time_s + time.perf_counter() - t_segment)
-                        if step == estimate_at and (line := _duration_line(
-                                time.perf_counter() - t_loop, step - estimate_from, total_steps - step)):
-                            log.info(line)
-                        if pauses.due(step):
-                            break
-                segment = torch.tensor(timer.stop(), dtype=torch.float64, device=dev)  # on dev: nccl needs CUDA
-                progress.train_time_s += distributed.all_reduce(segment, op="max").item()  # the slowest rank's
-                if step == (epoch + 1) * steps_per_epoch:
-                    break
-                _save(cfg, p, dist, progress, step, mid_epoch=True)  # at a step boundary, outside the timed segments
-                pauses.saved()
-                if pauses.signum is not None:
-                    raise _interrupted(pauses.signum, epoch, step)
-            done = epoch + 1
-            bad = distributed.all_reduce(p.step.bad_step.clone(), op="max").item()  # once an epoch: a diverged run
-            if bad >= 0:
-                raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
-                                f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
-                                f"the last good checkpoint (step {progress.step}) is kept")
-            progress.epoch = done  # a checkpoint inside the next epoch resumes there
-            stopping = pauses.stopping()
-            if done % cfg.run.eval_every and done != cfg.run.epochs and not stopping:
-                continue
+        state = open_run_dir(cfg, dist)
+        progress = checkpoint.restore_progress(out / checkpoint.NAME, state) if state else Progress()
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        p = build(cfg, dist, state)
+        log = RunLog(out, enabled=dist.is_main, total_steps=len(p.loader) * cfg.run.epochs, step=progress.step,
+                     epoch=progress.epoch, t0=progress.t0, every_steps=cfg.log.every_steps)
+        if dist.is_main:
+            _announce(cfg, p, dist, progress, log, resumed=state is not None)
+        pauses.start(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
+        try:
+            train_loop(cfg, p, dist, progress, state, log, pauses)
+        finally:
+            log.close()
 
-            # -------------------------------------------------------- evaluate + checkpoint (untimed)
-            row = _evaluation(p, dist, progress, step, done, seen=steps_per_epoch * batch)
-            if progress.time_to_target_s is None and row[f"{target}_acc"] >= cfg.run.target_acc:
-                progress.reached(done)
-            log.evaluation(row)
-            progress.last = row
-            if dist.is_main:
-                plot_curves(read_metrics(out), out / "curves.png")
-            _save(cfg, p, dist, progress, step, mid_epoch=False)
-            pauses.saved()
-            if stopping:
-                raise _interrupted(pauses.signum, epoch, step)
+        # ------------------------------------------------------------ summary
+        summary = _summary(cfg, p, dist, progress, code)
+        if dist.is_main:
+            write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            ttt = summary["time_to_target_s"]
+            log.info(f"fastres: done: {target} {progress.last[target + '_acc']:.2%}, train "
+                     f"{summary['train_time_s']:.1f} s (+ eval {summary['eval_time_s']:.1f} s, staging "
+                     f"{p.staging_s:.1f} s, compile {p.compile_s:.1f} s), time to {cfg.run.target_acc:.0%}: "
+                     + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
+        return summary
     finally:
-        pauses.close()
-        log.close()
-
-    # ---------------------------------------------------------------- summary
-    summary = _summary(cfg, p, dist, progress, code)
-    if dist.is_main:
-        write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        ttt = summary["time_to_target_s"]
-        log.info(f"fastres: done: {target} {progress.last[target + '_acc']:.2%}, train "
-                 f"{summary['train_time_s']:.1f} s (+ eval {summary['eval_time_s']:.1f} s, staging {p.staging_s:.1f} s"
-                 f", compile {p.compile_s:.1f} s), time to {cfg.run.target_acc:.0%}: "
-                 + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
-    return summary
+        if lock is not None:
+            os.close(lock)  # releases the lock
 
 
-def _check_device(cfg: Config, dev: torch.device) -> None:
-    if cfg.precision.amp == "fp16" and dev.type == "cpu" and cfg.run.device != "cpu":
-        raise UserError("precision.amp = fp16 on a CPU (run.device = auto found no GPU) runs many times slower than "
-                        "fp32 there (no fast fp16 kernels): use precision.amp = bf16 or off, or --run.device=cpu to "
-                        "run fp16 on the CPU anyway")
+def train_loop(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, state: dict[str, Any] | None,
+               log: RunLog, pauses: Pauses) -> None:
+    """The epochs from ``progress`` on: for epoch, for batch (airbench's start/stop timer around the steps)."""
+    dev, timer, global_step = dist.device, Timer(dist.device), progress.step  # global_step: optimizer steps taken
+    steps_per_epoch, t_loop = len(p.loader), time.perf_counter()
+    estimate_at = progress.step + min(ESTIMATE_AFTER_STEPS, steps_per_epoch)
+    for epoch in range(progress.epoch, cfg.run.epochs):
+        if cfg.run.stop_at_target and progress.time_to_target_s is not None:
+            log.info(f"fastres: {target_split(cfg.eval)} accuracy reached {cfg.run.target_acc:.0%} at epoch "
+                     f"{progress.epoch}: stopping (run.stop_at_target)")
+            break
+        epoch_end = (epoch + 1) * steps_per_epoch
+        batches = _start_epoch(cfg, p, dist, progress, state, epoch, global_step)
+        timer.start()
+        with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits for the device
+            for x, y in batches:
+                # -------------------------------------------- forward, backward, update
+                # global_step is the step about to be taken: train_step refuses one that does not follow on
+                batch_loss, _ = p.train_step(x, y, p.schedule(global_step), global_step)
+                global_step += 1
+
+                # -------------------------------------------- logging (TensorBoard reads the loss without waiting)
+                log.advance()
+                if cfg.log.every_steps and global_step % cfg.log.every_steps == 0:
+                    log.batch(global_step, batch_loss, len(y), p.schedule(global_step - 1),
+                              progress.train_time_s + timer.host_elapsed())
+                if global_step == estimate_at and (line := _duration_line(
+                        time.perf_counter() - t_loop, global_step - progress.step,
+                        steps_per_epoch * cfg.run.epochs - global_step)):
+                    log.info(line)
+
+                # -------------------------------------------- a checkpoint inside the epoch, or a signal
+                if pauses.due(global_step) and global_step < epoch_end:
+                    with sync_allowed(dev):
+                        progress.train_time_s += _slowest(timer.stop(), dev)  # the clock stops for the save
+                        _save(cfg, p, dist, progress, global_step, mid_epoch=True)
+                        pauses.saved()
+                    if pauses.signum is not None:
+                        raise _interrupted(pauses.signum, epoch, global_step)
+                    timer.start()
+        progress.train_time_s += _slowest(timer.stop(), dev)
+        _end_epoch(cfg, p, dist, progress, log, pauses, epoch, global_step)
 
 
-def _announce(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, log: RunLog) -> None:
-    """Rank 0, before training: the resolved config, LSUV's records, and what the run is, in the log."""
-    out = Path(cfg.run.out_dir)
-    write_text(out / "config.toml", config.to_toml(cfg))
-    if p.lsuv is not None:
-        write_text(out / "lsuv.json", json.dumps(p.lsuv, indent=1) + "\n")
-    log.info(_start_line(cfg, p, dist, progress))
-    for note in p.notes:
-        log.info(f"fastres: {note}")
-    if p.step.cudagraph_skips:
-        log.info(f"fastres: warning: torch.compile left {p.step.cudagraph_skips} part(s) of the step out of its "
-                 "CUDA graphs, which then run eagerly (TORCH_LOGS=cudagraphs says why); see cudagraph_skips")
+def _end_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, log: RunLog, pauses: Pauses,
+               epoch: int, global_step: int) -> None:
+    """After an epoch's last step (untimed): the divergence check, then, when due, evaluation and checkpoint."""
+    done = epoch + 1
+    loss_sum, correct, bad = _epoch_sums(p)  # once an epoch: the host reads the device's sums
+    seen = len(p.loader) * cfg.optim.batch_size  # the epoch's training images, over every rank
+    if bad >= 0:
+        raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
+                        f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
+                        f"the last good checkpoint (step {progress.step}) is kept")
+    progress.epoch = done  # a checkpoint inside the next epoch resumes there
+    stopping = pauses.stopping()
+    if done % cfg.run.eval_every == 0 or done == cfg.run.epochs or stopping:
+        row = _evaluation(p, dist, progress, global_step, done, loss_sum / seen, correct / seen, seen)
+        if progress.time_to_target_s is None and row[f"{target_split(cfg.eval)}_acc"] >= cfg.run.target_acc:
+            progress.reached(done)
+        log.evaluation(row)
+        progress.last = row
+        if dist.is_main:
+            plot_curves(read_metrics(cfg.run.out_dir), Path(cfg.run.out_dir) / "curves.png")
+        _save(cfg, p, dist, progress, global_step, mid_epoch=False)
+        pauses.saved()
+    if stopping:
+        raise _interrupted(pauses.signum, epoch, global_step)
 
 
-def _start_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, state: dict[str, Any] | None,
-                 epoch: int, step: int):
-    """The epoch's batches from ``step`` on: from its start, or (a checkpoint inside it) where it stopped, with
-    the checkpoint's random streams and the epoch's sums so far."""
-    first = step - epoch * len(p.loader)
-    if first == 0:
-        torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank
-    else:
-        checkpoint.restore_rng_ranks(Path(cfg.run.out_dir) / checkpoint.NAME, state, dist.rank, dist.world)
-    sums = (progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step) if first and dist.is_main else ()
-    p.loader.set_epoch(epoch, first)
-    p.model.train()
-    p.step.start_epoch(step, *sums)  # the epoch's loss, accuracy and first non-finite step, on the device
-    return iter(p.loader)
+def _slowest(seconds: float, dev: torch.device) -> float:
+    """The slowest rank's time for the same steps (the group waits for it); on dev: nccl needs CUDA tensors."""
+    return distributed.all_reduce(torch.tensor(seconds, dtype=torch.float64, device=dev), op="max").item()
 
 
-def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, step: int, done: int, seen: int) -> dict:
-    """The metrics row of the evaluation after ``done`` epochs (its time goes to progress.eval_time_s)."""
+def _epoch_sums(p: Parts) -> tuple[float, int, int]:
+    """The epoch's (summed loss, correct, first non-finite step or -1) so far, over every rank."""
+    ts = p.train_step
+    return (distributed.all_reduce(ts.loss_sum.clone()).item(), int(distributed.all_reduce(ts.correct.clone()).item()),
+            int(distributed.all_reduce(ts.bad_step.clone(), op="max").item()))
+
+
+def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, global_step: int, done: int, train_loss: float,
+                train_acc: float, seen: int) -> dict:
+    """The metrics row of the evaluation after ``done`` epochs (its time goes to progress.eval_time_s); the training
+    loss and accuracy are the epoch's, on augmented batches as trained."""
     t_eval = time.perf_counter()
-    train_loss = distributed.all_reduce(p.step.loss_sum.clone()).item() / seen
-    train_acc = distributed.all_reduce(p.step.correct.clone()).item() / seen  # on augmented batches, as trained
     distributed.broadcast_buffers(p.model)
     if p.ema is not None:
         p.ema.broadcast()
@@ -197,20 +192,19 @@ def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, step: int,
     progress.eval_time_s += eval_s
     last = progress.last or dict(epoch=0, train_time_s=0.0)
     since = max(1e-9, progress.train_time_s - last["train_time_s"])
-    return dict(epoch=done, step=step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
-                val_acc=acc.get("val"), lr=p.schedule(step - 1), train_time_s=progress.train_time_s,
+    return dict(epoch=done, step=global_step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
+                val_acc=acc.get("val"), lr=p.schedule(global_step - 1), train_time_s=progress.train_time_s,
                 img_per_s=(done - last["epoch"]) * seen / since, eval_s=eval_s, **extra)
 
 
-def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, step: int, *, mid_epoch: bool) -> None:
-    """A checkpoint at ``step`` (every rank takes part; rank 0 writes). Inside an epoch it also keeps the epoch's
-    sums so far, over every rank, and every rank's random streams, so the epoch goes on exactly."""
-    progress.step = step
+def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, global_step: int, *,
+          mid_epoch: bool) -> None:
+    """A checkpoint at ``global_step`` (every rank takes part; rank 0 writes). Inside an epoch it also keeps the
+    epoch's sums so far, over every rank, and every rank's random streams, so the epoch goes on exactly."""
+    progress.step = global_step
     rng_ranks = None
     if mid_epoch:
-        sums = [distributed.all_reduce(p.step.loss_sum.clone()).item(), distributed.all_reduce(
-            p.step.correct.clone()).item(), distributed.all_reduce(p.step.bad_step.clone(), op="max").item()]
-        progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = sums
+        progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = _epoch_sums(p)
         rng_ranks = distributed.all_gather_object(checkpoint.rng_state())
     else:
         progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
@@ -220,9 +214,47 @@ def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, ste
     distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
 
-def _interrupted(signum: int, epoch: int, step: int) -> Interrupted:
-    return Interrupted(f"interrupted at epoch {epoch + 1} step {step}; checkpoint kept; run the same command to "
-                       "resume", signum)
+def _interrupted(signum: int, epoch: int, global_step: int) -> Interrupted:
+    return Interrupted(f"interrupted at epoch {epoch + 1} step {global_step}; checkpoint kept; run the same command "
+                       "to resume", signum)
+
+
+def _check_device(cfg: Config, dev: torch.device) -> None:
+    if cfg.precision.amp == "fp16" and dev.type == "cpu" and cfg.run.device != "cpu":
+        raise UserError("precision.amp = fp16 on a CPU (run.device = auto found no GPU) runs many times slower than "
+                        "fp32 there (no fast fp16 kernels): use precision.amp = bf16 or off, or --run.device=cpu to "
+                        "run fp16 on the CPU anyway")
+
+
+def _announce(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, log: RunLog, *,
+              resumed: bool) -> None:
+    """Rank 0, before training: the resolved config, LSUV's records, and what the run is, in the log."""
+    out = Path(cfg.run.out_dir)
+    write_text(out / "config.toml", config.to_toml(cfg))
+    if p.lsuv is not None:
+        write_text(out / "lsuv.json", json.dumps(p.lsuv, indent=1) + "\n")
+    log.info(_start_line(cfg, p, dist, progress, resumed))
+    for note in p.notes:
+        log.info(f"fastres: {note}")
+    if p.train_step.cudagraph_skips:
+        log.info(f"fastres: warning: torch.compile left {p.train_step.cudagraph_skips} part(s) of the step out of its "
+                 "CUDA graphs, which then run eagerly (TORCH_LOGS=cudagraphs says why); see cudagraph_skips")
+
+
+def _start_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, state: dict[str, Any] | None,
+                 epoch: int, global_step: int):
+    """The epoch's batches from ``global_step`` on: from its start, or (a checkpoint inside it) where it stopped, with
+    the checkpoint's random streams and the epoch's sums so far."""
+    first = global_step - epoch * len(p.loader)
+    if first == 0:
+        torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.EPOCH, epoch, dist.rank))  # dropout: per rank
+    else:
+        checkpoint.restore_rng_ranks(Path(cfg.run.out_dir) / checkpoint.NAME, state, dist.rank, dist.world)
+    sums = (progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step) if first and dist.is_main else ()
+    p.loader.set_epoch(epoch, first)
+    p.model.train()
+    p.train_step.start_epoch(global_step, *sums)  # the epoch's loss, accuracy and first non-finite step, on the device
+    return iter(p.loader)
 
 
 def _duration_line(seconds: float, steps_timed: int, steps_left: int) -> str | None:
@@ -234,20 +266,44 @@ def _duration_line(seconds: float, steps_timed: int, steps_left: int) -> str | N
             f"{steps_left} steps left); configs/smoke.toml shows the whole path in a minute")
 
 
+def lock_run_dir(out: Path) -> int:
+    """Hold ``out``'s lock for this process's life (an fcntl lock: the kernel drops it when the holder dies, so a
+    killed run's lock is taken over); a UserError naming the holder if another process has it."""
+    _check_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write to run.out_dir {out} ({e.strerror}): choose another --run.out_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"run.out_dir {out} is in use by {holder}: wait for that run to end (or stop it), or "
+                        "choose another --run.out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def _check_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run.out_dir {out} is a file, not a directory: choose another --run.out_dir")
+
+
 def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     """Apply run.resume to out_dir; the checkpoint's state to continue from, or None to start fresh."""
     out = Path(cfg.run.out_dir)
     ckpt = out / checkpoint.NAME
-    if out.exists() and not out.is_dir():
-        raise UserError(f"run.out_dir {out} is a file, not a directory: choose another --run.out_dir")
-    if cfg.run.resume == "never" and out.is_dir() and any(out.iterdir()):
+    _check_dir(out)
+    if cfg.run.resume == "never" and out.is_dir() and any(f.name != LOCK for f in out.iterdir()):
         raise UserError(f"run.resume = 'never' but {out} is not empty: choose another --run.out_dir or "
                         "--run.name, or delete it")
     if cfg.run.resume == "require" and not ckpt.exists():
         raise UserError(f"run.resume = 'require' but there is no {ckpt} to resume from")
     if dist.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -263,12 +319,14 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     return state
 
 
-def _start_line(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress) -> str:
+def _start_line(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, resumed: bool) -> str:
     line = (f"fastres: {cfg.run.name}: ResNet-{cfg.model.depth} ({count_params(p.model):,} params) on "
             f"{device_name(dist.device)} x{dist.world}, {len(p.data.train)} train images, batch "
             f"{cfg.optim.batch_size}, {len(p.loader)} steps/epoch, {cfg.run.epochs} epochs -> {cfg.run.out_dir}")
-    if progress.epoch:
-        line += f"\nfastres: resuming from epoch {progress.epoch} (step {progress.step})"
+    if resumed:  # at an epoch's end, or (a checkpoint inside an epoch) at a step inside the next one
+        inside = progress.step > progress.epoch * len(p.loader)
+        line += (f"\nfastres: resuming from epoch {progress.epoch} (step {progress.step}"
+                 + (f", inside epoch {progress.epoch + 1})" if inside else ")"))
     elif p.lsuv is not None:
         line += "\nfastres: LSUV output variances (before -> after, tries): " + ", ".join(
             f"{r['layer']} {r['var_before']:.2f}->{r['var_last']:.2f} ({r['tries']})" for r in p.lsuv)
@@ -290,44 +348,43 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
         img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
         params=count_params(p.model), **code, torch_version=torch.__version__,
         device=device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
-        train_images=len(p.data.train), cudagraph_skips=p.step.cudagraph_skips, config=config.to_dict(cfg))
+        train_images=len(p.data.train), cudagraph_skips=p.train_step.cudagraph_skips, config=config.to_dict(cfg))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> None:
-        path, overrides = parse_args(args)
-        main(config.load(path, overrides, world=distributed.env_world()))
-    return entry(body, argv, config.help_text("python -m fastres.train"))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
-
-
-# ----------------------------------------------------------------------------------------------------
-# When the training loop stops between two steps: a signal, or a checkpoint that is due inside an epoch.
-#
-# SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM) set a flag: the loop
-# finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second one exits at once
-# (the previous checkpoint is whole: saves are atomic). With one rank the loop reads the flags every step, a host
-# value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce (a host sync every
-# CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
+# ---------------------------------------------------------------------------------------------------- signals
+# SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM): during start-up
+# (staging, LSUV, compile) there is nothing to save, so the run stops at once with one line. In the loop a signal
+# sets a flag: the loop finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second
+# one exits at once (the previous checkpoint is whole: saves are atomic). With one rank the loop reads the flags
+# every step, a host value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce
+# (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
 
 CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Pauses:
-    def __init__(self, every_s: float, world: int, device: torch.device, is_main: bool):
-        self.every_s, self.world, self.device, self.is_main = every_s, world, device, is_main
-        self.signum: int | None = None  # the first signal received
+    """When the loop stops between two steps: a signal, or a checkpoint due inside an epoch (every_s)."""
+
+    def __init__(self):
+        self.every_s, self.world, self.device, self.is_main = 0.0, 1, torch.device("cpu"), True
+        self.training = False  # until start(): start-up, where a signal ends the run at once
+        self.signum: int | None = None  # the first signal received in the loop
         self.last_save = time.monotonic()
         self.old = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self.old[s] = signal.signal(s, self._received)
 
+    def start(self, every_s: float, world: int, device: torch.device, is_main: bool) -> None:
+        """The loop begins: from now on a signal is a flag read between steps."""
+        self.every_s, self.world, self.device, self.is_main = every_s, world, device, is_main
+        self.last_save, self.training = time.monotonic(), True
+
     def _received(self, signum: int, frame) -> None:
+        if not self.training:
+            raise Interrupted(f"interrupted during start-up ({signal.Signals(signum).name}), before any training "
+                              "step: nothing was saved or changed; run the same command to start again", signum)
         if self.signum is not None:
             os._exit(128 + signum)  # the second: at once
         self.signum = signum
@@ -363,3 +420,14 @@ class Pauses:
     def close(self) -> None:
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    def body(args: list[str]) -> None:
+        path, overrides = parse_args(args)
+        main(config.load(path, overrides, world=distributed.env_world()))
+    return entry(body, argv, config.help_text("python -m fastres.train"))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -36,7 +36,7 @@ def test_cross_field_checks_fail_at_load(overrides, world, match):
     with pytest.raises(ConfigError, match=match):
         config.load(None, overrides, world=world)
     with pytest.raises(ConfigError, match=match):  # the same check, on a config changed after loading
-        config.validate(config.override(config.load(None), overrides), world)
+        config.with_values(config.load(None), overrides=overrides, world=world)
 
 
 def test_validate_passes_a_good_config_and_checks_fields_first():
@@ -92,12 +92,12 @@ def test_build_makes_every_part_of_a_run(tmp_path):
     assert set(p.evals) == {"test", "val"} and len(p.evals["test"][1]) == 40 and len(p.evals["val"][1]) == 40
     assert p.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 40 / 128)
     assert p.schedule(0) == pytest.approx(0.1 * 40 / 128) and p.schedule.total_steps == 2 * 4
-    assert p.ema is not None and p.step.ema is p.ema and p.step.captured is None
+    assert p.ema is not None and p.train_step.ema is p.ema and p.train_step.captured is None
     assert p.prec.channels_last and p.prec.dtype == torch.float32
     x, y = next(iter(p.loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in p.model.state_dict().items()}
-    loss, correct = p.step(x, y, 0.1, 0)
+    loss, correct = p.train_step(x, y, 0.1, 0)
     assert loss.item() > 0 and 0 <= correct.item() <= 40 and p.ema.updates == 1
     assert any(not torch.equal(before[k], v) for k, v in p.model.state_dict().items())
     acc, extra = p.evaluate(p.evals)
@@ -112,7 +112,7 @@ def test_build_resumes_from_a_checkpoint_state(tmp_path):
     cfg = tiny(tmp_path, "--optim.ema_decay=0.9")
     p = build.build(cfg, distributed.single(CPU))
     x, y = next(iter(p.loader))
-    p.step(x, y, 0.1, 0)
+    p.train_step(x, y, 0.1, 0)
     state = checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(step=1), config.to_dict(cfg), p.ema)
     q = build.build(cfg, distributed.single(CPU), copy.deepcopy(state))
     for k, v in p.model.state_dict().items():
@@ -210,16 +210,16 @@ def test_cuda_graphs_that_torch_compile_skips_are_reported(tmp_path, monkeypatch
 
 def test_the_step_keeps_the_epochs_sums_and_its_count_on_the_device(tmp_path):
     p = build.build(tiny(tmp_path), distributed.single(CPU))
-    p.step.start_epoch(7)
+    p.train_step.start_epoch(7)
     batches = iter(p.loader)
-    outs = [p.step(*next(batches), 0.05, 7 + k) for k in range(2)]
-    assert p.step.loss_sum.item() == pytest.approx(sum(o[0].item() for o in outs))
-    assert p.step.correct.item() == sum(o[1].item() for o in outs) and p.step.bad_step.item() == -1
-    assert p.step.count.item() == 9
+    outs = [p.train_step(*next(batches), 0.05, 7 + k) for k in range(2)]
+    assert p.train_step.loss_sum.item() == pytest.approx(sum(o[0].item() for o in outs))
+    assert p.train_step.correct.item() == sum(o[1].item() for o in outs) and p.train_step.bad_step.item() == -1
+    assert p.train_step.count.item() == 9
     with pytest.raises(ValueError, match="step 3 called where step 9 is next"):
-        p.step(*next(batches), 0.05, 3)
+        p.train_step(*next(batches), 0.05, 3)
     x, y = next(batches)
-    p.step(x.fill_(float("nan")), y, 0.05, 9)  # a non-finite loss: its step is kept, without a host sync
-    assert p.step.bad_step.item() == 9
-    p.step.start_epoch(10)
-    assert (p.step.loss_sum.item(), p.step.correct.item(), p.step.bad_step.item()) == (0.0, 0, -1)
+    p.train_step(x.fill_(float("nan")), y, 0.05, 9)  # a non-finite loss: its step is kept, without a host sync
+    assert p.train_step.bad_step.item() == 9
+    p.train_step.start_epoch(10)
+    assert (p.train_step.loss_sum.item(), p.train_step.correct.item(), p.train_step.bad_step.item()) == (0.0, 0, -1)

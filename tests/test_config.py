@@ -14,12 +14,13 @@ CONFIGS = ROOT / "configs"
 
 
 def test_choices_match_the_modules_that_take_them():
-    """data.flip and eval.tta are checked against config's choices; the modules keep their own tuple (config
-    imports no torch), so the two must agree or a valid config would end in a module's traceback."""
+    """data.flip and eval.tta are checked against config's choices, and the modules that take them draw by the
+    same tuples (one definition, in config), so a valid config cannot end in a module's traceback."""
     from fastres.data.loaders import FLIPS
     from fastres.evaluate import TTA
     meta = {f.name: f.metadata for cls in (config.DataCfg, config.EvalCfg) for f in dataclasses.fields(cls)}
     assert meta["flip"]["choices"] == FLIPS and meta["tta"]["choices"] == TTA
+    assert meta["flip"]["choices"] is FLIPS and meta["tta"]["choices"] is TTA
 
 
 def test_baseline_toml_equals_the_defaults():

@@ -5,6 +5,8 @@ The tool itself is tested first, on made-up files, so a broken tool fails here r
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,23 @@ def test_training_loop_is_short(files):
     long = [f for f in funcs if f.lines > TRAIN_MAX_LINES]
     assert not long, f"fastres.train functions over {TRAIN_MAX_LINES} lines:\n" + "\n".join(
         f"  {f.lines} lines  {f.module}:{f.name} (line {f.lineno})" for f in long)
+
+
+CORE_MAX_LINES = 60  # the trainer core reads in one sitting: no function longer than a screen
+CORE_MAX_MODULES = 15  # what a reader of fastres.train has to open, at most
+
+
+def test_no_core_function_is_over_60_lines(files):
+    funcs = [f for f in layout.function_lengths(files) if not _in(f.module, TOOLS)]
+    assert funcs, "no core functions found"
+    long = [f for f in funcs if f.lines > CORE_MAX_LINES]
+    assert not long, f"core functions over {CORE_MAX_LINES} lines:\n" + "\n".join(
+        f"  {f.lines} lines  {f.module}:{f.name} (line {f.lineno})" for f in long)
+
+
+def test_the_trainer_loads_at_most_15_fastres_modules_and_no_tool():
+    code = "import sys, fastres.train; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'fastres')))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "fastres.train" in loaded and not [m for m in loaded if _in(m, TOOLS)], loaded
+    assert len(loaded) <= CORE_MAX_MODULES, f"import fastres.train loads {len(loaded)} fastres modules: {loaded}"

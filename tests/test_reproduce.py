@@ -1,4 +1,4 @@
-"""The seed's methods: precise BN, LSUV, gradient accumulation, dropout, determinism, curves, the depth table."""
+"""Reproducing He 2015: precise BN, LSUV, gradient accumulation, dropout, determinism, curves, the depth table."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """CIFAR-10 from the official python-pickle layout: find, download, read, validate, split.
 
-The reader checks structure, not checksums: our copy's ``filenames`` entries differ from the original, so
+The reader checks structure, not checksums: some copies' ``filenames`` entries differ from the original, so
 whole-file hashes (torchvision's check) reject a set whose images and labels are right. What is checked:
 every file unpickles (only numpy arrays and plain containers are allowed to load), ``data`` is uint8 of
 shape (10000, 3072), ``labels`` are 10000 integers in 0..9. A bad file stops with one line naming it.

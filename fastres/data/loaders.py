@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastres import rng
-from fastres.config import DataCfg
+from fastres.config import FLIPS, DataCfg
 from fastres.data import MEAN, STD, Split, normalize, stats, to_batch
 from fastres.errors import UserError
 
 PAD = 4  # pixels of zero padding before the random 32x32 crop (He 2015, sec. 4.2)
-FLIPS = ("random", "alternate")
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
@@ -132,7 +131,7 @@ class GpuLoader:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The classic loader (the seed's baseline path): torch DataLoader, CPU worker processes, DistributedSampler.
+# The classic loader (the baseline's path): torch DataLoader, CPU worker processes, DistributedSampler.
 #
 # Each worker crops, flips and normalizes single images on the CPU, like torchvision's
 # RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize; the main process collates and

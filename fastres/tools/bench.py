@@ -1,8 +1,8 @@
 """Benchmarks that print ratios: ``python -m fastres.tools.bench [--what train|loaders|scaling] [--config X] [...]``.
 
-``--what train`` (default; configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps
-(compilation happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
-(device-synchronized on a CPU), and the same for the seed's baseline recipe (configs/baseline.toml) in the
+``--what train`` (default; configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps (20;
+compilation happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
+(device-synchronized on a CPU), and the same for the baseline recipe (configs/baseline.toml) in the
 same process. Reports img/s and s/epoch of both, the speed-up, and the fraction of the hardware floor: the
 roofline of this model on this device, from the model's FLOPs and activation bytes per image and the
 device's bf16 (fp32 on a CPU) matmul rate and copy bandwidth, both measured in the same run.
@@ -18,7 +18,8 @@ results/loaders.json, a table of ratios against the gpu loader to results/loader
 ``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
 :mod:`fastres.tools.scaling`.
 
-``--what dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source; see
+``--what dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source, counted
+over ``--steps`` (10) after ``--warmup`` (3, at least 1) steps; see
 :mod:`fastres.tools.dispatch`. On a CPU too (it counts, it does not time).
 
 ``--what profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
@@ -104,7 +105,6 @@ def measure_training(cfg: Config, device: torch.device, *, steps: int, warmup: i
     model, optimizer, weight average, step) after ``warmup`` steps; the loader runs across epoch boundaries as it
     would in training, at the scaled lr throughout (no schedule: a fixed number of steps)."""
     torch.manual_seed(cfg.run.seed)
-    torch.backends.cudnn.benchmark = True
     p = build(cfg, distributed.single(device))
     lr = p.optimizer.param_groups[0]["lr"]
 
@@ -114,7 +114,7 @@ def measure_training(cfg: Config, device: torch.device, *, steps: int, warmup: i
             timer.start()
         for _ in range(n):
             x, y = next(stream)
-            p.step(x, y, lr, index)
+            p.train_step(x, y, lr, index)
             index += 1
     seconds = timer.stop()
     step_s = seconds / steps
@@ -174,12 +174,13 @@ def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
 
 def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
                 overrides: list[str]) -> dict[str, Any]:
-    device = distributed.measurement_device(cfg.run.device)
+    device = distributed.measurement_device(cfg.run)
     git_sha, code_hash = log.git_sha(), log.code_hash()
     fast = measure_training(cfg, device, steps=steps, warmup=warmup)
     # the baseline trains on the same data (dir, subset, split), with its own loader
     same_data = [o for o in overrides if o.startswith("--data.") and o.split("=")[0] not in RECIPE_DATA_KEYS]
-    base = measure_training(config.override(config.load(BASELINE), same_data), device, steps=steps, warmup=warmup)
+    base_cfg = config.with_values(config.load(BASELINE), overrides=same_data)
+    base = measure_training(base_cfg, device, steps=steps, warmup=warmup)
     hw = hardware_rates(device, precision(cfg.precision).dtype if device.type == "cuda" else torch.float32)
     cost = model_cost(cfg)
     floor = floor_img_per_s(cost, hw)
@@ -214,7 +215,7 @@ def train_table(rows: list[dict[str, Any]]) -> str:
 
 
 def bench_loaders(cfg: Config, loaders: list[str], repeats: int) -> list[dict[str, Any]]:
-    device = distributed.measurement_device(cfg.run.device)
+    device = distributed.measurement_device(cfg.run)
     fetch(cfg.data)
     data = load(cfg.data)
     try:
@@ -287,6 +288,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> None:
+    given = list(argv)  # as typed: the scaling report's command line repeats it
     what = take_flag(argv, "--what", "train")
     if what not in DEFAULT_CONFIG:
         raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
@@ -296,7 +298,8 @@ def _main(argv: list[str]) -> None:
     loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
     repeats = whole_number("--repeats", take_flag(argv, "--repeats", "3"), 1)
     steps = whole_number("--steps", take_flag(argv, "--steps", {"profile": "30", "dispatch": "10"}.get(what, "100")), 1)
-    warmup = whole_number("--warmup", take_flag(argv, "--warmup", "20"), 0)
+    warmup = whole_number("--warmup", take_flag(argv, "--warmup", {"dispatch": "3"}.get(what, "20")),
+                          1 if what == "dispatch" else 0)  # dispatch counts steady-state steps: one warm-up at least
     procs = [whole_number("--gloo-procs", p, 1)
              for p in take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
     label = take_flag(argv, "--label", "")
@@ -317,15 +320,16 @@ def _main(argv: list[str]) -> None:
         append_rows(out, [row], "train")
         print(train_table([row]), end="")
     elif what == "dispatch":
-        counts = count_host_ops(cfg, distributed.measurement_device(cfg.run.device), steps=steps,
-                                warmup=max(1, warmup if warmup != 20 else 3))
+        counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=steps,
+                                warmup=warmup)
         print(dispatch_report(label or Path(path).stem, counts), end="")
     elif what == "profile":
-        print(profile_step(cfg, distributed.measurement_device(cfg.run.device), steps=steps,
+        print(profile_step(cfg, distributed.measurement_device(cfg.run), steps=steps,
                            label=label or Path(path).stem, out=out), end="")
     else:
-        flags = overrides + ([f"--gloo-procs={','.join(map(str, procs))}"] if procs != [1, 2, 4] else []) + (
-            [f"--out={out}"] if out != Path("results/scaling.md") else [])
+        take_flag(given, "--what", "")
+        take_flag(given, "--config", "")
+        flags = given  # the rest, as the user gave it
         text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)
         with writing(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)

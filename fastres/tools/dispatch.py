@@ -73,7 +73,7 @@ def count_host_ops(cfg: Config, device: torch.device, *, steps: int = 10, warmup
     first step (what the loader and the step do once an epoch), counted apart."""
     torch.manual_seed(cfg.run.seed)
     p = build(cfg, distributed.single(device))
-    captured = p.step.captured
+    captured = p.train_step.captured
     if captured is not None:  # what the host calls once per step in place of the captured ops
         if captured.graph is not None:
             captured.graph.replay = _as_one(captured.graph.replay)
@@ -86,7 +86,7 @@ def count_host_ops(cfg: Config, device: torch.device, *, steps: int = 10, warmup
 
     def epoch(e: int):
         p.loader.set_epoch(e)
-        p.step.start_epoch(index)  # as fastres.train starts an epoch
+        p.train_step.start_epoch(index)  # as fastres.train starts an epoch
         return iter(p.loader)
 
     def iteration(batches) -> None:  # fastres.train's inner loop, each part named
@@ -94,7 +94,7 @@ def count_host_ops(cfg: Config, device: torch.device, *, steps: int = 10, warmup
         with record_function("fastres::loader"):
             x, y = next(batches)
         with record_function("fastres::step"):
-            p.step(x, y, p.schedule(index), index)
+            p.train_step(x, y, p.schedule(index), index)
         with record_function("fastres::loop"):
             index += 1
     batches = epoch(0)

@@ -102,7 +102,6 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
 
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
-    torch.backends.cudnn.benchmark = True
     counters.clear()
     p = build(cfg, distributed.single(device))
     batch = cfg.optim.batch_size
@@ -111,12 +110,12 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
     x0, y0 = next(stream)
 
     def step_alone() -> None:
-        p.step(x0, y0, p.schedule(index[0]), index[0])
+        p.train_step(x0, y0, p.schedule(index[0]), index[0])
         index[0] += 1
 
     def loop_iteration() -> None:  # one iteration of fastres.train's inner loop (its sums are in the step)
         x, y = next(stream)
-        p.step(x, y, p.schedule(index[0]), index[0])
+        p.train_step(x, y, p.schedule(index[0]), index[0])
         index[0] += 1
 
     a_wall, a_host = _timed(step_alone, steps, cuda)

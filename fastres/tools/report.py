@@ -30,7 +30,7 @@ from fastres.errors import UserError, entry, read_json, writing
 from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics, short_sha
 from fastres.tools import take_flag, take_switch
 
-MANIFEST = "stack.json"
+MANIFEST = "stack.json"  # in a stack's runs directory: its rows, as fastres.tools.stack last wrote them
 _WORD = {"test": "test", "val": "validation"}
 CSV_COLUMNS = ["combination", "group", "status", "device", "world_size", "seeds", "seeds_reached", "target_acc",
                "time_to_target_s_mean", "time_to_target_s_std", "final_test_acc_mean", "final_test_acc_std",
@@ -44,7 +44,7 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
 
 
-_ROW_KEYS = {"name", "group", "nproc", "seeds", "status", "runs"}
+MANIFEST_ROW_KEYS = frozenset({"name", "group", "nproc", "seeds", "status", "runs"})  # each row, for the report
 _SUMMARY_KEYS = {"time_to_target_s", "target_acc", "device", "world_size", "img_per_s", "git_sha", "torch_version",
                  "epochs_to_target"}
 
@@ -61,9 +61,10 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         raise UserError(f"no {path}: run fastres.tools.stack first (or pass --runs=DIR of a stack's runs)")
     manifest = read_json(path, dict, "fastres.tools.stack manifest")
     if not isinstance(manifest.get("rows"), list) or not all(
-            isinstance(r, dict) and _ROW_KEYS <= set(r) and isinstance(r["runs"], list) for r in manifest["rows"]):
+            isinstance(r, dict) and MANIFEST_ROW_KEYS <= set(r) and isinstance(r["runs"], list)
+            for r in manifest["rows"]):
         raise UserError(f"{path} is not a fastres.tools.stack manifest (it needs 'rows', each with "
-                        f"{', '.join(sorted(_ROW_KEYS))}): rerun fastres.tools.stack to rewrite it")
+                        f"{', '.join(sorted(MANIFEST_ROW_KEYS))}): rerun fastres.tools.stack to rewrite it")
     rows = []
     for row in manifest["rows"]:
         summaries, curves = [], []

@@ -20,7 +20,7 @@ t_step(N) = t_comp(B) + exposed all-reduce): where splitting a small batch over 
 (results/scaling.md), only a larger global batch scales - which changes the recipe (linear LR scaling and
 warmup, Goyal et al. 2017) and has to be re-validated for accuracy.
 
-The communication term's shape is checked where we can run it: gloo all-reduces among 1, 2, 4 CPU
+The communication term's shape is checked where it can run anywhere: gloo all-reduces among 1, 2, 4 CPU
 processes at several message sizes, fitted jointly by the same formula (alpha, beta per machine); the
 report prints measured against fitted times. NVLink and PCIe enter as (alpha, beta) parameters - the
 defaults below are the bus bandwidths NCCL reaches on H100 SXM NVLink and on PCIe Gen5 x16 - and the
@@ -93,7 +93,7 @@ def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, wa
     for i in range(warmup + steps):
         if i == warmup:
             timer.start()
-        p.step(x, y, lr, i)
+        p.train_step(x, y, lr, i)
     return timer.stop() / steps
 
 
@@ -155,7 +155,7 @@ def scaling_report(cfg: Config, name: str, *, steps: int, warmup: int, gloo_proc
     model = build_model(cfg.model)
     grad_bytes = 4 * count_params(model)
     bucket_bytes = buckets([4 * p.numel() for p in model.parameters() if p.requires_grad])
-    device = distributed.measurement_device(cfg.run.device)
+    device = distributed.measurement_device(cfg.run)
     B = cfg.optim.batch_size
     lines = [f"# Scaling model: {name} (ResNet-{cfg.model.depth}, global batch {B}, amp {cfg.precision.amp})", "",
              f"Produced by `python -m fastres.tools.bench --what scaling --config configs/{name}.toml"

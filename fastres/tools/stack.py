@@ -2,8 +2,9 @@
 
 A stack file names a base config and rows. ``[[ladder]]`` rows add their ``set`` keys on top of the previous
 ladder row (or of the row named by ``from``); ``[[alone]]`` rows add theirs to the first ladder row, the
-baseline (the seed's Table 1). ``nproc`` is the number of processes (GPUs when ``device = "cuda"``), inherited
-like the keys. Every row is a fixed recipe, written down before anything runs.
+baseline (as the 2017 "Speeding up ResNet training" study's Table 1 does). ``nproc`` is the number of
+processes (GPUs when ``device = "cuda"``), inherited like the keys. Every row is a fixed recipe, written down
+before anything runs.
 
 Each row runs ``seeds`` times (run.seed = 0, 1, ...) as ``fastres.train`` in its own process (under torchrun
 when nproc > 1), in ``<runs_dir>/<row>/seed<k>/``. A run whose summary.json carries the same config and the
@@ -38,9 +39,8 @@ from fastres.config import RESUME_MAY_DIFFER, ConfigError, parse_args
 from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import SUMMARY
 from fastres.tools import take_flag, take_switch, whole_number
-from fastres.tools.report import build_report
+from fastres.tools.report import MANIFEST, MANIFEST_ROW_KEYS, build_report
 
-MANIFEST = "stack.json"
 RUN_CONFIG = "stack-config.toml"
 RUN_MARK = "stack-run.json"  # the code hash a run was started with
 
@@ -134,7 +134,7 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
             if row.nproc < 1 or row.seeds < 1:
                 raise ConfigError(f"{path}: row {name!r}: nproc and seeds must be >= 1")
             try:  # every row must be a valid config, on its number of ranks, before anything runs
-                config.validate(config.with_values(config.load(base), row.values, f"row {name!r}"), row.nproc)
+                config.with_values(config.load(base), row.values, f"row {name!r}", world=row.nproc)
             except ConfigError as e:
                 msg = str(e) if str(e).startswith(f"row {name!r}") else f"row {name!r}: {e}"
                 raise ConfigError(f"{path}: {msg}") from None
@@ -151,12 +151,12 @@ def load_stack(path: str | os.PathLike, seeds: int | None = None) -> Stack:
 
 def run_config(stack: Stack, row: Row, seed: int, overrides: list[str]) -> config.Config:
     """The exact config of one run: base file, the row's keys, seed and directory, then the command line."""
-    cfg = config.with_values(config.load(stack.base), row.values, f"row {row.name!r}")
     fixed = {"run.seed": seed, "run.name": f"{row.slug}-seed{seed}", "run.resume": "auto",
              "run.out_dir": str(stack.runs_dir / row.slug / f"seed{seed}")}
     if stack.device == "cpu":
         fixed["run.device"] = "cpu"
-    return config.override(config.with_values(cfg, fixed), overrides)
+    cfg = config.with_values(config.load(stack.base), row.values, f"row {row.name!r}", world=row.nproc)
+    return config.with_values(cfg, fixed, overrides=overrides, world=row.nproc)
 
 
 def _same(saved: dict[str, Any], cfg: config.Config) -> bool:
@@ -217,8 +217,9 @@ def launch(cfg: config.Config, nproc: int, run_dir: Path, code: str, timeout_s: 
 
 def write_manifest(stack: Stack) -> None:
     stack.runs_dir.mkdir(parents=True, exist_ok=True)
-    data = {"name": stack.name, "device": stack.device, "base": str(stack.base), "report": stack.report,
-            "rows": [asdict(r) for r in stack.rows]}
+    rows = [asdict(r) for r in stack.rows]
+    assert all(MANIFEST_ROW_KEYS <= set(r) for r in rows), "Row lost a key the report reads"
+    data = {"name": stack.name, "device": stack.device, "base": str(stack.base), "report": stack.report, "rows": rows}
     tmp = stack.runs_dir / (MANIFEST + ".tmp")
     write_text(tmp, json.dumps(data, indent=1) + "\n")
     with writing(stack.runs_dir / MANIFEST):
