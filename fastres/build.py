@@ -27,7 +27,15 @@ from fastres.distributed import Dist
 from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
 from fastres.model import Precision, ResNetCifar, build_model, lsuv_, precision
-from fastres.optim import Schedule, WeightEMA, build_optimizer, build_schedule
+from fastres.optim import (
+    Lookahead,
+    Schedule,
+    ScheduledMomentum,
+    WeightEMA,
+    build_optimizer,
+    build_schedule,
+    scheduled_momentum,
+)
 from fastres.step import Step, build_step
 
 
@@ -42,6 +50,8 @@ class Parts:
     schedule: Schedule  # lr as a function of the optimizer step
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
+    lookahead: Lookahead | None  # optim.lookahead_k: the slow weights
+    momentum: ScheduledMomentum | None  # one-cycle: SGD's momentum as a device tensor
     evaluate: Callable[[Sets], tuple[dict[str, float], dict[str, float]]]  # one evaluation: see evaluate_all
     step: Step  # step(x, y, lr, index)
     prec: Precision
@@ -77,6 +87,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
     schedule = build_schedule(cfg.optim, len(loader), cfg.run.epochs)
+    momentum = scheduled_momentum(opt, schedule)  # before a checkpoint's optimizer state: it rewrites the groups
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
     lsuv_records = None
     path = Path(cfg.run.out_dir) / checkpoint.NAME
@@ -90,6 +101,10 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
     if ema is not None and state is not None:
         checkpoint.restore_ema(path, state, ema)
+    lookahead = Lookahead(model, cfg.optim.lookahead_k, cfg.optim.lookahead_alpha,
+                          schedule.total_steps) if cfg.optim.lookahead_k else None
+    if lookahead is not None and state is not None:
+        checkpoint.restore_lookahead(path, state, lookahead)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
@@ -103,9 +118,11 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
-                                 batch_per_rank=batch_per_rank, device=dev, ema=ema, evaluate=lambda: evaluate(blank))
+                                 batch_per_rank=batch_per_rank, device=dev, ema=ema, evaluate=lambda: evaluate(blank),
+                                 momentum=momentum, lookahead=lookahead)
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
-                 scaler=scaler, ema=ema, evaluate=evaluate, step=step, prec=prec, micro_batch=micro,
+                 scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate, step=step,
+                 prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
 
 

@@ -69,7 +69,8 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
     total_steps, t_loop, estimate_from = steps_per_epoch * cfg.run.epochs, time.perf_counter(), progress.step
     estimate_at = estimate_from + min(ESTIMATE_AFTER_STEPS, steps_per_epoch)
     log = RunLog(out, enabled=dist.is_main, total_steps=total_steps, step=progress.step, epoch=progress.epoch,
-                 t0=progress.t0, every_steps=cfg.log.every_steps)
+                 t0=progress.t0, every_steps=cfg.log.every_steps,
+                 momentum_at=p.schedule.momentum_at if p.schedule.cycles_momentum else None)
     if dist.is_main:
         _announce(cfg, p, dist, progress, log)
 
@@ -216,7 +217,7 @@ def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, ste
         progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
     if dist.is_main:
         checkpoint.save(Path(cfg.run.out_dir) / checkpoint.NAME, checkpoint.gather(
-            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks))
+            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks, p.lookahead))
     distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
 
