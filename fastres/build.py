@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
-from fastres.config import Config, DataCfg
+from fastres.config import Config, DataCfg, OptimCfg
 from fastres.data import Cifar10, Split, fetch, load, normalize
 from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
@@ -101,10 +101,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
     if ema is not None and state is not None:
         checkpoint.restore_ema(path, state, ema)
-    lookahead = Lookahead(model, cfg.optim.lookahead_k, cfg.optim.lookahead_alpha,
-                          schedule.total_steps) if cfg.optim.lookahead_k else None
-    if lookahead is not None and state is not None:
-        checkpoint.restore_lookahead(path, state, lookahead)
+    lookahead = _lookahead(cfg.optim, model, schedule.total_steps, path, state)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
@@ -124,6 +121,17 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                  scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate, step=step,
                  prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def _lookahead(cfg: OptimCfg, model: torch.nn.Module, total_steps: int, path: Path,
+               state: dict[str, Any] | None) -> Lookahead | None:
+    """optim.lookahead_k's slow weights: the model's, or a checkpoint's; None when off."""
+    if not cfg.lookahead_k:
+        return None
+    lookahead = Lookahead(model, cfg.lookahead_k, cfg.lookahead_alpha, total_steps)
+    if state is not None:
+        checkpoint.restore_lookahead(path, state, lookahead)
+    return lookahead
 
 
 def _check_labels(data: Cifar10, num_classes: int) -> None:
