@@ -20,14 +20,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
-from fastres.config import Config, DataCfg
+from fastres.config import Config, DataCfg, OptimCfg
 from fastres.data import Cifar10, Split, fetch, load, normalize
 from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
 from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
 from fastres.model import Precision, ResNetCifar, build_model, lsuv_, precision
-from fastres.optim import Schedule, WeightEMA, build_optimizer, build_schedule
+from fastres.optim import (
+    Lookahead,
+    Schedule,
+    ScheduledMomentum,
+    WeightEMA,
+    build_optimizer,
+    build_schedule,
+    scheduled_momentum,
+)
 from fastres.step import Step, build_step
 
 
@@ -42,6 +50,8 @@ class Parts:
     schedule: Schedule  # lr as a function of the optimizer step
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
+    lookahead: Lookahead | None  # optim.lookahead_k: the slow weights
+    momentum: ScheduledMomentum | None  # one-cycle: SGD's momentum as a device tensor
     evaluate: Callable[[Sets], tuple[dict[str, float], dict[str, float]]]  # one evaluation: see evaluate_all
     train_step: Step  # train_step(x, y, lr, global_step): one optimizer step
     prec: Precision
@@ -77,6 +87,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
     schedule = build_schedule(cfg.optim, len(loader), cfg.run.epochs)
+    momentum = scheduled_momentum(opt, schedule)  # before a checkpoint's optimizer state: it rewrites the groups
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
     lsuv_records = None
     path = Path(cfg.run.out_dir) / checkpoint.NAME
@@ -90,6 +101,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
     if ema is not None and state is not None:
         checkpoint.restore_ema(path, state, ema)
+    lookahead = _lookahead(cfg.optim, model, schedule.total_steps, path, state)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
@@ -103,10 +115,23 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     train_step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
-                                 batch_per_rank=batch_per_rank, device=dev, ema=ema, evaluate=lambda: evaluate(blank))
+                                       batch_per_rank=batch_per_rank, device=dev, ema=ema,
+                                       evaluate=lambda: evaluate(blank), momentum=momentum, lookahead=lookahead)
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
-                 scaler=scaler, ema=ema, evaluate=evaluate, train_step=train_step, prec=prec, micro_batch=micro,
+                 scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate,
+                 train_step=train_step, prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def _lookahead(cfg: OptimCfg, model: torch.nn.Module, total_steps: int, path: Path,
+               state: dict[str, Any] | None) -> Lookahead | None:
+    """optim.lookahead_k's slow weights: the model's, or a checkpoint's; None when off."""
+    if not cfg.lookahead_k:
+        return None
+    lookahead = Lookahead(model, cfg.lookahead_k, cfg.lookahead_alpha, total_steps)
+    if state is not None:
+        checkpoint.restore_lookahead(path, state, lookahead)
+    return lookahead
 
 
 def _check_labels(data: Cifar10, num_classes: int) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fastres.errors import UserError, one_line, writing
-from fastres.optim import WeightEMA
+from fastres.optim import Lookahead, WeightEMA
 
 NAME = "checkpoint.pt"
 
@@ -172,6 +172,15 @@ def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
         ema.load_state_dict(state["ema"])
 
 
+def restore_lookahead(path: Path, state: dict[str, Any], lookahead: Lookahead) -> None:
+    """Load the slow weights (optim.lookahead_k runs save them as an extra part, "lookahead"); a UserError if it
+    is missing or does not fit."""
+    with _fitting(path):
+        if not isinstance(state.get("lookahead"), dict):
+            raise TypeError("its lookahead part is missing or damaged")
+        lookahead.load_state_dict(state["lookahead"])
+
+
 @contextmanager
 def _fitting(path: Path) -> Iterator[None]:
     """A damaged part whose zip still reads (a tensor of another shape, a value of another type) as a
@@ -205,10 +214,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: Progress,
            config: dict[str, Any], ema: WeightEMA | None = None,
-           rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What :func:`save` writes for a run: every :data:`PARTS`, "ema" when there is a weight average, and
-    "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where dropout's streams go on)."""
+           rng_ranks: list[dict[str, Any]] | None = None, lookahead: Lookahead | None = None) -> dict[str, Any]:
+    """What :func:`save` writes for a run: every :data:`PARTS`, "ema" when there is a weight average, "lookahead"
+    when there are slow weights, and "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where
+    dropout's streams go on)."""
     extra = {"ema": ema.state_dict()} if ema is not None else {}
+    if lookahead is not None:
+        extra["lookahead"] = lookahead.state_dict()
     if rng_ranks is not None:
         extra["rng_ranks"] = rng_ranks
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),

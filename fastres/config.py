@@ -154,11 +154,32 @@ class OptimCfg:
                             choices=("gradual", "constant"))
     warmup_start: float = _opt(1.0, "the warmup's first lr, as a multiple of lr_per_128 (Goyal: 1; He 2015's "
                                "ResNet-110: 0.1, i.e. 0.01)", gt=0.0, le=1000.0)
-    schedule: str = _opt("step", "step: lr * gamma at each milestone; cosine: cosine decay to 0 "
-                         "after warmup", choices=("step", "cosine"))
+    schedule: str = _opt("step", "step: lr * gamma at each milestone; cosine: cosine decay to 0 after warmup; "
+                         "linear: linear decay to 0 after warmup (cifar10-airbench's triangle, with warmup_epochs "
+                         "as its rise); onecycle: lr and momentum as torch.optim.lr_scheduler.OneCycleLR with "
+                         "max_lr = the scaled lr (Smith & Topin 2019; its own warm-up: needs warmup_epochs = 0)",
+                         choices=("step", "cosine", "linear", "onecycle"))
     milestones: list[float] = _opt([0.5, 0.75], "step schedule: fractions of training where lr *= gamma "
                                    "(He 2015: 32k and 48k of 64k iterations)", check=_check_milestones)
     gamma: float = _opt(0.1, "step schedule: lr factor at each milestone", gt=0.0, le=1.0)
+    onecycle_pct_start: float = _opt(0.3, "onecycle: fraction of the steps the lr rises over (OneCycleLR's "
+                                     "pct_start)", gt=0.0, lt=1.0)
+    onecycle_div_factor: float = _opt(25.0, "onecycle: the first lr is the scaled lr / this (OneCycleLR's "
+                                      "div_factor)", ge=1.0, le=1e6)
+    onecycle_final_div_factor: float = _opt(1e4, "onecycle: the last lr is the first lr / this (OneCycleLR's "
+                                            "final_div_factor)", ge=1.0, le=1e12)
+    momentum_min: float = _opt(0.85, "onecycle: the momentum at the peak lr; it replaces optim.momentum, cycling "
+                               "opposite to the lr (OneCycleLR's base_momentum; Smith 2018)", ge=0.0, lt=1.0)
+    momentum_max: float = _opt(0.95, "onecycle: the momentum at the first and last step (OneCycleLR's "
+                               "max_momentum); = momentum_min holds it constant", ge=0.0, lt=1.0)
+    lookahead_k: int = _opt(0, "Lookahead: every k steps the slow weights (and BN statistics) move lookahead_alpha "
+                            "of the way to the fast ones, which restart from them (Zhang et al. 2019; "
+                            "cifar10-airbench's lookahead_state: k = 5); 0 = off", ge=0, le=1_000_000)
+    lookahead_alpha: float = _opt(0.5, "Lookahead: the slow weights' step toward the fast ones (Zhang et al. "
+                                  "2019: 0.5)", gt=0.0, le=1.0)
+    wd_bn_bias: bool = _opt(True, "weight decay on BatchNorm weights and biases and on every bias too; false puts "
+                            "them in an SGD parameter group without it (Goyal et al. 2017 sec. 5.1; torchvision "
+                            "references' --norm-weight-decay 0)")
     impl: str = _opt("default", "SGD implementation: default (torch's choice), foreach (one kernel per op "
                      "over all tensors) or fused (one kernel for the whole update)",
                      choices=("default", "foreach", "fused"))
@@ -389,8 +410,22 @@ def _check_step_graph(cfg: Config, world: int) -> None:
 
 def check_optim(cfg: OptimCfg) -> None:
     """The [optim] section's own combinations (validate runs it; so does build_optimizer, its one user)."""
-    if cfg.nesterov and cfg.momentum == 0:
+    if cfg.nesterov and cfg.momentum == 0 and cfg.schedule != "onecycle":
         raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+    if cfg.schedule == "onecycle":
+        _check_onecycle(cfg)
+
+
+def _check_onecycle(cfg: OptimCfg) -> None:
+    """What one-cycle cannot combine with: a warm-up of its own, a momentum range upside down."""
+    if cfg.warmup_epochs:
+        raise ConfigError(f"optim.schedule = onecycle is its own warm-up (its first onecycle_pct_start of the steps), "
+                          f"and optim.warmup_epochs = {cfg.warmup_epochs}: set optim.warmup_epochs = 0")
+    if cfg.momentum_min > cfg.momentum_max:
+        raise ConfigError(f"optim.momentum_min = {cfg.momentum_min} is above optim.momentum_max = "
+                          f"{cfg.momentum_max}: swap them (one-cycle's momentum is lowest at the peak lr)")
+    if cfg.nesterov and cfg.momentum_min == 0:
+        raise ConfigError("optim.nesterov = true needs optim.momentum_min > 0 with optim.schedule = onecycle")
 
 
 def validate(cfg: Config, world: int = 1) -> None:
@@ -404,6 +439,10 @@ def validate(cfg: Config, world: int = 1) -> None:
     if not cfg.eval.on_test and not cfg.data.val_size:
         raise ConfigError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
     check_optim(cfg.optim)
+    if cfg.optim.schedule == "onecycle" and cfg.precision.amp == "fp16" and cfg.optim.impl == "fused":
+        raise ConfigError("optim.schedule = onecycle with precision.amp = fp16 cannot use optim.impl = fused (its "
+                          "kernel unscales the gradients after one-cycle's momentum has read them): use "
+                          "precision.amp = bf16 or optim.impl = foreach")
     if cfg.precision.step_graph:
         _check_step_graph(cfg, world)
 

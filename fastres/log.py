@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ class RunLog:
     """Writers for one run; every method is a no-op on ranks other than 0 (``enabled=False``)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, step: int, epoch: int,
-                 t0: float, every_steps: int = 0):
+                 t0: float, every_steps: int = 0, momentum_at: Callable[[int], float] | None = None):
         self.enabled, self.total_steps, self.t0, self.every_steps = enabled, total_steps, t0, every_steps
+        self.momentum_at = momentum_at  # a schedule that varies SGD's momentum: train/momentum beside train/lr
         self.bar = None
         self.pending: deque = deque()  # batch losses on their way to host memory
         if not enabled:
@@ -96,9 +98,10 @@ class RunLog:
             self.bar.update()
 
     def batch(self, step: int, loss_sum: torch.Tensor, images: int, lr: float, train_time_s: float) -> None:
-        """TensorBoard's train/batch_loss (the batch's mean loss) and train/lr at ``step``, without waiting for the
-        device: the loss is copied to host memory asynchronously and written by a later call, or by close(), once
-        the copy is done (an event's query, not a sync)."""
+        """TensorBoard's train/batch_loss (the batch's mean loss), train/lr (and train/momentum when the schedule
+        varies it, from the schedule on the host: the momentum of step ``step - 1``, whose lr ``lr`` is) at ``step``,
+        without waiting for the device: the loss is copied to host memory asynchronously and written by a later call,
+        or by close(), once the copy is done (an event's query, not a sync)."""
         if not self.enabled:
             return
         host = torch.empty((), dtype=loss_sum.dtype, pin_memory=loss_sum.is_cuda)
@@ -119,6 +122,8 @@ class RunLog:
             with writing(self.tb_dir):
                 self.tb.add_scalar("train/batch_loss", host.item() / images, step, walltime=wall)
                 self.tb.add_scalar("train/lr", lr, step, walltime=wall)
+                if self.momentum_at is not None:
+                    self.tb.add_scalar("train/momentum", self.momentum_at(step - 1), step, walltime=wall)
 
     def evaluation(self, row: dict[str, Any]) -> None:
         """Record one evaluation: a metrics.jsonl line, TensorBoard scalars, a printed line."""
@@ -135,6 +140,8 @@ class RunLog:
                     continue  # batch() wrote this step's lr
                 if row.get(key) is not None:
                     self.tb.add_scalar(tag, row[key], step, walltime=wall)
+            if self.momentum_at is not None and not (self.every_steps and step % self.every_steps == 0):
+                self.tb.add_scalar("train/momentum", self.momentum_at(step - 1), step, walltime=wall)
             self.tb.flush()
         done = row["step"] / max(1, self.total_steps)
         eta = row["train_time_s"] * (1 - done) / done if done else 0.0

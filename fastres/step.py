@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastres import rng
 from fastres.config import OptimCfg, PrecisionCfg
 from fastres.model import Precision, precision
-from fastres.optim import WeightEMA
+from fastres.optim import Lookahead, ScheduledMomentum, WeightEMA
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 PRECOMPILE_STEPS = 3  # compile warm-up steps: every graph torch.compile makes for training is made there
@@ -229,8 +229,10 @@ class Step:
 
     def __init__(self, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, *, accum: int, amp_dtype: torch.dtype | None, label_smoothing: float,
-                 seed: int, ema: WeightEMA | None = None):
+                 seed: int, ema: WeightEMA | None = None, momentum: ScheduledMomentum | None = None,
+                 lookahead: Lookahead | None = None):
         self.net, self.model, self.opt, self.scaler, self.ema, self.seed = net, model, opt, scaler, ema, seed
+        self.momentum, self.lookahead = momentum, lookahead  # one-cycle's momentum tensor; Lookahead (fastres/optim.py)
         self.kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=label_smoothing)
         self.stochastic_depth = any(model.death_rates)
         self.captured: CapturedStep | None = None
@@ -263,12 +265,15 @@ class Step:
         if self.stochastic_depth:
             raise ValueError("a captured step cannot draw stochastic depth's per-step drops")
         sums = [self.loss_sum, self.correct, self.bad_step, self.count]
+        slow = self.lookahead.slow + [self.lookahead.count] if self.lookahead is not None else []
         self.captured = CapturedStep(self._whole_step, self.model, self.opt, batch=batch, dtype=prec.dtype,
                                      memory_format=prec.memory_format, device=device,
-                                     state=(self.ema.avg if self.ema is not None else []) + sums)
+                                     state=(self.ema.avg if self.ema is not None else []) + slow + sums)
 
     def _whole_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
+        if self.lookahead is not None:
+            self.lookahead.apply()  # decides on the device whether this step syncs
         if self.ema is not None:
             self.ema.apply()  # reads the weight prepare() filled: the same kernels every replay
         self._tally(*out)
@@ -279,6 +284,9 @@ class Step:
             raise ValueError(f"step {index} called where step {self.next_index} is next: call start_epoch(index) "
                              "when the steps do not follow on")
         self.next_index += 1
+        if self.momentum is not None:
+            self.momentum.prepare(index)  # one fill: the step's momentum, read on the device
+        sync_slow = self.lookahead.prepare() if self.lookahead is not None else False
         if self.captured is not None:
             if self.ema is not None:
                 self.ema.prepare()
@@ -290,6 +298,8 @@ class Step:
             sd_seed = rng.derive_seed(self.seed, rng.STOCHASTIC_DEPTH, index)
             reseed = lambda: self.model.sd_gen.manual_seed(sd_seed)  # noqa: E731
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, before_forward=reseed, **self.kw)
+        if sync_slow:
+            self.lookahead.sync()
         if self.ema is not None:
             self.ema.update()
         self._tally(*out)
@@ -299,7 +309,8 @@ class Step:
 def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int, batch_per_rank: int,
                device: torch.device, ema: WeightEMA | None = None,
-               evaluate: Callable[[], Any] | None = None) -> tuple[Step, float]:
+               evaluate: Callable[[], Any] | None = None, momentum: ScheduledMomentum | None = None,
+               lookahead: Lookahead | None = None) -> tuple[Step, float]:
     """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled (running ``evaluate()`` in
     the compile warm-up) if precision.compile, captured if precision.step_graph."""
     prec = precision(cfg)
@@ -311,7 +322,7 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
         precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
                    prec=prec, evaluate=evaluate)
     step = Step(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
-                label_smoothing=optim.label_smoothing, seed=seed, ema=ema)
+                label_smoothing=optim.label_smoothing, seed=seed, ema=ema, momentum=momentum, lookahead=lookahead)
     # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
     # pytorch#139207); inductor counts each skip, and the run reports them
     step.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips

@@ -71,7 +71,8 @@ def train(cfg: Config, dist: distributed.Dist, pauses: Pauses) -> dict[str, Any]
         torch.manual_seed(cfg.run.seed)
         p = build(cfg, dist, state)
         log = RunLog(out, enabled=dist.is_main, total_steps=len(p.loader) * cfg.run.epochs, step=progress.step,
-                     epoch=progress.epoch, t0=progress.t0, every_steps=cfg.log.every_steps)
+                     epoch=progress.epoch, t0=progress.t0, every_steps=cfg.log.every_steps,
+                     momentum_at=p.schedule.momentum_at if p.schedule.cycles_momentum else None)
         if dist.is_main:
             _announce(cfg, p, dist, progress, log, resumed=state is not None)
         pauses.start(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
@@ -210,7 +211,7 @@ def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, glo
         progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
     if dist.is_main:
         checkpoint.save(Path(cfg.run.out_dir) / checkpoint.NAME, checkpoint.gather(
-            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks))
+            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks, p.lookahead))
     distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
 

@@ -145,7 +145,7 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
       done
       return "$rc" ;;
     quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline,plus-bf16-amp ;;
-    recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" lr-0-1-40-epochs ;;
+    recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 ;;
     ladder) stack_item configs/stack.toml stack "$budget" baseline ;;
     depths) stack_item configs/depths.toml depths "$budget" resnet-20 ;;
   esac

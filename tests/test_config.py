@@ -41,6 +41,9 @@ def test_baseline_is_the_seed_recipe():
     assert (cfg.optim.schedule, cfg.optim.milestones, cfg.optim.warmup_epochs) == ("step", [0.5, 0.75], 0.0)
     assert (cfg.precision.amp, cfg.precision.channels_last, cfg.precision.compile) == ("off", False, False)
     assert (cfg.data.loader, cfg.run.epochs, cfg.run.target_acc) == ("workers", 164, 0.91)
+    # every lever off (tests/test_levers.py checks the optimizer they leave is torch's plain SGD, bit for bit)
+    assert (cfg.optim.lookahead_k, cfg.optim.wd_bn_bias, cfg.optim.ema_decay) == (0, True, 0.0)
+    assert (cfg.data.flip, cfg.eval.tta, cfg.model.zero_init_residual) == ("random", "off", False)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
@@ -106,7 +109,7 @@ def test_data_dir_from_env_then_default(monkeypatch):
     ("--optim.lr_per_128=0", ["optim.lr_per_128", ">"]),
     ("--optim.lr_per_128=nan", ["optim.lr_per_128", "finite"]),
     ("--optim.momentum=1.5", ["optim.momentum", "<"]),
-    ("--optim.schedule=linear", ["optim.schedule", "step, cosine"]),
+    ("--optim.schedule=exp", ["optim.schedule", "step, cosine, linear, onecycle"]),
     ("--optim.milestones=0.75,0.5", ["optim.milestones", "increasing"]),
     ("--optim.milestones=0.5,1.5", ["optim.milestones", "between 0 and 1"]),
     ("--precision.amp=fp8", ["precision.amp", "off, fp16, bf16"]),

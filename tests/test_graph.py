@@ -31,8 +31,10 @@ def state(out) -> dict:
     return checkpoint.load(out / checkpoint.NAME)
 
 
-@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps=2", "--model.dropout=0.2", "--optim.label_smoothing=0.1"]],
-                         ids=["plain", "accum-dropout-smoothing"])
+@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps=2", "--model.dropout=0.2", "--optim.label_smoothing=0.1"],
+                                   ["--optim.schedule=onecycle", "--optim.warmup_epochs=0", "--optim.lookahead_k=4",
+                                    "--optim.wd_bn_bias=false"]],
+                         ids=["plain", "accum-dropout-smoothing", "onecycle-lookahead-wd-groups"])
 def test_step_graph_run_equals_the_plain_run_on_cpu(small_cifar, tmp_path, extra):
     plain = train.main(tiny(small_cifar, tmp_path / "plain", *extra))
     graphed = train.main(tiny(small_cifar, tmp_path / "graph", *extra, "--precision.step_graph=true"))
@@ -45,6 +47,8 @@ def test_step_graph_run_equals_the_plain_run_on_cpu(small_cifar, tmp_path, extra
     assert [(r["train_loss"], r["train_acc"], r["lr"]) for r in rows_a] == \
            [(r["train_loss"], r["train_acc"], r["lr"]) for r in rows_b]
     assert plain["final_test_acc"] == graphed["final_test_acc"]
+    if "lookahead" in a:  # its slow weights too, decided on the device in the graph's form, on the host in eager
+        assert all(torch.equal(a["lookahead"]["slow"][k], b["lookahead"]["slow"][k]) for k in a["lookahead"]["slow"])
 
 
 def test_step_graph_run_resumes_exactly(small_cifar, tmp_path, monkeypatch):
