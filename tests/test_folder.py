@@ -431,3 +431,17 @@ def test_a_folder_run_killed_inside_an_epoch_resumes_exactly(folder, tmp_path, m
     a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final_test_acc"] == whole["final_test_acc"] and resumed["steps"] == whole["steps"] == 6
+
+
+@pytest.mark.slow
+def test_jpeg_throughput_tool_runs_at_tiny_scale(tmp_path):
+    from fastres.tools import jpeg
+    out = tmp_path / "jpeg.json"
+    rows = jpeg.main(["--images=40", "--size=32", "--batch=8", "--depth=18", "--width=8", "--steps=2", "--epochs=1",
+                      "--workers=1", f"--out={out}"])
+    kinds = [r["loader"] for r in rows]
+    assert kinds[0] == "workers" and (len(kinds) == 1 or kinds[1] == "dali")
+    assert all(r["loader_img_per_s"] > 0 and r["train_img_per_s"] > 0 and r["images"] == 40 for r in rows)
+    assert len(out.read_text().splitlines()) == len(rows)
+    sizes = [Image.open(p).size for p in sorted(jpeg.write_jpegs(tmp_path / "j", 200).glob("train/*/*.jpg"))]
+    assert 330 < np.mean([w for w, _ in sizes]) < 470 and 280 < np.mean([h for _, h in sizes]) < 440
