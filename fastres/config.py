@@ -54,6 +54,13 @@ def _check_depth(depth: int, family: str = "cifar") -> str | None:
     return None
 
 
+def _check_any_depth(depth: int) -> str | None:
+    """The field's own check (a saved config has no family beside it): a depth of either family."""
+    if _check_depth(depth, "cifar") and _check_depth(depth, "imagenet"):
+        return f"must be 6n+2 (family cifar) or one of {IMAGENET_DEPTHS} (family imagenet)"
+    return None
+
+
 def _check_milestones(ms: list[float]) -> str | None:
     if any(not 0.0 < m < 1.0 for m in ms):
         return "must be fractions of training strictly between 0 and 1, e.g. [0.5, 0.75]"
@@ -126,7 +133,8 @@ class ModelCfg:
     family: str = _opt("cifar", "cifar: ResNet-CIFAR, 3 stages at 16/32/64 channels (He 2015, sec. 4.2); imagenet: "
                        "torchvision's ResNet-18/34/50/101/152 (7x7 stem, max-pool, 4 stages; He 2015, Table 1)",
                        choices=("cifar", "imagenet"))
-    depth: int = _opt(20, "depth: 6n+2 for family cifar (He 2015); 18, 34, 50, 101 or 152 for imagenet")
+    depth: int = _opt(20, "depth: 6n+2 for family cifar (He 2015); 18, 34, 50, 101 or 152 for imagenet",
+                      check=_check_any_depth)
     width: int = _opt(64, "family imagenet: channels of the first stage (64 = torchvision's; smaller for tests)",
                       ge=1, le=4096)
     block: str = _opt("post", "post: conv-BN-ReLU (He 2015); pre: BN-ReLU-conv (He 2016)",

@@ -280,6 +280,29 @@ def test_dali_cpu_agrees_with_workers_within_the_decoder_tolerance(folder, tmp_p
     assert worst <= DECODER_TOLERANCE and np.mean(diffs) < 0.6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG (DALI's mixed decoder) needs a GPU")
+def test_dali_mixed_on_a_gpu_agrees_with_workers(folder, tmp_path):
+    """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's: this prints the measured gap.
+    TODO(issue26): the bound is provisional until a GPU run measures it (launch/device.sh's jpeg item)."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    cuda = torch.device("cuda")
+    norm = (d.mean, d.std)
+    a = build_loader(cfg_for(folder, "workers"), d.train, batch_per_rank=4, seed=3, rank=0, world=1, device=cuda,
+                     norm=norm)
+    b = build_loader(cfg_for(folder, "dali"), d.train, batch_per_rank=4, seed=3, rank=0, world=1, device=cuda,
+                     norm=norm)
+    worst = 0.0
+    for e in range(3):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb)
+            worst = max(worst, (pixels(xa.cpu()) - pixels(xb.cpu())).abs().max().item())
+    print(f"workers vs dali-mixed: max |diff| {worst:.2f} levels")
+    assert worst <= 16.0
+
+
 @pytest.mark.parametrize("kind", ["workers", "dali"])
 def test_two_ranks_see_every_training_image_once_per_epoch(folder, tmp_path, kind):
     if kind == "dali":
