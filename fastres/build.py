@@ -38,6 +38,8 @@ from fastres.optim import (
 )
 from fastres.step import Step, build_step
 
+TOP5_SOURCES = ("cifar100", "folder")  # where top-5 accuracy is logged: not CIFAR-10, whose rows stay as they were
+
 
 @dataclass
 class Parts:
@@ -69,20 +71,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     prec = precision(cfg.precision)
     batch_per_rank = cfg.optim.batch_size // world
     micro = batch_per_rank // cfg.optim.accum_steps
-    t_staging = time.perf_counter()
-    if dist.is_main:
-        fetch(cfg.data)  # downloads once, on rank 0
-    distributed.barrier()
-    data = load(cfg.data)
-    _check_labels(data, cfg.model.num_classes)
-    data_cfg, notes = _workers_that_fit(cfg.data)
-    loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
-                          world=world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype)
-    evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
-             for name, s in (("test", data.test if cfg.eval.on_test else None), ("val", data.val)) if s is not None}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    staging_s = time.perf_counter() - t_staging
+    data, loader, evals, norm, notes, staging_s = _stage(cfg, dist, prec, batch_per_rank)
 
     model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
@@ -95,7 +84,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         checkpoint.restore(path, state, model, opt, scaler)
     elif cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
         if dist.is_main:
-            lsuv_records = lsuv_(model, _random_batches(data.train, micro, cfg.run.seed, dev, prec),
+            lsuv_records = lsuv_(model, _random_batches(data.train, micro, cfg.run.seed, dev, prec, norm),
                                  tol_var=cfg.model.lsuv_tol_var, t_max=cfg.model.lsuv_t_max)
         distributed.broadcast_state(model)
     ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
@@ -111,7 +100,8 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                   find_unused_parameters=cfg.model.stochastic_depth > 0, gradient_as_bucket_view=True)
     train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
     evaluate = functools.partial(evaluate_all, model, cfg.eval, ema=ema, train_images=train_images, batch=micro,
-                                 rank=dist.rank, world=world, prec=prec)
+                                 rank=dist.rank, world=world, prec=prec, norm=norm,
+                                 top5=cfg.data.source in TOP5_SOURCES)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     train_step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
@@ -121,6 +111,30 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                  scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate,
                  train_step=train_step, prec=prec, micro_batch=micro,
                  staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
+    """Read, validate and split the data, copy the evaluation sets to the device and make the loader (timed:
+    staging_s); (data, loader, evals, normalization stats, notes for the log, staging_s)."""
+    dev = dist.device
+    t_staging = time.perf_counter()
+    if dist.is_main:
+        fetch(cfg.data, cfg.run.out_dir)  # downloads (or indexes a folder) once, on rank 0
+    distributed.barrier()
+    data = load(cfg.data, cfg.run.out_dir)
+    _check_labels(data, cfg.model.num_classes)
+    data_cfg, notes = _workers_that_fit(cfg.data)
+    if data.skipped:  # data.skip_bad: what was left out, named in the log once
+        notes.append(f"data.skip_bad: left out {len(data.skipped)} file(s): " + "; ".join(data.skipped[:5])
+                     + (" ..." if len(data.skipped) > 5 else ""))
+    norm = (data.mean, data.std)
+    loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
+                          world=dist.world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype, norm=norm)
+    evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
+             for name, s in (("test", data.test if cfg.eval.on_test else None), ("val", data.val)) if s is not None}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return data, loader, evals, norm, notes, time.perf_counter() - t_staging
 
 
 def _lookahead(cfg: OptimCfg, model: torch.nn.Module, total_steps: int, path: Path,
@@ -135,7 +149,7 @@ def _lookahead(cfg: OptimCfg, model: torch.nn.Module, total_steps: int, path: Pa
 
 
 def _check_labels(data: Cifar10, num_classes: int) -> None:
-    top = max(int(s.y.max()) for s in (data.train, data.test) if len(s))
+    top = max([int(s.y.max()) for s in (data.train, data.test) if len(s)] + [data.num_classes - 1])
     if top >= num_classes:
         raise UserError(f"model.num_classes = {num_classes} but the data's labels go up to {top}: set "
                         f"model.num_classes to at least {top + 1}")
@@ -151,12 +165,12 @@ def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:
                                              f"the machine's {cores} cores: using {share} workers"]
 
 
-def _random_batches(split: Split, batch: int, seed: int, device: torch.device, prec: Precision):
+def _random_batches(split: Split, batch: int, seed: int, device: torch.device, prec: Precision, norm: tuple):
     """A callable giving a fresh batch of un-augmented training images each call (for LSUV)."""
     gen = rng.generator(seed, rng.LSUV)
     images = torch.from_numpy(split.x)
 
     def next_batch() -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        return normalize(images[idx]).to(device, memory_format=prec.memory_format)
+        return normalize(images[idx], *norm).to(device, memory_format=prec.memory_format)
     return next_batch

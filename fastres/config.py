@@ -46,9 +46,21 @@ MAX_EPOCHS = 1_000_000  # the step counts made from epochs stay exact integers a
 MAX_IMAGES = 10_000_000  # more than any CIFAR-sized set holds: a typo, not a choice
 
 
-def _check_depth(depth: int) -> str | None:
+IMAGENET_DEPTHS = (18, 34, 50, 101, 152)  # He 2015, Table 1
+
+
+def _check_depth(depth: int, family: str = "cifar") -> str | None:
+    if family == "imagenet":
+        return None if depth in IMAGENET_DEPTHS else f"must be one of {IMAGENET_DEPTHS} for model.family = imagenet"
     if depth < 8 or (depth - 2) % 6 or depth > 10_000:
         return "must be 6n+2 with n >= 1, at most 10,000 (20, 32, 44, 56, 110, 1202 are the paper's)"
+    return None
+
+
+def _check_any_depth(depth: int) -> str | None:
+    """The field's own check (a saved config has no family beside it): a depth of either family."""
+    if _check_depth(depth, "cifar") and _check_depth(depth, "imagenet"):
+        return f"must be 6n+2 (family cifar) or one of {IMAGENET_DEPTHS} (family imagenet)"
     return None
 
 
@@ -86,11 +98,18 @@ class RunCfg:
 
 @dataclass
 class DataCfg:
-    dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py); "
-                    "default: $FASTRES_DATA, else data/cifar10")
-    source: str = _opt("cifar10", "cifar10: the data set in data.dir; synthetic: random uint8 images and labels of "
-                       "CIFAR-10's shape and split sizes, made in memory (for throughput and profiling, where pixel "
-                       "values do not matter; its accuracies mean nothing)", choices=("cifar10", "synthetic"))
+    dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py; cifar-100-python for cifar100; "
+                    "for folder: the folder holding train/ and val/); default: $FASTRES_DATA, else data/cifar10")
+    source: str = _opt("cifar10", "cifar10: the data set in data.dir; cifar100: CIFAR-100 (fine labels) in data.dir; "
+                       "folder: ImageNet-style data.dir/train/<class>/* and val/<class>/* (JPEG, PNG; val/ is the "
+                       "test split); synthetic: random uint8 images and labels of CIFAR-10's shape and split sizes, "
+                       "made in memory (for throughput and profiling, where pixel values do not matter; its "
+                       "accuracies mean nothing)", choices=("cifar10", "synthetic", "cifar100", "folder"))
+    image_size: int = _opt(224, "folder: training crop side (random-resized-crop) and evaluation side (resize to "
+                           "size / 0.875, centre crop), pixels; CIFAR sources are 32", ge=8, le=4096)
+    skip_bad: bool = _opt(False, "folder: leave out files that fail a check (listed in the log, counted in the "
+                          "summary) instead of stopping; a file that fails to decode while training becomes a grey "
+                          "image")
     loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the baseline's path); "
                        "gpu: whole uint8 set on the device, augmented with tensor ops; "
                        "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
@@ -104,17 +123,23 @@ class DataCfg:
                          le=MAX_IMAGES)
     split_seed: int = _opt(0, "seed of the validation split (kept apart from run.seed so every seed "
                            "of a recipe is tuned on the same split)", ge=0, le=MAX_SEED)
-    subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests)", ge=0,
-                       le=MAX_IMAGES)
-    test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests)", ge=0,
-                            le=MAX_IMAGES)
+    subset: int = _opt(0, "use only the first N training images (0 = all 50000; for smoke tests; folder: N drawn "
+                       "with data.split_seed, as its files are in class order)", ge=0, le=MAX_IMAGES)
+    test_subset: int = _opt(0, "evaluate on the first N test images (0 = all 10000; for smoke tests; folder: drawn)",
+                            ge=0, le=MAX_IMAGES)
     num_workers: int = _opt(4, "CPU workers per rank: DataLoader processes (workers), DALI threads (dali)",
                             ge=0, le=1024)
 
 
 @dataclass
 class ModelCfg:
-    depth: int = _opt(20, "ResNet-CIFAR depth 6n+2 (He 2015)", check=_check_depth)
+    family: str = _opt("cifar", "cifar: ResNet-CIFAR, 3 stages at 16/32/64 channels (He 2015, sec. 4.2); imagenet: "
+                       "torchvision's ResNet-18/34/50/101/152 (7x7 stem, max-pool, 4 stages; He 2015, Table 1)",
+                       choices=("cifar", "imagenet"))
+    depth: int = _opt(20, "depth: 6n+2 for family cifar (He 2015); 18, 34, 50, 101 or 152 for imagenet",
+                      check=_check_any_depth)
+    width: int = _opt(64, "family imagenet: channels of the first stage (64 = torchvision's; smaller for tests)",
+                      ge=1, le=4096)
     block: str = _opt("post", "post: conv-BN-ReLU (He 2015); pre: BN-ReLU-conv (He 2016)",
                       choices=("post", "pre"))
     shortcut: str = _opt("A", "A: parameter-free stride + zero-pad; B: 1x1 conv + BN projection",
@@ -428,10 +453,32 @@ def _check_onecycle(cfg: OptimCfg) -> None:
         raise ConfigError("optim.nesterov = true needs optim.momentum_min > 0 with optim.schedule = onecycle")
 
 
+def _check_data_model(cfg: Config) -> None:
+    """The model and data keys that only make sense together."""
+    m, d = cfg.model, cfg.data
+    if msg := _check_depth(m.depth, m.family):
+        raise ConfigError(f"model.depth = {m.depth} {msg}")
+    if d.source != "folder" and d.image_size != DataCfg().image_size:
+        raise ConfigError(f"data.image_size = {d.image_size} applies to data.source = folder only (CIFAR images are "
+                          "32x32): remove it or set data.source = folder")
+    if m.family == "cifar" and m.width != ModelCfg().width:
+        raise ConfigError(f"model.width = {m.width} applies to model.family = imagenet only: remove it")
+    if d.source == "cifar100" and m.num_classes < 100:
+        raise ConfigError(f"data.source = cifar100 has 100 classes but model.num_classes = {m.num_classes}: "
+                          "set model.num_classes = 100")
+    if d.source == "folder" and d.loader == "gpu":
+        raise ConfigError("data.loader = gpu keeps the whole uint8 set on the device, which a folder of "
+                          "variable-size files cannot be: use data.loader = dali (or workers)")
+    if d.source == "folder" and (cfg.eval.precise_bn or m.init == "lsuv"):
+        raise ConfigError("eval.precise_bn and model.init = lsuv read the training images from memory, which "
+                          "data.source = folder does not hold: turn them off for folders")
+
+
 def validate(cfg: Config, world: int = 1) -> None:
     """Raise ConfigError for the first bad value: a field outside its choices or range, then a combination that
     cannot run on ``world`` ranks. Called at load, so a stack rejects a bad row before any row runs."""
     _check_fields(cfg)
+    _check_data_model(cfg)
     batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
     if batch % (world * accum):
         raise ConfigError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "

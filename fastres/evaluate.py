@@ -1,4 +1,4 @@
-"""Evaluation: accuracy sharded over ranks and summed exactly; precise BatchNorm statistics."""
+"""Evaluation: top-1 (and top-5) accuracy sharded over ranks and summed exactly; precise BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastres import distributed
 from fastres.config import TTA, EvalCfg
-from fastres.data import normalize, to_batch
+from fastres.data import MEAN, STD, normalize, to_batch
 from fastres.model import Precision, batchnorm_train_mode
 from fastres.optim import WeightEMA
 
@@ -22,7 +22,7 @@ EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256: the fastest forward batch measur
 @torch.no_grad()
 def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, rank: int = 0,
                world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-               tta: str = "off") -> dict[str, float]:
+               tta: str = "off", norm: tuple = (MEAN, STD), top5: bool = False) -> dict[str, float]:
     """Top-1 accuracy of ``model`` (in eval mode) on uint8 ``images`` (N, 3, 32, 32) on the model's device.
 
     Rank r scores images r, r + world, ...; the counts are summed over ranks, so every image counts once.
@@ -33,6 +33,8 @@ def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     two of the training's own crops (zero padding, offsets PAD - 1 and PAD + 1), where airbench pads by
     reflection. The result maps each level the passes gave ("off", then "flip" when tta is on, then
     "flip-translate" when asked) to its accuracy: the plain one and every average on the way to ``tta``.
+    With ``top5`` the result also maps "top5" to the share of images whose label is among the 5 highest logits
+    of the ``tta`` level (all of them with fewer than 5 classes). ``norm``: the data's (mean, std).
     """
     if tta not in TTA:
         raise ValueError(f"tta {tta!r} is not one of {TTA}")
@@ -40,11 +42,11 @@ def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.eval()
     x, y = images[rank::world], labels[rank::world]
     levels = TTA[:TTA.index(tta) + 1]
-    correct = torch.zeros(len(levels), dtype=torch.int64, device=images.device)
+    correct = torch.zeros(len(levels) + top5, dtype=torch.int64, device=images.device)
     dtype = amp_dtype or torch.float32
     bs = EVAL_BATCH.get(images.device.type, 1024)
     for i in range(0, len(y), bs):
-        xb = to_batch(normalize(x[i:i + bs]), dtype, channels_last)
+        xb = to_batch(normalize(x[i:i + bs], *norm), dtype, channels_last)
         with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
             logits = [model(xb).float()]
             if tta != "off":
@@ -53,15 +55,19 @@ def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                 padded = F.pad(x[i:i + bs], (1, 1, 1, 1))  # uint8 zeros, as the training crops pad
                 both = logits[1] / 2
                 for moved in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
-                    xm = to_batch(normalize(moved), dtype, channels_last)
+                    xm = to_batch(normalize(moved, *norm), dtype, channels_last)
                     both = both + (model(xm).float() + model(xm.flip(3)).float()) / 8
                 logits.append(both)
         yb = y[i:i + bs]
-        correct += torch.stack([(lg.argmax(1) == yb).sum() for lg in logits])
+        hits = [(lg.argmax(1) == yb).sum() for lg in logits]
+        if top5:
+            top = logits[-1].topk(min(5, logits[-1].shape[1]), dim=1).indices
+            hits.append((top == yb[:, None]).any(1).sum())
+        correct += torch.stack(hits)
     counts = distributed.all_reduce(torch.cat([correct, torch.tensor([len(y)], device=images.device)]))
     model.train(was_training)
     n = max(1, counts[-1].item())
-    return {level: c / n for level, c in zip(levels, counts[:-1].tolist())}
+    return {level: c / n for level, c in zip((*levels, "top5"), counts[:-1].tolist())}
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, tta: str = "off",
@@ -72,7 +78,8 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, batches: int, rank: int = 0,
-                world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> int:
+                world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                norm: tuple = (MEAN, STD)) -> int:
     """Replace BN running averages by statistics of the current weights; the number of images used per rank.
 
     Precise BN (Wu & Johnson 2021, "Rethinking Batch in BatchNorm") with the population-variance estimator of
@@ -101,7 +108,7 @@ def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, bat
             for i in range(0, n, batch):
                 sizes.clear()
                 with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
-                    model(to_batch(normalize(x[i:i + batch]), dtype, channels_last))
+                    model(to_batch(normalize(x[i:i + batch], *norm), dtype, channels_last))
                 for bn, a in zip(bns, acc):
                     if bn in sizes:  # (a layer not run in this forward saw nothing)
                         size, mean, var = sizes[bn], bn.running_mean.double(), bn.running_var.double()
@@ -130,14 +137,14 @@ def target_split(cfg: EvalCfg) -> str:
 
 
 def evaluate_all(model: torch.nn.Module, cfg: EvalCfg, sets: Sets, *, ema: WeightEMA | None, prec: Precision,
-                 train_images: torch.Tensor | None, batch: int, rank: int = 0,
-                 world: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+                 train_images: torch.Tensor | None, batch: int, rank: int = 0, world: int = 1,
+                 norm: tuple = (MEAN, STD), top5: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """One evaluation as the loop logs it: (accuracy per split, the row's other accuracies, named
     ``<split>_acc_<key>`` for the keys of fastres.log.EXTRA_ACCS). With a weight average the average is scored,
     and the trained weights' own accuracy (their running BN statistics) is the "no_ema" one; with precise BN the
     running statistics' accuracy is "running_bn"; with TTA the same forward passes give "no_tta" (and "flip"
-    for flip-translate)."""
-    score = dict(rank=rank, world=world, amp_dtype=prec.amp_dtype, channels_last=prec.channels_last)
+    for flip-translate); with ``top5``, each split's top-5 accuracy is "<split>_acc_top5"."""
+    score = dict(rank=rank, world=world, amp_dtype=prec.amp_dtype, channels_last=prec.channels_last, norm=norm)
     extra, tta, target = {}, cfg.tta, target_split(cfg)
     if ema is not None:
         extra[f"{target}_acc_no_ema"] = accuracy(model, *sets[target], tta=tta, **score)
@@ -145,9 +152,11 @@ def evaluate_all(model: torch.nn.Module, cfg: EvalCfg, sets: Sets, *, ema: Weigh
         if cfg.precise_bn:
             extra[f"{target}_acc_running_bn"] = accuracy(model, *sets[target], tta=tta, **score)
             precise_bn_(model, train_images, batch=batch, batches=cfg.precise_bn_batches, **score)
-        scored = {name: accuracies(model, xs, ys, tta=tta, **score) for name, (xs, ys) in sets.items()}
+        scored = {name: accuracies(model, xs, ys, tta=tta, top5=top5, **score) for name, (xs, ys) in sets.items()}
     if tta != "off":
         extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})
     if tta == "flip-translate":
         extra.update({f"{name}_acc_flip": a["flip"] for name, a in scored.items()})
+    if top5:
+        extra.update({f"{name}_acc_top5": a["top5"] for name, a in scored.items()})
     return {name: a[tta] for name, a in scored.items()}, extra

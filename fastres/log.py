@@ -31,7 +31,7 @@ TB_DIR = "tb"
 # An evaluation's other accuracies, logged as <split>_acc_<key> beside <split>_acc (the summary keeps the last as
 # final_<split>_acc_<key>), and what the report calls each.
 EXTRA_ACCS = {"no_tta": "without TTA", "flip": "flip TTA alone", "no_ema": "without EMA",
-              "running_bn": "with running BN statistics"}
+              "running_bn": "with running BN statistics", "top5": "top-5"}
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

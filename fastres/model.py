@@ -17,6 +17,12 @@
 
 ResNet-20 option A has 269,722 trainable parameters (the paper's 0.27M); BN running statistics are
 buffers, not parameters.
+
+model.family = "imagenet": torchvision's ResNet-18/34/50/101/152 (He 2015, Table 1; bottlenecks stride in their
+3x3 conv, "ResNet v1.5"): 7x7 stride-2 stem, 3x3 max-pool, 4 stages at width x 1/2/4/8 channels, projection
+shortcuts (option B) where the shape changes, the same block options (pre-activation, stochastic depth, dropout,
+zero-init). At width 64 and 1000 classes the parameter counts are torchvision's (tested), and its weights load
+into ours in order.
 """
 
 from __future__ import annotations
@@ -124,6 +130,51 @@ class PreActBlock(nn.Module):
         nn.init.zeros_(self.branch.conv2.weight)  # pre-act branches end in a conv, not a BN
 
 
+class PostActBottleneck(nn.Module):
+    """He 2015, Fig. 5 right (torchvision's Bottleneck): relu(shortcut(x) + bn3(conv3(relu(bn2(conv2(...)))))),
+    1x1 reduce, 3x3 (with the stride), 1x1 expand by 4."""
+    expansion = 4
+
+    def __init__(self, cin: int, mid: int, stride: int, death_rate: float,
+                 dropout: dict[str, nn.Module] | None = None):
+        super().__init__()
+        cout = mid * self.expansion
+        self.branch = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(cin, mid, 1, bias=False), bn1=nn.BatchNorm2d(mid), relu1=nn.ReLU(inplace=True),
+            conv2=conv3x3(mid, mid, stride), bn2=nn.BatchNorm2d(mid), relu2=nn.ReLU(inplace=True), **(dropout or {}),
+            conv3=nn.Conv2d(mid, cout, 1, bias=False), bn3=nn.BatchNorm2d(cout)))
+        self.shortcut = make_shortcut("B", cin, cout, stride)
+        self.death_rate = death_rate
+
+    forward = PostActBlock.forward
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.branch.bn3.weight)
+
+
+class PreActBottleneck(nn.Module):
+    """He 2016: shortcut + conv3(relu(bn3(conv2(relu(bn2(conv1(relu(bn1(x))))))))), split as PreActBlock."""
+    expansion = 4
+
+    def __init__(self, cin: int, mid: int, stride: int, death_rate: float, split_after_preact: bool,
+                 dropout: dict[str, nn.Module] | None = None):
+        super().__init__()
+        cout = mid * self.expansion
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.branch = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(cin, mid, 1, bias=False), bn2=nn.BatchNorm2d(mid), relu2=nn.ReLU(inplace=True),
+            conv2=conv3x3(mid, mid, stride), bn3=nn.BatchNorm2d(mid), relu3=nn.ReLU(inplace=True), **(dropout or {}),
+            conv3=nn.Conv2d(mid, cout, 1, bias=False)))
+        self.shortcut = make_shortcut("B", cin, cout, stride)
+        self.death_rate = death_rate
+        self.split_after_preact = split_after_preact or self.shortcut is not None
+
+    forward = PreActBlock.forward
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.branch.conv3.weight)
+
+
 def death_rates(num_blocks: int, p_last: float, mode: str) -> list[float]:
     """Per-block death rates p_l, l = 1..L (Huang 2016, eq. 4 for linear decay)."""
     if mode == "uniform":
@@ -176,13 +227,55 @@ class ResNetCifar(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# blocks per stage and whether they are bottlenecks (He 2015, Table 1)
+IMAGENET_STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
+                   101: ((3, 4, 23, 3), True), 152: ((3, 8, 36, 3), True)}
+
+
+class ResNetImageNet(ResNetCifar):
+    """torchvision's ResNet layout with ResNetCifar's blocks and forward (stochastic depth skips dropped blocks)."""
+
+    def __init__(self, depth: int = 50, block: str = "post", stochastic_depth: float = 0.0, sd_mode: str = "linear",
+                 num_classes: int = 1000, dropout: float = 0.0, dropout_kind: str = "standard", width: int = 64):
+        nn.Module.__init__(self)
+        counts, bottleneck = IMAGENET_STAGES[depth]
+        self.pre = block == "pre"
+        self.stem = nn.Sequential(OrderedDict(  # conv-BN-ReLU-pool in both: the block kind starts after the pool
+            conv=nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False), bn=nn.BatchNorm2d(width),
+            relu=nn.ReLU(inplace=True), pool=nn.MaxPool2d(3, stride=2, padding=1)))
+        rates = death_rates(sum(counts), stochastic_depth, sd_mode)
+        blocks, cin = [], width
+        for stage, n in enumerate(counts):
+            mid = width * 2 ** stage
+            for i in range(n):
+                stride, p = (2 if stage > 0 and i == 0 else 1), rates[len(blocks)]
+                drop = make_dropout(dropout, dropout_kind)
+                if bottleneck:
+                    blk = (PreActBottleneck(cin, mid, stride, p, split_after_preact=not blocks, dropout=drop)
+                           if self.pre else PostActBottleneck(cin, mid, stride, p, dropout=drop))
+                else:
+                    blk = (PreActBlock(cin, mid, stride, "B", p, split_after_preact=not blocks, dropout=drop)
+                           if self.pre else PostActBlock(cin, mid, stride, "B", p, dropout=drop))
+                blocks.append(blk)
+                cin = mid * (4 if bottleneck else 1)
+        self.blocks = nn.ModuleList(blocks)
+        self.head_bn = nn.BatchNorm2d(cin) if self.pre else None
+        self.fc = nn.Linear(cin, num_classes)
+        self.death_rates = rates
+        self.sd_gen = torch.Generator()  # as ResNetCifar's: the same drops on every rank
+
+
 def build_model(cfg: ModelCfg) -> ResNetCifar:
     """The network ``cfg`` describes, initialized with the global torch RNG (seed it first).
 
     With ``init = "lsuv"`` the weights are orthonormal; :func:`lsuv_` then scales them on data.
     """
-    model = ResNetCifar(cfg.depth, cfg.block, cfg.shortcut, cfg.stochastic_depth, cfg.sd_mode,
-                        cfg.num_classes, cfg.dropout, cfg.dropout_kind)
+    if cfg.family == "imagenet":
+        model = ResNetImageNet(cfg.depth, cfg.block, cfg.stochastic_depth, cfg.sd_mode, cfg.num_classes, cfg.dropout,
+                               cfg.dropout_kind, cfg.width)
+    else:
+        model = ResNetCifar(cfg.depth, cfg.block, cfg.shortcut, cfg.stochastic_depth, cfg.sd_mode,
+                            cfg.num_classes, cfg.dropout, cfg.dropout_kind)
     if cfg.init == "lsuv":  # orthonormal now; the data-driven scaling needs batches: init.lsuv_ (train.py)
         orthonormal_init(model)
     else:

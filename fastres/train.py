@@ -349,7 +349,8 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
         img_per_s=steps * cfg.optim.batch_size / max(1e-9, progress.train_time_s),
         params=count_params(p.model), **code, torch_version=torch.__version__,
         device=device_name(dist.device), world_size=dist.world, seed=cfg.run.seed,
-        train_images=len(p.data.train), cudagraph_skips=p.train_step.cudagraph_skips, config=config.to_dict(cfg))
+        train_images=len(p.data.train), cudagraph_skips=p.train_step.cudagraph_skips, config=config.to_dict(cfg),
+        skipped_files=len(p.data.skipped) + len(getattr(p.loader, "skipped", ())))  # data.skip_bad (rank 0's decodes)
 
 
 # ---------------------------------------------------------------------------------------------------- signals

@@ -154,7 +154,8 @@ def test_every_new_flag_off_is_the_baseline_optimizer_bit_for_bit(tmp_path):
     cfg = tiny(tmp_path)
     torch.manual_seed(0)
     p = build.build(cfg, distributed.single(CPU))
-    assert p.momentum is None and p.lookahead is None and p.train_step.momentum is None and p.train_step.lookahead is None
+    assert p.momentum is None and p.lookahead is None
+    assert p.train_step.momentum is None and p.train_step.lookahead is None
     assert len(p.optimizer.param_groups) == 1 and not p.optimizer._optimizer_step_pre_hooks
     assert p.optimizer.param_groups[0]["params"] == list(p.model.parameters())
     ref_model = build_model(cfg.model)

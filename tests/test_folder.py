@@ -1,0 +1,470 @@
+"""ImageNet-style folders, CIFAR-100 and the ImageNet ResNets, on the CPU at tiny scale: the index and its checks,
+both folder loaders (workers with Pillow, DALI on the CPU) image for image, shards, resume, an epoch end to end."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastres import config, train
+from fastres import data as fdata
+from fastres.config import ConfigError, DataCfg
+from fastres.data import DataError, Files, folder_index, load_folder
+from fastres.data.loaders import build_loader, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.model import ResNetImageNet, build_model, count_params
+
+CPU = torch.device("cpu")
+CLASSES = ("apple", "bee", "cat", "dog")
+
+
+def _save(path, img: Image.Image, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def make_folder(root, per_class: int = 6, val_per_class: int = 2, seed: int = 0):
+    """train/ and val/ of 4 classes: RGB JPEGs and PNGs of several sizes (8 to 40 px), one grayscale JPEG, one CMYK
+    JPEG, one palette PNG; each image a smooth gradient plus its class's colour, so a model can learn it."""
+    g = np.random.default_rng(seed)
+    for sub, n in (("train", per_class), ("val", val_per_class)):
+        for c, name in enumerate(CLASSES):
+            for k in range(n):
+                w, h = (int(v) for v in g.integers(8, 41, 2))
+                yy, xx = np.mgrid[0:h, 0:w]
+                arr = np.stack([(xx * 255 // w + 60 * c) % 256, (yy * 255 // h) % 256,
+                                np.full_like(xx, 60 * c + 20)], -1).astype(np.uint8)
+                arr = np.clip(arr.astype(int) + g.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
+                img = Image.fromarray(arr)
+                kind = (k + c) % 6
+                if kind == 0:
+                    _save(root / sub / name / f"{k}.png", img, "PNG")
+                elif kind == 1 and sub == "train" and c == 0:
+                    _save(root / sub / name / f"{k}_gray.jpg", img.convert("L"), "JPEG")
+                elif kind == 2 and sub == "train" and c == 1:
+                    _save(root / sub / name / f"{k}_cmyk.JPEG", img.convert("CMYK"), "JPEG")
+                elif kind == 3 and sub == "train" and c == 2:
+                    _save(root / sub / name / f"{k}_p.png", img.convert("P"), "PNG")
+                else:
+                    _save(root / sub / name / f"{k}.jpg", img, "JPEG")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "imgs")
+
+
+def cfg_for(folder, loader="workers", **kw) -> DataCfg:
+    return DataCfg(dir=str(folder), source="folder", loader=loader, image_size=32, num_workers=kw.pop("workers", 0),
+                   **kw)
+
+
+def loader(files, kind="workers", *, rank=0, world=1, b=4, seed=3, **kw):
+    data = kw.pop("data", None)
+    norm = (data.mean, data.std) if data is not None else (fdata.MEAN_IMAGENET, fdata.STD_IMAGENET)
+    return build_loader(cfg_for(files.root, kind, **kw), files, batch_per_rank=b, seed=seed, rank=rank, world=world,
+                        device=CPU, norm=norm)
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """Normalized batches back to 0..255 values."""
+    mean = torch.tensor(fdata.MEAN_IMAGENET).view(3, 1, 1) * 255
+    std = torch.tensor(fdata.STD_IMAGENET).view(3, 1, 1) * 255
+    return x.float() * std + mean
+
+
+# ------------------------------------------------------------------------------------------- index
+
+def test_index_lists_classes_in_sorted_order_with_sizes_and_modes(folder, tmp_path):
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    assert d.num_classes == 4 and len(d.train) == 24 and d.test.x.shape == (8, 3, 32, 32) and not d.skipped
+    assert d.train.paths[0].startswith("train/apple/") and set(d.train.y.tolist()) == {0, 1, 2, 3}
+    for rel, (w, h), mode in zip(d.train.paths, d.train.sizes, d.train.modes):
+        with Image.open(folder / rel) as im:
+            assert im.size == (w, h) and im.mode == mode
+    assert {"L", "CMYK", "P", "RGB"} <= set(d.train.modes)
+    assert (tmp_path / "run" / fdata.INDEX).exists()
+
+
+def test_index_is_cached_and_rebuilt_when_a_class_folder_changes(folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    folder_index(folder, run)
+    built = []
+    real = fdata._build_index
+    monkeypatch.setattr(fdata, "_build_index", lambda root: built.append(root) or real(root))
+    assert len(folder_index(folder, run)["train"]["paths"]) == 24 and not built  # fresh: read, not listed
+    time.sleep(0.01)
+    Image.new("RGB", (20, 20)).save(folder / "train" / "bee" / "new.png")
+    assert len(folder_index(folder, run)["train"]["paths"]) == 25 and len(built) == 1  # a file added: rebuilt
+    time.sleep(0.01)
+    (folder / "train" / "emu").mkdir()
+    Image.new("RGB", (20, 20)).save(folder / "train" / "emu" / "a.png")
+    assert folder_index(folder, run)["classes"] == ["apple", "bee", "cat", "dog", "emu"] and len(built) == 2
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("empty_class", ["train/emu", "no images"]),
+    ("val_class_missing", ["val/yak", "no namesake in train/"]),
+    ("non_image", ["train/bee/notes.txt", "not an image file"]),
+    ("not_really_an_image", ["train/bee/fake.jpg", "not an image Pillow can read"]),
+    ("tiny", ["train/bee/tiny.png", "1x1 pixels"]),
+    ("wide", ["train/bee/wide.png", "20000x8 pixels"]),
+    ("stray", ["train/stray.jpg", "outside any class folder"]),
+    ("gif", ["train/bee/anim.png", "GIF"]),
+])
+def test_bad_files_at_index_time_are_one_line_errors_or_skipped_and_counted(folder, tmp_path, damage, words):
+    bee = folder / "train" / "bee"
+    if damage == "empty_class":
+        (folder / "train" / "emu").mkdir()
+    elif damage == "val_class_missing":
+        (folder / "val" / "yak").mkdir()
+        Image.new("RGB", (20, 20)).save(folder / "val" / "yak" / "y.png")
+    elif damage == "non_image":
+        (bee / "notes.txt").write_text("not a picture")
+    elif damage == "not_really_an_image":
+        (bee / "fake.jpg").write_bytes(b"\x00" * 100)
+    elif damage == "tiny":
+        Image.new("RGB", (1, 1)).save(bee / "tiny.png")
+    elif damage == "wide":
+        Image.new("L", (20_000, 8)).save(bee / "wide.png")
+    elif damage == "stray":
+        Image.new("RGB", (20, 20)).save(folder / "train" / "stray.jpg")
+    elif damage == "gif":
+        Image.new("RGB", (20, 20)).save(bee / "anim.png", "GIF")
+    with pytest.raises(DataError) as e:
+        load_folder(cfg_for(folder), tmp_path / "run")
+    msg = _one_line(e)
+    assert all(w in msg for w in words), msg
+    assert "data.skip_bad" in msg
+    d = load_folder(cfg_for(folder, skip_bad=True), tmp_path / "run")
+    assert len(d.skipped) == 1 and words[0] in d.skipped[0]
+    assert len(d.train) == 24 and len(d.test) == 8  # the good files all kept
+
+
+def test_layout_errors_name_the_fix(tmp_path):
+    (tmp_path / "x" / "train").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        load_folder(cfg_for(tmp_path / "x"), None)
+    assert "has no val/ folder" in _one_line(e)
+    (tmp_path / "x" / "val").mkdir()
+    with pytest.raises(DataError) as e:
+        load_folder(cfg_for(tmp_path / "x"), None)
+    assert "holds no class folders" in _one_line(e)
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _a_jpeg(files: Files) -> int:
+    return next(i for i, (p, m) in enumerate(zip(files.paths, files.modes)) if p.endswith(".jpg") and m == "RGB")
+
+
+@pytest.mark.parametrize("kind", ["workers", "dali"])
+def test_a_truncated_file_stops_the_loader_naming_it_or_becomes_grey(folder, tmp_path, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    i = _a_jpeg(d.train)
+    _truncate(folder / d.train.paths[i])  # index time passes (the header is whole): decode time catches it
+    ld = loader(d.train, kind, b=4)
+    ld.set_epoch(0)
+    with pytest.raises(DataError) as e:
+        list(ld)
+    msg = _one_line(e)
+    assert d.train.paths[i] in msg and "cannot be decoded" in msg and "data.skip_bad" in msg
+    batches = {}
+    for k in ("workers", kind):
+        ld = loader(d.train, k, b=4, skip_bad=True)
+        ld.set_epoch(0)
+        batches[k] = [(x.clone(), y.clone()) for x, y in ld]
+        assert ld.skipped == {d.train.paths[i]}  # counted
+        assert len(batches[k]) == len(ld) == 6  # full batches still
+    order = epoch_indices(24, 3, 0, 0, 1).tolist()
+    j = order.index(i)
+    grey = pixels(batches[kind][j // 4][0][j % 4])
+    assert (grey - fdata.GREY).abs().max() < 1.0  # the stand-in is grey, in both loaders
+    for (xa, ya), (xb, yb) in zip(batches["workers"], batches[kind]):
+        assert torch.equal(ya, yb) and (pixels(xa) - pixels(xb)).abs().max() <= DECODER_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+DECODER_TOLERANCE = 2.0  # pixel levels (of 255), Pillow vs DALI on the CPU: measured max 1 (5 epochs), 2 (other seeds)
+
+
+def _torchvision_mean_scale(width: int, height: int, draws: int = 20_000) -> float:
+    """The mean area fraction of torchvision's RandomResizedCrop.get_params (its code, with Python's RNG)."""
+    import math
+    import random
+    g, total = random.Random(0), 0.0
+    for _ in range(draws):
+        for _ in range(10):
+            area = width * height * g.uniform(0.08, 1.0)
+            ratio = math.exp(g.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                total += w * h / (width * height)
+                break
+    return total / draws  # (a 400x350 image never falls back in practice)
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop():
+    sizes = np.array([[400, 350], [500, 300], [37, 18], [8, 8], [3000, 40]] * 2000)
+    top, left, h, w, flip = crop_boxes(sizes, seed=1, epoch=0)
+    wi, hi = torch.as_tensor(sizes[:, 0]), torch.as_tensor(sizes[:, 1])
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= hi).all() and (left + w <= wi).all()
+    assert (h >= 1).all() and (w >= 1).all()
+    frac = (h * w).double() / (hi * wi).double()
+    photo = torch.arange(len(sizes)) % 5 == 0  # 400x350: almost every draw fits on the first tries
+    assert 0.07 < frac[photo].min() and frac[photo].max() <= 1.0
+    assert abs(frac[photo].mean().item() - _torchvision_mean_scale(400, 350)) < 0.01
+    ratio = (w.double() / h.double())[photo & (frac < 0.5)]
+    assert ratio.min() > 0.7 and ratio.max() < 1.43
+    assert 0.45 < flip.double().mean() < 0.55
+    wide = torch.arange(len(sizes)) % 5 == 4  # 3000x40: no draw fits; the fallback is the centred 4/3 crop
+    assert (h[wide] == 40).all() and (w[wide] == 53).all() and (left[wide] == (3000 - 53) // 2).all()
+    again = crop_boxes(sizes, seed=1, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(again, (top, left, h, w, flip)))
+    assert not torch.equal(crop_boxes(sizes, seed=1, epoch=1)[0], top)
+    alt = crop_boxes(sizes, seed=1, epoch=1, flip="alternate")[4]
+    assert torch.equal(alt, 1 - flip)
+
+
+def test_workers_batches_are_pillows_crop_resize_flip(folder, tmp_path):
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    ld = loader(d.train, b=4)
+    ld.set_epoch(2)
+    (x, y), = [next(iter(ld))]
+    order = epoch_indices(24, 3, 2, 0, 1)
+    top, left, h, w, flip = crop_boxes(d.train.sizes, 3, 2)
+    for j in range(4):
+        i = order[j].item()
+        img = Image.open(folder / d.train.paths[i]).convert("RGB")
+        img = img.crop((left[i].item(), top[i].item(), left[i].item() + w[i].item(), top[i].item() + h[i].item()))
+        img = img.resize((32, 32), Image.BILINEAR)
+        img = img.transpose(Image.FLIP_LEFT_RIGHT) if flip[i] else img
+        ref = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
+        assert (pixels(x[j]) - ref.float()).abs().max() < 1e-3 and y[j] == d.train.y[i]
+
+
+def test_dali_cpu_agrees_with_workers_within_the_decoder_tolerance(folder, tmp_path):
+    """Same order, boxes and flips; pixels differ by the resizers' rounding only. Measured over 5 epochs of the
+    generated set (JPEG, PNG, gray, CMYK, palette; 8-40 px, so crops are upscaled up to 40x): max 1-2 levels."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    a, b = loader(d.train, "workers", b=4, workers=1), loader(d.train, "dali", b=4, workers=1)
+    worst, diffs = 0.0, []
+    for e in range(5):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        pairs = list(zip(a, b))
+        assert len(pairs) == steps_per_epoch(24, 4, 1)
+        for (xa, ya), (xb, yb) in pairs:
+            assert torch.equal(ya, yb)
+            diff = (pixels(xa) - pixels(xb)).abs()
+            worst, diffs = max(worst, diff.max().item()), diffs + [diff.mean().item()]
+    print(f"workers vs dali-cpu: max |diff| {worst:.2f} levels, mean {np.mean(diffs):.3f}")
+    assert worst <= DECODER_TOLERANCE and np.mean(diffs) < 0.6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG (DALI's mixed decoder) needs a GPU")
+def test_dali_mixed_on_a_gpu_agrees_with_workers(folder, tmp_path):
+    """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's: this prints the measured gap.
+    TODO(issue26): the bound is provisional until a GPU run measures it (launch/device.sh's jpeg item)."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    cuda = torch.device("cuda")
+    norm = (d.mean, d.std)
+    a = build_loader(cfg_for(folder, "workers"), d.train, batch_per_rank=4, seed=3, rank=0, world=1, device=cuda,
+                     norm=norm)
+    b = build_loader(cfg_for(folder, "dali"), d.train, batch_per_rank=4, seed=3, rank=0, world=1, device=cuda,
+                     norm=norm)
+    worst = 0.0
+    for e in range(3):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb)
+            worst = max(worst, (pixels(xa.cpu()) - pixels(xb.cpu())).abs().max().item())
+    print(f"workers vs dali-mixed: max |diff| {worst:.2f} levels")
+    assert worst <= 16.0
+
+
+@pytest.mark.parametrize("kind", ["workers", "dali"])
+def test_two_ranks_see_every_training_image_once_per_epoch(folder, tmp_path, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    make_folder(tmp_path / "more", per_class=7)  # 28 images: 14 per rank, 3 full batches of 4 each
+    d = load_folder(cfg_for(tmp_path / "more"), tmp_path / "run")
+    files = Files(d.train.root, d.train.paths, np.arange(len(d.train)), d.train.sizes, d.train.modes)  # label = index
+    for e in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            ld = loader(files, kind, rank=rank, world=2, b=4)
+            ld.set_epoch(e)
+            ys = [y for _, y in ld]
+            assert len(ys) == len(ld) == 3
+            seen += torch.cat(ys).tolist()
+        assert len(seen) == len(set(seen)) == 24  # disjoint, and all an epoch of full batches holds
+        shards = [set(epoch_indices(28, 3, e, r, 2).tolist()) for r in (0, 1)]
+        assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 28  # every image once, across ranks
+
+
+def test_gpu_loader_is_refused_for_folders(folder):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.loader=gpu"])
+    assert "data.loader = dali (or workers)" in _one_line(e)
+
+
+# ------------------------------------------------------------------------------------------- CIFAR-100
+
+def write_cifar100(folder, sizes=(("train", 120), ("test", 40)), seed=0):
+    """cifar-100-python as the official archive holds it: pickled dicts of bytes keys, fine and coarse labels."""
+    g = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in sizes:
+        d = {b"filenames": [b"x.png"] * n, b"batch_label": name.encode(), b"fine_labels": [int(v) for v in
+             g.integers(0, 100, n)], b"coarse_labels": [0] * n, b"data": g.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    return folder
+
+
+def test_cifar100_reads_the_official_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(fdata, "SIZES_100", {"train": 120, "test": 40})
+    folder = write_cifar100(tmp_path / "cifar-100-python")
+    d = fdata.load(DataCfg(source="cifar100", dir=str(tmp_path), val_size=20))
+    raw = pickle.load(open(folder / "train", "rb"), encoding="bytes")
+    assert d.train.x.shape == (100, 3, 32, 32) and len(d.val) == 20 and d.test.x.shape == (40, 3, 32, 32)
+    assert d.num_classes == 100 and d.mean == fdata.MEAN_100 and d.std == fdata.STD_100
+    np.testing.assert_array_equal(np.sort(np.concatenate([d.train.y, d.val.y])), np.sort(raw[b"fine_labels"]))
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["--data.source=cifar100"])
+    assert "set model.num_classes = 100" in _one_line(e)
+    raw[b"fine_labels"][3] = 100
+    pickle.dump(raw, open(folder / "train", "wb"), protocol=2)
+    with pytest.raises(DataError) as e:
+        fdata.load(DataCfg(source="cifar100", dir=str(tmp_path)))
+    assert "train" in _one_line(e) and "expected 0..99" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- ImageNet ResNets
+
+TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
+
+
+@pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMS))
+def test_imagenet_resnets_have_torchvisions_parameter_counts(depth):
+    assert count_params(ResNetImageNet(depth, num_classes=1000)) == TORCHVISION_PARAMS[depth]
+
+
+def test_imagenet_options_shapes_and_skipped_blocks():
+    x = torch.randn(2, 3, 32, 32)
+    for depth, block in ((18, "post"), (18, "pre"), (50, "post"), (50, "pre")):
+        if True:
+            m = build_model(config.ModelCfg(family="imagenet", depth=depth, block=block, width=8, num_classes=5,
+                                            zero_init_residual=True, stochastic_depth=0.5, dropout=0.1))
+            assert m(x).shape == (2, 5)
+            m.eval()
+            assert m(x).shape == (2, 5)
+            m.train()
+            ran = []
+            hooks = [b.branch.register_forward_hook(lambda *a, i=i, ran=ran: ran.append(i))
+                     for i, b in enumerate(m.blocks)]
+            m.sd_gen.manual_seed(1)
+            m(x)
+            u = torch.rand(len(m.blocks), generator=torch.Generator().manual_seed(1)).tolist()
+            assert ran == [i for i, (ui, p) in enumerate(zip(u, m.death_rates)) if ui >= p]  # dropped: not run
+            for h in hooks:
+                h.remove()
+    cl = build_model(config.ModelCfg(family="imagenet", depth=18, width=8, num_classes=5)).to(
+        memory_format=torch.channels_last)
+    assert cl(x.to(memory_format=torch.channels_last)).shape == (2, 5)
+
+
+def test_depth_check_depends_on_family():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["--model.family=imagenet", "--model.depth=20"])
+    assert "18, 34, 50, 101, 152" in _one_line(e)
+    with pytest.raises(ConfigError):
+        config.load(None, ["--model.depth=18"])  # not 6n+2
+    assert config.load(None, ["--model.family=imagenet", "--model.depth=50"]).model.depth == 50
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_weights_give_the_same_logits(depth):
+    models = pytest.importorskip("torchvision.models", reason="torchvision is not installed beside this torch")
+    ref = getattr(models, f"resnet{depth}")(num_classes=10).eval()
+    ours = ResNetImageNet(depth, num_classes=10).eval()
+    theirs, mine = ref.state_dict(), ours.state_dict()
+    assert [v.shape for v in theirs.values()] == [v.shape for v in mine.values()]
+    ours.load_state_dict(dict(zip(mine, theirs.values())))  # the same modules in the same order
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+def folder_run(folder, out, loader_kind, *extra):
+    return config.load(None, [f"--data.dir={folder}", "--data.source=folder", f"--data.loader={loader_kind}",
+                              "--data.image_size=32", "--data.num_workers=1", "--model.family=imagenet",
+                              "--model.depth=18", "--model.width=8", "--model.num_classes=4", "--optim.batch_size=8",
+                              "--run.epochs=1", "--run.device=cpu", f"--run.out_dir={out}", "--log.every_steps=0",
+                              "--run.target_acc=0.25", *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["workers", "dali"])
+def test_an_epoch_end_to_end_on_a_generated_folder(folder, tmp_path, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    s = train.main(folder_run(folder, tmp_path / kind, kind, "--model.stochastic_depth=0.2"))
+    assert s["finished"] and s["steps"] == 3 and s["train_images"] == 24 and s["skipped_files"] == 0
+    assert 0.0 <= s["final_test_acc"] <= s["final_test_acc_top5"] == 1.0  # 4 classes: top-5 holds them all
+    assert (tmp_path / kind / fdata.INDEX).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["workers", "dali"])
+def test_a_folder_run_killed_inside_an_epoch_resumes_exactly(folder, tmp_path, monkeypatch, kind):
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from fastres import checkpoint
+
+    from conftest import killed_after_first_checkpoint
+    extra = ("--run.epochs=2", "--model.stochastic_depth=0.2", "--model.dropout=0.1")
+    whole = train.main(folder_run(folder, tmp_path / "whole", kind, *extra))
+    cut = folder_run(folder, tmp_path / "cut", kind, *extra, "--run.checkpoint_every_s=1e-9")
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(cut))  # after step 1 of 3 in epoch 1
+    assert checkpoint.load(tmp_path / "cut" / checkpoint.NAME)["progress"]["step"] == 1
+    resumed = train.main(folder_run(folder, tmp_path / "cut", kind, *extra))
+    a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final_test_acc"] == whole["final_test_acc"] and resumed["steps"] == whole["steps"] == 6
+
+
+@pytest.mark.slow
+def test_jpeg_throughput_tool_runs_at_tiny_scale(tmp_path):
+    from fastres.tools import jpeg
+    out = tmp_path / "jpeg.json"
+    rows = jpeg.main(["--images=40", "--size=32", "--batch=8", "--depth=18", "--width=8", "--steps=2", "--epochs=1",
+                      "--workers=1", f"--out={out}"])
+    kinds = [r["loader"] for r in rows]
+    assert kinds[0] == "workers" and (len(kinds) == 1 or kinds[1] == "dali")
+    assert all(r["loader_img_per_s"] > 0 and r["train_img_per_s"] > 0 and r["images"] == 40 for r in rows)
+    assert len(out.read_text().splitlines()) == len(rows)
+    sizes = [Image.open(p).size for p in sorted(jpeg.write_jpegs(tmp_path / "j", 200).glob("train/*/*.jpg"))]
+    assert 330 < np.mean([w for w, _ in sizes]) < 470 and 280 < np.mean([h for _, h in sizes]) < 440
