@@ -1,7 +1,7 @@
 """What only a CUDA GPU can check (skipped elsewhere): the fast path's claims about the device.
 
-Run these first in a GPU session (`bash launch/device.sh check`): they take about a minute and catch a
-broken fast path before the benchmarks spend the session's device time on it.
+Run these first on a GPU machine (`bash launch/device.sh next` runs them as its first item): they take about a
+minute and catch a broken fast path before the benchmarks spend GPU time on it.
 """
 
 from __future__ import annotations
