@@ -124,7 +124,7 @@ def train(cfg: Config, dist: distributed.Dist) -> dict[str, Any]:
             log.evaluation(row)
             progress.last = row
             if dist.is_main:
-                plot_curves(read_metrics(out), out / "curves.png")
+                plot_curves(read_metrics(out), out / "curves.png", cfg.run.name)
             _save(cfg, p, dist, progress, step, mid_epoch=False)
             pauses.saved()
             if stopping:
