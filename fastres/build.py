@@ -9,6 +9,7 @@ checkpoint's state or LSUV; then the weight average, DDP, and last the step (com
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +40,11 @@ from fastres.optim import (
 from fastres.step import Step, build_step
 
 TOP5_SOURCES = ("cifar100", "folder")  # where top-5 accuracy is logged: not CIFAR-10, whose rows stay as they were
+# torch 2.13 deprecates broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, which still syncs
+# buffers once at init: a no-op here, every rank starts from equal ones (BN's constants, or the same checkpoint);
+# older torch (the GPU image's 2.11) has only the old name. Source: torch/nn/parallel/distributed.py
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
 
 
 @dataclass
@@ -96,7 +102,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
         # first (train.py), and training normalizes with batch statistics; re-sending them before every forward
         # changed nothing but cost a broadcast per buffer per step (2 ranks still equal 1 process: test_train.py).
-        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **_NO_BUFFER_SYNC,
                   find_unused_parameters=cfg.model.stochastic_depth > 0, gradient_as_bucket_view=True)
     train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
     evaluate = functools.partial(evaluate_all, model, cfg.eval, ema=ema, train_images=train_images, batch=micro,

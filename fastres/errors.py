@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,19 +109,49 @@ def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
 
 
 def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage: str) -> int:
-    """Run a command-line ``body(argv)``: ``--help`` prints ``usage``; a UserError becomes one line, exit 2."""
+    """Run a command-line ``body(argv)``: ``--help`` prints ``usage``; a UserError becomes one line, exit 2.
+
+    Under torchrun the line also goes to the rank's TORCHELASTIC_ERROR_FILE, so torchrun's closing report shows it
+    as the failure's "traceback" instead of "To enable traceback see: ...". A reader of ``--help`` that stops early
+    (``| head``) ends it quietly."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(usage)
+        try:
+            print(usage, flush=True)
+        except BrokenPipeError:  # the reader closed stdout (| head): what they read was all they wanted
+            _stdout_to_devnull()
         return 0
     try:
         return body(argv) or 0
     except UserError as e:
         rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
+        what = "" if isinstance(e, Interrupted) else "error: "
+        line = f"fastres: {what}{f'[rank {rank}] ' if rank and e.per_rank else ''}{e}"
         if rank == 0 or e.per_rank:
-            what = "" if isinstance(e, Interrupted) else "error: "
-            print(f"fastres: {what}{f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+            print(line, file=sys.stderr, flush=True)
+        _to_torchrun(line)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:  # Ctrl-C where no handler of fastres's own is installed (the tools)
         print("fastres: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit finds no closed pipe (the Python docs'
+    recipe: https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _to_torchrun(line: str) -> None:
+    """``line`` as torchrun's error file for this rank, in the JSON that torch's ErrorHandler.record_exception
+    writes (torch/distributed/elastic/multiprocessing/errors/error_handler.py); without py_callstack, the report
+    shows the message itself. Nothing outside torchrun (no TORCHELASTIC_ERROR_FILE)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:
+        pass  # the line is on stderr already (rank 0); torchrun then says "To enable traceback see ..."

@@ -1,10 +1,11 @@
 """What a run reports while it trains: metrics.jsonl, TensorBoard events, a progress bar. Rank 0 only.
 
 TensorBoard: every scalar is written at its optimizer step, with its event time set to
-(run start + training seconds so far). So the STEP axis is steps and the RELATIVE axis is the training
-wall-clock with evaluation excluded - the time that time_to_target_s measures. After a resume the events
-past the checkpoint's step are purged, and metrics.jsonl loses its rows past the checkpoint's epoch, so
-neither holds duplicates.
+(run start + training seconds so far). So the STEP axis is steps and the WALL axis is the run's start plus the
+training wall-clock with evaluation excluded - the time that time_to_target_s measures (RELATIVE counts from each
+curve's first point). train/lr at step s is the lr of the s-th optimizer step, schedule(s - 1): only values the
+schedule used. After a resume the events past the checkpoint's step are purged, and metrics.jsonl loses its rows
+past the checkpoint's epoch, so neither holds duplicates.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +80,12 @@ class RunLog:
         with writing(self.metrics):
             self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
             self.jsonl = open(self.metrics, "a")
-        with writing(self.tb_dir):
+        self._quiet_writer_thread = _WriterThreadHook()
+        with writing(self.tb_dir), self._quiet_writer_thread.closing_on_error():
             self.tb = SummaryWriter(str(self.tb_dir), purge_step=step + 1 if step else None)
         self.tty = sys.stderr.isatty()
         if self.tty:
             self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
-        if step == 0:
-            self.tb.add_scalar("train/lr", 0.0, 0, walltime=t0)  # anchors the RELATIVE axis at 0
 
     def info(self, msg: str) -> None:
         if not self.enabled:
@@ -154,37 +156,79 @@ class RunLog:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
-        self._write_batches(wait=True)
-        with writing(self.metrics):
-            self.jsonl.close()
-        with writing(self.tb_dir):
-            self.tb.close()
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            self._write_batches(wait=True)
+            with writing(self.metrics):
+                self.jsonl.close()
+            with writing(self.tb_dir):
+                self.tb.flush()  # raises the writer thread's failure (a full disk); close() alone drops it
+                self.tb.close()
+        finally:
+            self._quiet_writer_thread.close()
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """He et al. 2015's figure (Fig. 6): training, validation and test error (%) against epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+class _WriterThreadHook:
+    """threading.excepthook while a RunLog is open, silent for TensorBoard's writer thread only. That thread keeps a
+    failed write (a full disk) for the main thread, whose next add_scalar or flush raises it (one line, by
+    errors.writing), and re-raises it too, which printed a second, alarming traceback
+    (tensorboard/summary/writer/event_file_writer.py, _AsyncWriterThread.run). Every other thread's exception goes
+    to the hook that was there before."""
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    def __init__(self):
+        self.before = threading.excepthook
+        threading.excepthook = self._hook
+
+    def _hook(self, args) -> None:
+        if type(args.thread).__module__ == "tensorboard.summary.writer.event_file_writer":
+            return
+        self.before(args)
+
+    @contextmanager
+    def closing_on_error(self):
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if threading.excepthook == self._hook:  # a hook set since stays
+            threading.excepthook = self.before
+
+
+def curves_figure(rows: list[dict[str, Any]], name: str):
+    """He et al. 2015's figure (Fig. 6): training, validation and test error (%) against epoch, titled with
+    the run's name (a matplotlib Figure, not drawn through pyplot: no global state)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
     epochs = [r["epoch"] for r in rows]
     for key, label, style in (("train_acc", "train (augmented batches)", "--"), ("val_acc", "validation", "-."),
                               ("test_acc", "test", "-")):
         pts = [(e, 100 * (1 - r[key])) for e, r in zip(epochs, rows) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, marker=".", ms=3, label=label)
+    ax.set_title(f"{name}: error by epoch")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks on a short run
     ax.set_ylabel("error (%)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, name: str) -> None:
+    """:func:`curves_figure` written to ``path`` (a PNG)."""
+    fig = curves_figure(rows, name)
     with writing(path):
         fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,10 +73,10 @@ def train(cfg: Config, dist: distributed.Dist, pauses: Pauses) -> dict[str, Any]
         log = RunLog(out, enabled=dist.is_main, total_steps=len(p.loader) * cfg.run.epochs, step=progress.step,
                      epoch=progress.epoch, t0=progress.t0, every_steps=cfg.log.every_steps,
                      momentum_at=p.schedule.momentum_at if p.schedule.cycles_momentum else None)
-        if dist.is_main:
-            _announce(cfg, p, dist, progress, log, resumed=state is not None)
-        pauses.start(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
         try:
+            if dist.is_main:
+                _announce(cfg, p, dist, progress, log, resumed=state is not None)
+            pauses.start(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
             train_loop(cfg, p, dist, progress, state, log, pauses)
         finally:
             log.close()
@@ -159,7 +159,7 @@ def _end_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
         log.evaluation(row)
         progress.last = row
         if dist.is_main:
-            plot_curves(read_metrics(cfg.run.out_dir), Path(cfg.run.out_dir) / "curves.png")
+            plot_curves(read_metrics(cfg.run.out_dir), Path(cfg.run.out_dir) / "curves.png", cfg.run.name)
         _save(cfg, p, dist, progress, global_step, mid_epoch=False)
         pauses.saved()
     if stopping:

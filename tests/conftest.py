@@ -21,6 +21,42 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
 
 
+# ------------------------------------------------------------------------------------------- pytest -m quick
+# A newcomer's first look (under 2 minutes on 2 CPU cores, against ~8.5 for the whole suite): a few tests from each
+# area they meet first, keyed by file and test name ("[id]" for one case of a parametrized test, else all of its
+# cases). tests/test_quick.py checks each area keeps a test that pytest still collects.
+QUICK = {
+    "config": ["test_config.py::test_baseline_is_the_seed_recipe",
+               "test_config.py::test_overrides_are_typed_from_the_dataclass",
+               "test_config.py::test_every_shipped_config_loads", "test_config.py::test_toml_round_trip"],
+    "model": ["test_model.py::test_parameter_counts_equal_the_paper", "test_model.py::test_shapes[A-post]",
+              "test_model.py::test_every_flag_off_is_the_plain_resnet20"],
+    "training step": ["test_train.py::test_one_bf16_step", "test_optim.py::test_step_schedule_is_the_papers",
+                      "test_train.py::test_curves_png_names_the_run_with_error_in_percent_by_whole_epoch"],
+    "resume": ["test_train.py::test_resume_equals_uninterrupted[gpu]"],
+    "errors": ["test_config.py::test_bad_overrides_name_the_key",
+               "test_config.py::test_cli_config_error_is_one_line_and_exit_2",
+               "test_environment.py::test_values_a_run_cannot_use_are_one_line",
+               "test_data.py::test_a_failed_download_leaves_no_folder_it_made"],
+    "the quick set itself": ["test_quick.py::test_quick_set_covers_every_area"],
+}
+COLLECTED: dict[str, list[str]] = {}  # this session's test ids by file, before -m deselects any
+MARKED: dict[str, list[str]] = {}  # QUICK's entries -> the test ids they marked
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m quick deselects what is not marked
+def pytest_collection_modifyitems(config, items):
+    wanted = {entry for entries in QUICK.values() for entry in entries}
+    for item in items:
+        file = item.path.name
+        COLLECTED.setdefault(file, []).append(item.name)
+        for key in (f"{file}::{item.name}", f"{file}::{getattr(item, 'originalname', item.name)}"):
+            if key in wanted:
+                item.add_marker(pytest.mark.quick)
+                MARKED.setdefault(key, []).append(item.nodeid)
+                break
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same global RNG states, so none depends on which tests ran before it

@@ -135,6 +135,21 @@ def test_missing_set_offline_says_where_to_put_it(tmp_path, monkeypatch):
     assert not list((tmp_path / "empty").glob("*.part"))  # no partial download left behind
 
 
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """Offline, into folders that do not exist: one line, and the file system as it was (no empty data dir)."""
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as e:
+        cifar.ensure(tmp_path / "new" / "nested" / "cifar")
+    assert "downloading" in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # new/, new/nested/ and cifar/ all gone
+    (tmp_path / "mine").mkdir()  # a folder the user had stays, even empty
+    with pytest.raises(DataError):
+        cifar.ensure(tmp_path / "mine" / "cifar")
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+
+
 def _archive(tmp_path) -> bytes:
     src = write_cifar(tmp_path / "src" / "cifar-10-batches-py", per_file=100)
     buf = io.BytesIO()
@@ -149,7 +164,7 @@ def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
     with pytest.raises(DataError, match="MD5"):
         cifar.download(tmp_path / "bad", md5="0" * 32)
-    assert cifar.find(tmp_path / "bad") is None
+    assert not (tmp_path / "bad").exists()  # nothing kept of a rejected archive, nor the folder made for it
     folder = cifar.download(tmp_path / "good", md5=hashlib.md5(blob).hexdigest())
     assert folder == tmp_path / "good" / "cifar-10-batches-py"
     assert len(cifar.read_cifar10(tmp_path / "good").train) == 500

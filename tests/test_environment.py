@@ -56,6 +56,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+# TensorBoard's writer thread failing on the full disk must not print its own traceback beside the one line
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("when", ["at start", "after the first checkpoint"])
 def test_a_disk_that_fills_up_is_one_line_keeps_the_last_checkpoint_and_a_rerun_resumes(
         small_cifar, small_disk, monkeypatch, capsys, when):

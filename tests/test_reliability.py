@@ -333,12 +333,18 @@ def test_a_full_disk_at_checkpoint_time_is_one_line(small_cifar, tmp_path, monke
 
 
 def test_batch_not_divisible_by_the_world_size_under_torchrun(cifar_dir, tmp_path):
-    r = run_cli([f"--data.dir={cifar_dir}", f"--run.out_dir={tmp_path}", "--optim.batch_size=33",
+    """Every rank stops at load. Rank 0 prints the line; each rank writes it to its TORCHELASTIC_ERROR_FILE, so
+    torchrun's report ends with it as the root cause's traceback, where "To enable traceback see ..." stood."""
+    r = run_cli([f"--data.dir={cifar_dir}", f"--run.out_dir={tmp_path / 'run'}", "--optim.batch_size=33",
                  "--model.depth=8", "--data.subset=500"], torchrun=2, timeout=300)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("fastres: error:")]
     assert errors and all("does not split evenly over 2 rank(s)" in e for e in errors)
     assert len(errors) == 1  # one line, from rank 0
+    tail = r.stderr.strip().splitlines()[-3:]  # the root cause's "traceback : ..." line, then the border
+    assert any(line.strip() == f"traceback : {errors[0]}" for line in tail), r.stderr[-3000:]
+    assert "To enable traceback" not in r.stderr and "error_file: <N/A>" not in r.stderr.split("Root Cause")[-1]
+    assert not (tmp_path / "run").exists()
 
 
 def test_dali_missing_from_the_command_line(cifar_dir, tmp_path):

@@ -298,3 +298,26 @@ def test_report_notes_the_accuracy_without_tta_or_ema(tmp_path):
     notes = {r["combination"]: r["note"] for r in rows}
     assert notes == {"flip": "without TTA: 90.10%", "both": "without TTA: 90.10%; flip TTA alone: 90.60%",
                      "plain": "", "ema": "without EMA: 90.10%"}
+
+
+def test_stack_png_panels_are_titled_in_percent_with_plain_log_ticks_and_a_labelled_target(tmp_path):
+    runs = _val_stack(tmp_path / "p", [("as written", {}, [(9.0, 0.915), (11.0, 0.912)]),
+                                       ("short", {}, [(None, 0.89), (None, 0.895)])])
+    for d in runs.glob("*/seed*"):  # curves over 0.6 .. 20 s, so the log axis spans decades
+        accs = [0.3, 0.6, 0.8, 0.88, json.loads((d / "summary.json").read_text())["final_val_acc"]]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e + 1, train_time_s=0.6 * 2.4 ** e,
+                                                                 val_acc=a)) + "\n" for e, a in enumerate(accs)))
+    manifest, rows = report.collect(runs)
+    fig = report.stack_figure(manifest, rows)
+    times, curves = fig.axes
+    assert fig.get_suptitle() == "tune" and all(ax.get_title() for ax in fig.axes)
+    assert curves.get_ylabel() == "validation accuracy (%)"
+    assert max(max(line.get_ydata(), default=0) for line in curves.lines) > 1  # percent, as the label says
+    fig.canvas.draw()  # tick labels are made at draw time
+    labels = [t.get_text() for t in curves.get_xticklabels() if t.get_text()]
+    assert "1" in labels and "10" in labels and not any("^" in t or "times" in t for t in labels), labels
+    handles, names = curves.get_legend_handles_labels()
+    assert "target 91%" in names and "target 91%" in [t.get_text() for t in curves.get_legend().get_texts()]
+    assert times.get_xlim()[0] == 0  # no negative seconds
+    report.build_report(runs, tmp_path / "out")
+    assert (tmp_path / "out" / "stack.png").stat().st_size > 0

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fastres import build, checkpoint, config, evaluate, train
+from fastres import build, checkpoint, config, evaluate, log, optim, train
 from fastres.errors import UserError
 from fastres.log import read_metrics
 from fastres.model import build_model, count_params
 
-from conftest import killed_after_first_checkpoint, run_cli
+from conftest import ROOT, killed_after_first_checkpoint, run_cli
 
 
 def tiny(small_cifar, tmp_path, *overrides: str) -> config.Config:
@@ -172,9 +174,44 @@ def test_cli_smoke_run_writes_metrics_summary_and_tensorboard(cifar_dir, tmp_pat
     acc = ea.Scalars("test/acc")
     assert [e.step for e in acc] == [r["step"] for r in rows]
     assert [round(e.value, 6) for e in acc] == [round(r["test_acc"], 6) for r in rows]
-    # RELATIVE time axis = training wall-clock: event times sit at t0 + train_time_s
-    t0 = ea.Scalars("train/lr")[0].wall_time
+    # event times sit at the run's start + train_time_s (the WALL axis is the training wall-clock)
+    t0 = checkpoint.load(out / checkpoint.NAME)["progress"]["t0"]
     assert [e.wall_time - t0 for e in acc] == pytest.approx([r["train_time_s"] for r in rows], abs=1e-3)
+
+
+def test_tensorboard_lr_holds_only_what_the_schedule_used(small_cifar, tmp_path):
+    """train/lr at step s is schedule(s - 1), the lr of the s-th step, from batch() and the evaluations alike; no
+    made-up (0, 0.0) point (the run has no warmup, so the schedule never used 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(small_cifar, tmp_path, "--log.every_steps=4")  # 9 steps an epoch; milestones at steps 9 and 14
+    train.main(cfg)
+    schedule = optim.build_schedule(cfg.optim, 450 // 50, cfg.run.epochs)
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    lr = [(e.step, e.value) for e in ea.Scalars("train/lr")]
+    assert [step for step, _ in lr] == [4, 8, 9, 12, 16, 18]  # every 4th step and each evaluation's
+    assert [v for _, v in lr] == pytest.approx([schedule(step - 1) for step, _ in lr], rel=1e-6)
+    assert len({v for _, v in lr}) == 3 and cfg.optim.warmup_epochs == 0 and min(v for _, v in lr) > 0
+
+
+def test_curves_png_names_the_run_with_error_in_percent_by_whole_epoch():
+    rows = [dict(epoch=e, train_acc=0.5 + e / 10, val_acc=0.4 + e / 10, test_acc=0.45 + e / 10) for e in (1, 2, 3)]
+    fig = log.curves_figure(rows, "smoke")
+    (ax,) = fig.axes
+    assert "smoke" in ax.get_title() and ax.get_ylabel() == "error (%)"
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # no epoch 1.5
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"train (augmented batches)", "validation", "test"}
+
+
+def test_help_into_a_pipe_closed_early_is_quiet():
+    """``python -m fastres.train --help | head -1``, the reader gone before the usage is written: no
+    BrokenPipeError traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastres.train", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported torch, let alone printed: its write meets no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
 
 
 def test_cli_bad_data_dir_is_one_line(tmp_path):
@@ -212,6 +249,7 @@ def test_two_process_ddp_equals_one_process(cifar_dir, tmp_path, variant):
               "--optim.batch_size=64", "--model.depth=14", *variant]
     r2 = run_cli([*common, f"--run.out_dir={tmp_path / 'ddp'}"], torchrun=2)
     assert r2.returncode == 0, r2.stderr
+    assert "FutureWarning" not in r2.stderr, r2.stderr  # DDP's deprecated broadcast_buffers printed one per rank
     r1 = run_cli([*common, f"--run.out_dir={tmp_path / 'one'}", "--optim.accum_steps=2"])
     assert r1.returncode == 0, r1.stderr
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")

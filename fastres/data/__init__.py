@@ -194,23 +194,38 @@ def find(root: str | os.PathLike, folder: str = FOLDER) -> Path | None:
 
 def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s: float = 30.0,
              folder: str = FOLDER) -> Path:
-    """Fetch and unpack the official archive into ``root``; verify its MD5 first. Returns the batch folder."""
+    """Fetch and unpack the official archive into ``root``; verify its MD5 first. Returns the batch folder.
+    On failure the file system is as it was: the partial archive, the staging folder and the folders made for
+    ``root`` are gone."""
     root = _resolved(root)
+    made = [p for p in (root, *root.parents) if not p.exists()]  # what mkdir(parents=True) makes, deepest first
+    try:
+        return _fetch_into(root, url, md5, timeout_s, folder)
+    except BaseException:
+        for made_dir in made:
+            try:
+                made_dir.rmdir()
+            except OSError:  # not empty: something besides this download is in it now
+                break
+        raise
+
+
+def _fetch_into(root: Path, url: str, md5: str, timeout_s: float, folder: str) -> Path:
+    """:func:`download`'s work: ``root`` made, the archive to a .part file in it, checked, unpacked beside."""
     where = f"put the {folder} folder in {root} (or point --data.dir / $FASTRES_DATA at it)"
+    tmp, staging = None, None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
-            h = hashlib.md5()
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:
-                while chunk := r.read(1 << 20):
-                    h.update(chunk)
-                    tmp.write(chunk)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        if "tmp" in locals():
-            Path(tmp.name).unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise DataError(f"{folder} is not in {root} and downloading {url} failed ({reason}): {where}") from None
-    try:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
+                h = hashlib.md5()
+                with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                    while chunk := r.read(1 << 20):
+                        h.update(chunk)
+                        tmp.write(chunk)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise DataError(f"{folder} is not in {root} and downloading {url} failed ({reason}): {where}") from None
         if h.hexdigest() != md5:
             raise DataError(f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}: {where}")
         with tarfile.open(tmp.name) as tar:
@@ -222,10 +237,12 @@ def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s:
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging / folder, dest)
-        shutil.rmtree(staging, ignore_errors=True)
         return dest
     finally:
-        Path(tmp.name).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure(root: str | os.PathLike) -> Path:

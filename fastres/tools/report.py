@@ -187,41 +187,67 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow(["" if values.get(k) is None else values.get(k) for k in CSV_COLUMNS])
 
 
-def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def stack_figure(manifest: dict[str, Any], rows: list[dict[str, Any]]):
+    """stack.png's figure: time to target per combination (left) and accuracy (%) against training wall-clock for
+    every run (right), each panel titled, under the stack's name (a matplotlib Figure, no pyplot state)."""
+    from matplotlib.figure import Figure
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, max(4.0, 0.45 * len(rows) + 1.5)))
+    fig = Figure(figsize=(15, max(4.0, 0.45 * len(rows) + 1.8)))
+    ax1, ax2 = fig.subplots(1, 2)
     names = [r["combination"] + (" (alone)" if r["group"] == "alone" else "") for r in rows]
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
+    tgt = f"{target:.0%}" if target is not None else "target"
+    split = _WORD[split_of(rows)]
+    fig.suptitle(manifest["name"])
+    _time_bars(ax1, rows, names, colors)
+    ax1.set_title(f"time to {tgt} {split} accuracy")
+    ax1.set_xlabel(f"training seconds to {tgt} {split} accuracy (mean ± std over seeds)")
+    key = f"{split_of(rows)}_acc"
+    for color, r, name in zip(colors, rows, names):
+        for k, curve in enumerate(r["curves"]):
+            pts = [(m["train_time_s"], 100 * m[key]) for m in curve if m.get(key) is not None]
+            ax2.plot(*zip(*pts) if pts else ([], []), color=color, lw=1, marker=".", ms=3, alpha=0.8,
+                     label=name if k == 0 else None)
+    if target is not None:
+        ax2.axhline(100 * target, color="k", ls="--", lw=0.8, label=f"target {tgt}")
+    ax2.set_title(f"{split} accuracy against training time, every run")
+    ax2.set_xscale("log")
+    _plain_log_ticks(ax2.xaxis)
+    ax2.set_xlabel("training wall-clock (s, log scale)")
+    ax2.set_ylabel(f"{split} accuracy (%)")
+    ax2.grid(alpha=0.3, which="both")
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _time_bars(ax, rows: list[dict[str, Any]], names: list[str], colors: list[str]) -> None:
+    """Bars of mean time to target (error bar = std over seeds); a row without one says why."""
     ys = list(range(len(rows)))[::-1]
     means = [r["time_to_target_s_mean"] or 0.0 for r in rows]
     stds = [r["time_to_target_s_std"] or 0.0 for r in rows]
-    colors = [f"C{i % 10}" for i in range(len(rows))]
-    ax1.barh(ys, means, xerr=stds, color=colors, capsize=3)
+    ax.barh(ys, means, xerr=stds, color=colors, capsize=3)
     for y, r in zip(ys, rows):
         if r["time_to_target_s_mean"] is None:
-            ax1.text(0, y, "  " + r["status"], va="center", fontsize=8, color="0.3")
-    ax1.set_yticks(ys, names, fontsize=8)
-    target = next((r["target_acc"] for r in rows if r["target_acc"] is not None), None)
-    tgt = f"{target:.0%}" if target is not None else "target"
-    split = split_of(rows)
-    ax1.set_xlabel(f"training seconds to {tgt} {_WORD[split]} accuracy (mean ± std over seeds)")
-    ax1.set_title(manifest["name"])
-    for color, r, name in zip(colors, rows, names):
-        for k, curve in enumerate(r["curves"]):
-            ax2.plot([m["train_time_s"] for m in curve], [m[f"{split}_acc"] for m in curve], color=color,
-                     lw=1, marker=".", ms=3, alpha=0.8, label=name if k == 0 else None)
-    if target is not None:
-        ax2.axhline(target, color="k", ls="--", lw=0.8)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("training wall-clock (s, log scale)")
-    ax2.set_ylabel(f"{_WORD[split]} accuracy")
-    if any(r["curves"] for r in rows):
-        ax2.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax.text(0, y, "  " + r["status"], va="center", fontsize=8, color="0.3")
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlim(left=0)  # seconds: with no bar matplotlib centred the axis on 0 and showed negative times
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2, 5 x 10^k, labelled as plain numbers ("0.5", "2", "20"), not "2x10^0"."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot(path: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """:func:`stack_figure` written to ``path`` (a PNG)."""
+    stack_figure(manifest, rows).savefig(path, dpi=110)
 
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of ResNet-CIFAR with option A (110: best of 5 runs).
