@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from fastres import distributed, log
-from fastres.config import DataCfg, ModelCfg
+from fastres.config import DataCfg, ModelCfg, RunCfg
 from fastres.data import load_folder
 from fastres.data.loaders import build_loader
 from fastres.errors import UserError, entry, writing
@@ -97,7 +97,7 @@ def train_rate(ld, model_cfg: ModelCfg, steps: int, device: torch.device) -> flo
 
 
 def measure(args: dict[str, Any]) -> list[dict[str, Any]]:
-    device = distributed.measurement_device("auto")
+    device = distributed.measurement_device(RunCfg())
     kinds = ["workers"]
     try:
         import nvidia.dali  # noqa: F401 - measured only where it imports
