@@ -300,10 +300,6 @@ def cli(argv: list[str] | None = None) -> int:
     return entry(body, argv, config.help_text("python -m fastres.train"))
 
 
-if __name__ == "__main__":
-    sys.exit(cli())
-
-
 # ----------------------------------------------------------------------------------------------------
 # When the training loop stops between two steps: a signal, or a checkpoint that is due inside an epoch.
 #
@@ -363,3 +359,7 @@ class Pauses:
     def close(self) -> None:
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
