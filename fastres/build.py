@@ -66,6 +66,8 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     data = load(cfg.data)
     _check_labels(data, cfg.model.num_classes)
     data_cfg, notes = _workers_that_fit(cfg.data)
+    if note := checkpoint.world_note(state, world):  # the same global batch, split over another number of ranks
+        notes.append(note)
     loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
                           world=world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype)
     evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))

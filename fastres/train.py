@@ -46,9 +46,10 @@ def main(cfg: Config) -> dict[str, Any]:
     torch.use_deterministic_algorithms(cfg.run.deterministic)
     torch.backends.cudnn.deterministic = cfg.run.deterministic
     torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotuned conv kernels vary run to run
-    dist = distributed.setup(cfg.run.device)
+    dist = distributed.setup(cfg.run.device, cfg.run.collective_timeout_s)
     try:
-        return train(cfg, dist)
+        with distributed.failures_named(dist):  # a rank that stops answering: one line, then torchrun restarts
+            return train(cfg, dist)
     finally:
         distributed.teardown()
 
@@ -240,6 +241,7 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     ckpt = out / checkpoint.NAME
     if out.exists() and not out.is_dir():
         raise UserError(f"run.out_dir {out} is a file, not a directory: choose another --run.out_dir")
+    distributed.check_shared_dir(out, dist)  # several nodes: every rank sees what rank 0 writes, or one line
     if cfg.run.resume == "never" and out.is_dir() and any(out.iterdir()):
         raise UserError(f"run.resume = 'never' but {out} is not empty: choose another --run.out_dir or "
                         "--run.name, or delete it")
