@@ -306,10 +306,11 @@ def cli(argv: list[str] | None = None) -> int:
 # When the training loop stops between two steps: a signal, or a checkpoint that is due inside an epoch.
 #
 # SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM) set a flag: the loop
-# finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second one exits at once
-# (the previous checkpoint is whole: saves are atomic). With one rank the loop reads the flags every step, a host
-# value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce (a host sync every
-# CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
+# finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second Ctrl-C exits at once
+# (the previous checkpoint is whole: saves are atomic); a second SIGTERM changes nothing: SLURM signals every process
+# of a step, torchrun's agent among them, which sends its workers SIGTERM again. With one rank the loop reads the
+# flags every step, a host value; with several, every CHECK_EVERY steps the ranks agree on them in one small
+# all-reduce (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
 
 CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -326,9 +327,9 @@ class Pauses:
                 self.old[s] = signal.signal(s, self._received)
 
     def _received(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)  # the second: at once
-        self.signum = signum
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(128 + signum)  # a second Ctrl-C: at once
+        self.signum = self.signum or signum  # SIGTERM again: the same stop (from SLURM, then from torchrun's agent)
 
     def _checkpoint_due(self) -> bool:
         return bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s

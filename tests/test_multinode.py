@@ -308,3 +308,60 @@ def test_a_failed_collective_names_the_ranks_that_did_not_answer(monkeypatch):
     with pytest.raises(ValueError):  # anything else is not a collective's failure: as it was
         with distributed.failures_named(d):
             raise ValueError("not a collective")
+
+
+# ------------------------------------------------------------------------------------------- SLURM
+
+SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUBS/srun.argv"
+echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" > "$STUBS/srun.env"
+trap 'echo TERM >> "$STUBS/srun.signals"; exit 143' TERM
+echo $$ > "$STUBS/srun.pid"
+while [ -n "${SRUN_WAITS:-}" ]; do sleep 0.05; done
+"""
+SCANCEL = """#!/usr/bin/env bash
+echo "$@" >> "$STUBS/scancel.calls"
+kill -TERM "$(cat "$STUBS/srun.pid")"  # as SLURM signals the step's tasks
+"""
+SCONTROL = """#!/usr/bin/env bash
+if [ "$1 $2" = "show hostnames" ]; then printf 'node17\\nnode18\\n'; else echo "$@" >> "$STUBS/scontrol.calls"; fi
+"""
+
+
+def sbatch(tmp_path, *args: str, **env_vars: str) -> subprocess.Popen:
+    """launch/slurm.sbatch run as SLURM would run it on a 2-node job, with srun and scontrol stubs on PATH that
+    record what they are given."""
+    for name, text in (("srun", SRUN), ("scancel", SCANCEL), ("scontrol", SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    job = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[17-18]",
+           "SLURM_SUBMIT_DIR": str(ROOT), "STUBS": str(tmp_path), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), *args], cwd=tmp_path,
+                            env={**os.environ, **job, **env_vars}, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("min_nodes,nnodes", [("", "2"), ("1", "1:2")], ids=["fixed", "elastic"])
+def test_slurm_script_makes_one_torchrun_per_node_from_slurms_variables(tmp_path, min_nodes, nnodes):
+    proc = sbatch(tmp_path, "--config", "configs/smoke.toml", "--run.name=a b", SLURM_GPUS_ON_NODE="4",
+                  MIN_NODES=min_nodes)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    argv = (tmp_path / "srun.argv").read_text().splitlines()
+    assert argv == ["--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "python3", "-m",
+                    "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=4", "--rdzv_backend=c10d",
+                    "--rdzv_endpoint=node17:29500", "--rdzv_id=4242", "--max-restarts=3", "-m", "fastres.train",
+                    "--config", "configs/smoke.toml", "--run.name=a b"]
+    assert (tmp_path / "srun.env").read_text().strip() == "1"  # each rendezvous round its own store
+    header = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert all(f"#SBATCH {d}\n" in header for d in ("--requeue", "--ntasks-per-node=1", "--signal=B:USR1@300"))
+
+
+def test_slurm_script_checkpoints_and_requeues_before_the_time_limit(tmp_path):
+    """USR1 (SLURM's --signal=B:USR1@300): one SIGTERM to the step's tasks (a clean checkpoint), then the requeue."""
+    proc = sbatch(tmp_path, SRUN_WAITS="1", GPUS_PER_NODE="1")
+    netns.wait_until(lambda: (tmp_path / "srun.pid").exists(), "srun started", [proc], 30, [])
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0
+    assert (tmp_path / "srun.signals").read_text() == "TERM\n"
+    assert (tmp_path / "scancel.calls").read_text() == "--signal=TERM 4242\n"
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    assert "fastres: SLURM time limit near: checkpointing and requeueing job 4242" in proc.stderr.read()
