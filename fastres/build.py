@@ -78,6 +78,8 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     batch_per_rank = cfg.optim.batch_size // world
     micro = batch_per_rank // cfg.optim.accum_steps
     data, loader, evals, norm, notes, staging_s = _stage(cfg, dist, prec, batch_per_rank)
+    if note := checkpoint.world_note(state, world):  # the same global batch, split over another number of ranks
+        notes.append(note)
 
     model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastres import rng
 from fastres.errors import UserError, one_line, writing
 from fastres.optim import Lookahead, WeightEMA
 
@@ -152,15 +153,42 @@ def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torc
 
 
 def restore_rng_ranks(path: Path, state: dict[str, Any], rank: int, world: int) -> None:
-    """This rank's random streams from a checkpoint written inside an epoch (its "rng_ranks"); a UserError if it
-    holds none for this rank: it was written by another number of ranks, or damaged."""
+    """This rank's random streams from a checkpoint written inside an epoch (its "rng_ranks"): the saved ones at the
+    world that wrote it (the epoch goes on exactly), else streams derived from (seed, epoch, step, rank).
+
+    At another world nothing per rank carries over: BatchNorm normalizes over the new per-rank shares of the same
+    global batch, so the run is not the uninterrupted one at either world anyway. Re-derived streams keep it a pure
+    function of the checkpoint and the new world (dropout is the only per-rank draw: rng.EPOCH); refusing would
+    strand a run whose node died mid-epoch, and restarting the epoch would train its first batches twice.
+    A UserError if the part is damaged."""
     ranks = state.get("rng_ranks")
-    if not isinstance(ranks, list) or len(ranks) != world:
-        n = len(ranks) if isinstance(ranks, list) else "an unknown number of"
-        raise UserError(f"checkpoint {path} was written inside an epoch by {n} rank(s), and this run has {world}: "
-                        f"resume it with as many, or {_FIX}")
+    if not isinstance(ranks, list) or not ranks:
+        raise UserError(f"checkpoint {path} was written inside an epoch but holds no random streams (damaged): "
+                        f"{_FIX}")
     with _fitting(path):
-        set_rng_state(ranks[rank])
+        if len(ranks) == world:
+            set_rng_state(ranks[rank])
+        else:
+            run, progress = state["config"]["run"], state["progress"]
+            torch.manual_seed(rng.derive_seed(run["seed"], rng.EPOCH, progress["epoch"], rank, progress["step"]))
+
+
+def written_at(state: dict[str, Any]) -> int | None:
+    """The number of ranks that wrote ``state`` (None for a checkpoint from before it was recorded, at an epoch's
+    end)."""
+    world = state.get("world")
+    if isinstance(world, int) and world >= 1:
+        return world
+    ranks = state.get("rng_ranks")
+    return len(ranks) if isinstance(ranks, list) and ranks else None
+
+
+def world_note(state: dict[str, Any] | None, world: int) -> str | None:
+    """The log's line when a run resumes at another number of ranks than wrote its checkpoint (else None)."""
+    before = written_at(state) if state is not None else None
+    if before is None or before == world:
+        return None
+    return f"resuming at world {world} (checkpoint written at world {before})"
 
 
 def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
@@ -216,9 +244,12 @@ def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp
            config: dict[str, Any], ema: WeightEMA | None = None,
            rng_ranks: list[dict[str, Any]] | None = None, lookahead: Lookahead | None = None) -> dict[str, Any]:
     """What :func:`save` writes for a run: every :data:`PARTS`, "ema" when there is a weight average, "lookahead"
-    when there are slow weights, and "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where
-    dropout's streams go on)."""
-    extra = {"ema": ema.state_dict()} if ema is not None else {}
+    when there are slow weights, "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where
+    dropout's streams go on), and "world", the number of ranks training (a resume at another world says so:
+    :func:`world_note`)."""
+    extra: dict[str, Any] = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    if ema is not None:
+        extra["ema"] = ema.state_dict()
     if lookahead is not None:
         extra["lookahead"] = lookahead.state_dict()
     if rng_ranks is not None:

@@ -94,6 +94,11 @@ class RunCfg:
     checkpoint_every_s: float = _opt(600.0, "also checkpoint inside an epoch, at a step boundary, once this many "
                                      "seconds have passed since the last checkpoint; 0 = only at evaluations", ge=0.0,
                                      le=1e9)
+    collective_timeout_s: float = _opt(300.0, "several ranks: a collective that waits this long for another rank fails "
+                                       "(one line naming the ranks that stopped answering) instead of hanging, so "
+                                       "torchrun --max-restarts restarts the group; longer than any stretch one rank "
+                                       "works alone (rank 0's first download of CIFAR-10, a checkpoint)", gt=0.0,
+                                       le=1e6)
 
 
 @dataclass
@@ -263,8 +268,9 @@ class Config:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
+# run.out_dir: where it lives, moved or not; run.collective_timeout_s: how long a rank waits for the others.
 RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "run.out_dir",
-                     "data.dir", "data.num_workers", "log.every_steps")  # run.out_dir: where it lives, moved or not
+                     "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps")
 
 
 def _hints(section_cls: type) -> dict[str, Any]:
@@ -481,8 +487,9 @@ def validate(cfg: Config, world: int = 1) -> None:
     _check_data_model(cfg)
     batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
     if batch % (world * accum):
+        ranks = " or a number of ranks (torchrun's nodes x processes) that divides it" if world > 1 else ""
         raise ConfigError(f"optim.batch_size = {batch} does not split evenly over {world} rank(s) x "
-                          f"{accum} accumulation step(s): use a multiple of {world * accum}")
+                          f"{accum} accumulation step(s): use a multiple of {world * accum}{ranks}")
     if not cfg.eval.on_test and not cfg.data.val_size:
         raise ConfigError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
     check_optim(cfg.optim)

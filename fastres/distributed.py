@@ -1,22 +1,30 @@
 """torchrun's environment -> a process group (nccl on CUDA, gloo on CPU), and the few collectives fastres uses.
 
 As in nanoGPT: read RANK / LOCAL_RANK / WORLD_SIZE, which torchrun sets (and leaves unset for a plain
-``python -m``). Multi-node runs need nothing more here: torchrun's rendezvous flags set the same variables
-(see launch/multinode.sh).
+``python -m``). Multi-node runs need nothing more to start: torchrun's rendezvous flags set the same variables
+(see launch/multinode.sh and docs/multinode.md). What more nodes add is handled here: a rank that stops answering
+fails the others within run.collective_timeout_s, in one line naming it (:func:`failures_named`), and a run
+directory another node cannot see fails at start (:func:`check_shared_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fastres.config import RunCfg
-from fastres.errors import UserError
+from fastres.errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class Dist:
     local_rank: int
     world: int
     device: torch.device
+    store: Any = None  # the attempt's rendezvous store (a dist.Store; None without a process group)
+    timeout_s: float = 0.0  # the process group's collective timeout
 
     @property
     def is_main(self) -> bool:
@@ -77,16 +87,22 @@ def measurement_device(run: RunCfg) -> torch.device:
 
 def setup(run: RunCfg) -> Dist:
     """Set the backend switches, pick the device (run.device) and join the process group when launched by
-    torchrun."""
+    torchrun; a collective that waits longer than run.collective_timeout_s for another rank raises instead of
+    hanging."""
     backends(run)
     world = env_world()
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = _device(run.device, local_rank)
+    store = None
     if world > 1 and not dist.is_initialized():
         kw = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=_store(rank, world),
-                                rank=rank, world_size=world, **kw)
-    return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
+        store = _store(rank, world)
+        # torch's default is 30 min (10 for nccl); gloo applies it to every send/recv of a collective, nccl's
+        # watchdog to each collective (and then ends the process)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timedelta(seconds=run.collective_timeout_s), **kw)
+    return Dist(rank=rank, local_rank=local_rank, world=world, device=dev, store=store,
+                timeout_s=run.collective_timeout_s)
 
 
 def single(device: torch.device) -> Dist:
@@ -95,17 +111,21 @@ def single(device: torch.device) -> Dist:
 
 
 def _store(rank: int, world: int) -> dist.Store:
-    """The rendezvous store, with keys private to this restart attempt.
+    """The rendezvous store, with keys private to this restart attempt where the store outlives attempts.
 
-    After torchrun restarts its workers (--max-restarts), the new process group would otherwise read the
-    previous attempt's addresses from torchrun's store and fail to connect ("Connection refused",
-    pytorch/pytorch#167288). Prefixing every key with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    When torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE, its default), the new process group after
+    a restart (--max-restarts) would otherwise read the previous attempt's addresses from it and fail to connect
+    ("Connection refused", pytorch/pytorch#167288): every key is prefixed with TORCHELASTIC_RESTART_COUNT. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (what a node joining a running group needs, docs/multinode.md) rank 0
+    hosts a new store on a new port every round, and no prefix is needed: nor wanted, as a node that joins later
+    counts its restarts from 0 while the others do not (pytorch/pytorch#135712), and the ranks would never meet.
     """
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
                           world_size=world, is_master=not agent_store and rank == 0,
                           timeout=timedelta(minutes=10))
-    return dist.PrefixStore(f"fastres/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "0"
+    return dist.PrefixStore(f"fastres/attempt-{attempt}", store)
 
 
 def teardown() -> None:
@@ -155,3 +175,81 @@ def broadcast_state(model: torch.nn.Module) -> None:
     if dist.is_initialized():
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# More than one node: a rank that stops answering, and a run directory that is not shared.
+
+ROLL_CALL_S = 3.0  # how long a rank whose collective failed waits for the others to say they failed too
+SHARED_TOKEN = ".fastres-shared"  # written by rank 0 in run.out_dir at start, read by every rank, then removed
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """Is ``e`` a failed collective: torch's DistError (nccl, the store), or gloo's plain RuntimeError (a recv timed
+    out, a peer's connection reset or closed), whose message names a gloo source file?"""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
+
+
+def silent_ranks(d: Dist, wait_s: float = ROLL_CALL_S) -> list[int] | None:
+    """After a failed collective: the ranks that do not say within ``wait_s`` that theirs failed too (stopped, hung,
+    or gone), through the attempt's store; None when the store itself is gone (its node died)."""
+    try:
+        d.store.set(f"failed/{d.rank}", "1")
+        missing, end = [r for r in range(d.world) if r != d.rank], time.monotonic() + wait_s
+        while missing and time.monotonic() < end:
+            time.sleep(0.1)
+            missing = [r for r in missing if not d.store.check([f"failed/{r}"])]
+        return missing
+    except Exception:  # any store error: it is only a roll call
+        return None
+
+
+@contextmanager
+def failures_named(d: Dist) -> Iterator[None]:
+    """Inside, a failed collective becomes one line naming the ranks that stopped answering (a UserError of this
+    rank: each rank says what it saw), so torchrun's --max-restarts restarts the group from the last checkpoint."""
+    try:
+        yield
+    except Exception as e:
+        if d.world == 1 or d.store is None or not _collective_failure(e):
+            raise
+        silent = silent_ranks(d)
+        who = (f"rank {', '.join(map(str, silent))} stopped answering (hung, stopped or gone: its node's log says "
+               "which)" if silent else "another rank failed")
+        raise UserError(f"a collective failed or waited over run.collective_timeout_s = {d.timeout_s:g} s on "
+                        f"{socket.gethostname()}: {who}; torchrun --max-restarts=N restarts the group from the last "
+                        f"checkpoint (docs/multinode.md) [{one_line(e, 160)}]", per_rank=True) from None
+
+
+def check_shared_dir(out: Path, d: Dist) -> None:
+    """With several ranks, check every rank sees the run directory rank 0 writes: rank 0 writes a random token
+    there, every rank reads it back. A rank that cannot raises a UserError of its own naming the directory (and the
+    others one naming that rank), rather than training from another directory or waiting on a checkpoint it never
+    sees."""
+    if d.world == 1 or not dist.is_initialized():
+        return
+    token, problem = uuid.uuid4().hex, None
+    if d.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SHARED_TOKEN).write_text(token)
+        except OSError as e:
+            problem = f"cannot write to run.out_dir {out} ({e.strerror}): choose another --run.out_dir"
+    box = [token, problem]
+    dist.broadcast_object_list(box, src=0)  # rank 0's token, or why it could not write one
+    if box[1]:
+        raise UserError(box[1])
+    try:
+        seen = (out / SHARED_TOKEN).read_text() == box[0]
+    except OSError:
+        seen = False
+    blind = [r for r, ok in enumerate(all_gather_object(seen)) if not ok]  # after every rank has read it
+    if d.is_main:
+        (out / SHARED_TOKEN).unlink(missing_ok=True)
+    if not seen:
+        raise UserError(f"run.out_dir {out} on {socket.gethostname()} is not the directory rank 0 writes (its "
+                        f"{SHARED_TOKEN} is not there): put the run directory on storage every node mounts at the "
+                        "same path (NFS, Lustre, ...; docs/multinode.md)", per_rank=True)
+    if blind:
+        raise UserError(f"rank {', '.join(map(str, blind))} cannot see run.out_dir {out} as rank 0 writes it: put the "
+                        "run directory on storage every node mounts at the same path (docs/multinode.md)")

@@ -49,7 +49,8 @@ def main(cfg: Config) -> dict[str, Any]:
     try:
         dist = distributed.setup(cfg.run)
         try:
-            return train(cfg, dist, pauses)
+            with distributed.failures_named(dist):  # a rank that stops answering: one line, then torchrun restarts
+                return train(cfg, dist, pauses)
         finally:
             distributed.teardown()
     finally:
@@ -298,6 +299,7 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     out = Path(cfg.run.out_dir)
     ckpt = out / checkpoint.NAME
     _check_dir(out)
+    distributed.check_shared_dir(out, dist)  # several nodes: every rank sees what rank 0 writes, or one line
     if cfg.run.resume == "never" and out.is_dir() and any(f.name != LOCK for f in out.iterdir()):
         raise UserError(f"run.resume = 'never' but {out} is not empty: choose another --run.out_dir or "
                         "--run.name, or delete it")
@@ -357,8 +359,9 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
 # SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM): during start-up
 # (staging, LSUV, compile) there is nothing to save, so the run stops at once with one line. In the loop a signal
 # sets a flag: the loop finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second
-# one exits at once (the previous checkpoint is whole: saves are atomic). With one rank the loop reads the flags
-# every step, a host value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce
+# Ctrl-C exits at once (the previous checkpoint is whole: saves are atomic); a second SIGTERM changes nothing: SLURM
+# signals every process of a step, torchrun's agent among them, which sends its workers SIGTERM again. With one
+# rank the loop reads the flags every step, a host value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce
 # (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
 
 CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
@@ -387,9 +390,9 @@ class Pauses:
         if not self.training:
             raise Interrupted(f"interrupted during start-up ({signal.Signals(signum).name}), before any training "
                               "step: nothing was saved or changed; run the same command to start again", signum)
-        if self.signum is not None:
-            os._exit(128 + signum)  # the second: at once
-        self.signum = signum
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(128 + signum)  # a second Ctrl-C: at once
+        self.signum = self.signum or signum  # SIGTERM again: the same stop (from SLURM, then from torchrun's agent)
 
     def _checkpoint_due(self) -> bool:
         return bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s
