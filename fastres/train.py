@@ -361,8 +361,9 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
 # sets a flag: the loop finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second
 # Ctrl-C exits at once (the previous checkpoint is whole: saves are atomic); a second SIGTERM changes nothing: SLURM
 # signals every process of a step, torchrun's agent among them, which sends its workers SIGTERM again. With one
-# rank the loop reads the flags every step, a host value; with several, every CHECK_EVERY steps the ranks agree on them in one small all-reduce
-# (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank stops after the same step.
+# rank the loop reads the flags every step, a host value; with several, every CHECK_EVERY steps the ranks agree
+# on them in one small all-reduce (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank
+# stops after the same step.
 
 CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
