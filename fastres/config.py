@@ -60,7 +60,7 @@ def _check_depth(depth: int, family: str = "cifar") -> str | None:
 def _check_any_depth(depth: int) -> str | None:
     """The field's own check (a saved config has no family beside it): a depth of either family."""
     if _check_depth(depth, "cifar") and _check_depth(depth, "imagenet"):
-        return f"must be 6n+2 (family cifar) or one of {IMAGENET_DEPTHS} (family imagenet)"
+        return f"must be 6n+2, at most 10,000 (family cifar), or one of {IMAGENET_DEPTHS} (family imagenet)"
     return None
 
 

@@ -32,7 +32,7 @@ from fastres import checkpoint, config, distributed, rng
 from fastres.build import Parts, build
 from fastres.checkpoint import Progress
 from fastres.config import Config, parse_args
-from fastres.errors import Interrupted, UserError, entry, write_text
+from fastres.errors import Interrupted, UserError, entry, write_text, writing
 from fastres.evaluate import target_split
 from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha, plot_curves, read_metrics
 from fastres.model import count_params
@@ -284,8 +284,13 @@ def lock_run_dir(out: Path) -> int:
         os.close(fd)
         raise UserError(f"run.out_dir {out} is in use by {holder}: wait for that run to end (or stop it), or "
                         "choose another --run.out_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        with writing(out / LOCK):  # a full disk: one line
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)  # the lock goes with it
+        raise
     return fd
 
 
