@@ -131,9 +131,6 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
             print(line, file=sys.stderr, flush=True)
         _to_torchrun(line)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:  # Ctrl-C where no handler of fastres's own is installed (the tools)
-        print("fastres: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
 
 
 def _stdout_to_devnull() -> None:
