@@ -103,10 +103,10 @@ VARIANTS=("b512-reduce-overhead|" "b512-step-graph|--precision.step_graph=true -
 TINY=(--run.device=cpu --data.source=synthetic --data.subset=1024 --data.val_size=128 --data.test_subset=128 --model.depth=8
       --precision.compile=false --precision.amp=off --data.num_workers=0)
 
-stack_item() {  # CONFIG RUNS_NAME ITEM_BUDGET [DRY_ROWS]: a ladder within the item's budget, resuming
+stack_item() {  # CONFIG RUNS_NAME ITEM_BUDGET [DRY_ROWS [DRY_FLAGS...]]: a ladder within the item's budget, resuming
   local extra=() stop=$(( $3 > 40 ? $3 - 20 : $3 / 2 + 1 ))  # the ladder stops itself before the item's timeout
   [ -z "$DRY" ] || extra=(--device=cpu --only="$4" --seeds=1 --runs=runs/device-dryrun/"$2" --out="$R/$2" "${TINY[@]}"
-                          --run.epochs=1)
+                          --run.epochs=1 "${@:5}")
   python3 -m fastres.tools.stack --config "$1" --budget-s="$stop" "${extra[@]}"
 }
 
@@ -145,7 +145,8 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
       done
       return "$rc" ;;
     quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline,plus-bf16-amp ;;
-    recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 ;;
+    recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 \
+               --data.subset=1280 ;;  # its rows train batches of 1024: one full batch after the 128 held out
     ladder) stack_item configs/stack.toml stack "$budget" baseline ;;
     depths) stack_item configs/depths.toml depths "$budget" resnet-20 ;;
   esac

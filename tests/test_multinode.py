@@ -181,7 +181,7 @@ def test_a_lost_node_is_survived_and_a_returning_node_joins(tmp_path, hosts_of):
     assert agents[0].wait(timeout=300) == 0 and again.wait(timeout=60) == 0, logs_text(logs)[-5000:]
     text = logs_text(logs)
     assert "stopped answering" in text  # the survivor's one line about the lost rank
-    assert f"resuming from epoch {lost['epoch']} (step {lost['step']})" in text
+    assert f"resuming from epoch {lost['epoch']} (step {lost['step']}, inside epoch {lost['epoch'] + 1})" in text
     assert "fastres: resuming at world 1 (checkpoint written at world 2)" in text
     assert "fastres: resuming at world 2 (checkpoint written at world 1)" in text
     rows, summary = read_metrics(out), json.loads((out / "summary.json").read_text())
@@ -257,8 +257,10 @@ def test_a_run_directory_another_node_cannot_see_fails_at_start_in_one_line(tmp_
     codes = [a.wait(timeout=240) for a in agents]
     text = logs_text(logs)
     assert codes[0] != 0 and codes[1] != 0, text[-4000:]
-    blind = [x for x in text.splitlines() if "is not the directory rank 0 writes" in x]
-    told = [x for x in text.splitlines() if "cannot see run.out_dir" in x]
+    ours = [x for x in text.splitlines() if x.startswith("fastres: error:")]  # torchrun's summary quotes each too
+    blind = [x for x in ours if "is not the directory rank 0 writes" in x]
+    told = [x for x in ours if "cannot see run.out_dir" in x]
+    assert sum("traceback : fastres: error:" in x for x in text.splitlines()) == 2  # each agent's summary names it
     assert len(blind) == 1 and blind[0].startswith("fastres: error: [rank 1] run.out_dir ") and "storage" in blind[0]
     assert len(told) == 1 and told[0].startswith("fastres: error: rank 1 cannot see run.out_dir")
     assert not any(x.startswith("[rank") and "Traceback" in x for x in text.splitlines())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -307,7 +308,12 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(small_
 
     def exploding(cfg, steps_per_epoch, epochs):
         s = real(cfg, steps_per_epoch, epochs)
-        return lambda step: 1e30 if step >= 2 * steps_per_epoch + 3 else s(step)  # blows up in epoch 3
+
+        class Exploding(type(s)):
+            def __call__(self, step):
+                return 1e30 if step >= 2 * steps_per_epoch + 3 else super().__call__(step)  # blows up in epoch 3
+
+        return Exploding(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
 
     monkeypatch.setattr(build, "build_schedule", exploding)
     out = tmp_path / "run"

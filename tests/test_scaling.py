@@ -49,6 +49,8 @@ def test_scaling_report_on_cpu(tmp_path):
 def gpu_step_of_4ms(monkeypatch):
     """A GPU whose measured step takes 4 ms at every batch size (in place of the measurement)."""
     monkeypatch.setattr(scaling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(scaling.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(scaling.torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(scaling.log, "device_name", lambda device: f"fake {device.type}")
     monkeypatch.setattr(scaling, "compute_step_s", lambda cfg, batch, device, steps, warmup: 4e-3)
 
