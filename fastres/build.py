@@ -37,7 +37,7 @@ from fastres.optim import (
     build_schedule,
     scheduled_momentum,
 )
-from fastres.step import Step, build_step
+from fastres.step import TrainStep, build_train_step
 
 TOP5_SOURCES = ("cifar100", "folder")  # where top-5 accuracy is logged: not CIFAR-10, whose rows stay as they were
 # torch 2.13 deprecates broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, which still syncs
@@ -61,7 +61,7 @@ class Parts:
     lookahead: Lookahead | None  # optim.lookahead_k: the slow weights
     momentum: ScheduledMomentum | None  # one-cycle: SGD's momentum as a device tensor
     evaluate: Callable[[Sets], tuple[dict[str, float], dict[str, float]]]  # one evaluation: see evaluate_all
-    train_step: Step  # train_step(x, y, lr, global_step): one optimizer step
+    train_step: TrainStep  # train_step(x, y, lr=, global_step=): one optimizer step
     prec: Precision
     micro_batch: int  # the images one forward sees: what BatchNorm normalizes over
     staging_s: float  # read, validate, split, copy to the device, build the loader
@@ -112,7 +112,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                                  top5=cfg.data.source in TOP5_SOURCES)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
-    train_step, compile_s = build_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
+    train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
                                        batch_per_rank=batch_per_rank, device=dev, ema=ema,
                                        evaluate=lambda: evaluate(blank), momentum=momentum, lookahead=lookahead)
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,

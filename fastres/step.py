@@ -1,4 +1,4 @@
-"""The training step, in three forms behind one call: ``step(x, y, lr, index) -> (summed loss, correct)``.
+"""The training step, in three forms behind one call: ``train_step(x, y, lr=, global_step=) -> (loss, correct)``.
 
 - eager: :func:`train_on_batch` (forward, loss, backward, optimizer update), then the weight average's update;
 - compiled (precision.compile): the same, with the net torch.compile'd and compiled before the clock starts by
@@ -124,7 +124,7 @@ def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
 
 
 class CapturedStep:
-    """``step(x, y)`` (one optimizer step; metrics on the device) captured once, called as ``captured(x, y, lr)``.
+    """``fn(x, y)`` (one optimizer step; metrics on the device) captured once, called as ``captured(x, y, lr)``.
 
     The optimizer's lr becomes a device tensor here (float32 on CUDA, which fused SGD reads as a float; float64
     on a CPU, whose kernel reads a double, so the CPU run equals one with a Python float lr). The model's
@@ -134,10 +134,10 @@ class CapturedStep:
     returns are the graph's outputs, overwritten by the next call: use them before that.
     """
 
-    def __init__(self, step: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, batch: int,
+    def __init__(self, fn: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, batch: int,
                  dtype: torch.dtype, memory_format: torch.memory_format, device: torch.device,
                  warmup: int = CAPTURE_WARMUP_STEPS, state: Sequence[torch.Tensor] = ()):
-        self.step = step
+        self.fn = fn  # one optimizer step on (x, y); metrics on the device
         self.state = list(state)
         self.x = torch.zeros(batch, 3, 32, 32, dtype=dtype, device=device).contiguous(memory_format=memory_format)
         self.y = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -161,7 +161,7 @@ class CapturedStep:
             opt.zero_grad(set_to_none=True)
             with _side_stream(self.x.device):
                 for _ in range(warmup):
-                    self.step(self.x, self.y)
+                    self.fn(self.x, self.y)
         # State the warm-up made (torch's SGD makes momentum buffers on its first step) would keep the warm-up's
         # values, and the graph would replay a later step's update where a first step belongs: refused below.
         remade = [id(t) for t in state_tensors(model, opt) + self.state] != [id(t) for t in state]
@@ -169,7 +169,7 @@ class CapturedStep:
         if cuda and not remade:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out = self.step(self.x, self.y)
+                self.out = self.fn(self.x, self.y)
         with torch.no_grad():  # capturing ran nothing; the warm-up steps are undone
             for t, s in zip(state, saved):
                 t.copy_(s)
@@ -184,7 +184,7 @@ class CapturedStep:
         self.y.copy_(y)
         self.lr.fill_(lr)
         if self.graph is None:
-            return self.step(self.x, self.y)
+            return self.fn(self.x, self.y)
         self.graph.replay()
         return self.out
 
@@ -216,16 +216,18 @@ def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[to
     return tensors
 
 
-class Step:
-    """The loop's step: ``step(x, y, lr, index)`` trains on one batch at learning rate ``lr`` as global step
-    ``index`` (stochastic depth draws the step's drops from (seed, index), the same on every rank and
-    micro-batch: Huang 2016 drops per batch) and returns (summed loss, correct) on the device. Eager and compiled
-    set the lr in the optimizer and update the weight average after the step; the graph form does both inside its
-    replay. A graph cannot hold stochastic depth, so it is never built with it (config.validate refuses).
+class TrainStep:
+    """The loop's optimizer step: ``train_step(x, y, lr=lr, global_step=s)`` trains on one batch at learning rate
+    ``lr`` as global step ``s``, the count of steps taken before it (stochastic depth draws the step's drops from
+    (seed, s), the same on every rank and micro-batch: Huang 2016 drops per batch) and returns (summed loss,
+    correct) on the device. Eager and compiled set the lr in the optimizer and update the weight average after the
+    step; the graph form does both inside its replay. A graph cannot hold stochastic depth, so it is never built
+    with it (config.validate refuses).
 
     The epoch's sums live here, on the device, added inside the step (inside the graph too): ``loss_sum``,
-    ``correct``, and ``bad_step``, the first step whose loss was not finite (-1: none). ``start_epoch(index)``
-    zeroes them; every call must then be the next step, so the device's count of steps is the caller's."""
+    ``correct``, and ``bad_step``, the first step whose loss was not finite (-1: none). ``start_epoch(s)``
+    zeroes them; every call must then be the next step (``global_step == next_step``), so the device's count of
+    steps is the caller's."""
 
     def __init__(self, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, *, accum: int, amp_dtype: torch.dtype | None, label_smoothing: float,
@@ -241,17 +243,17 @@ class Step:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)  # the step being taken, on the device
-        self.next_index = 0  # ... and on the host
-        self.cudagraph_skips = 0  # parts torch.compile's CUDA graphs left eager (see build_step)
+        self.next_step = 0  # ... and on the host
+        self.cudagraph_skips = 0  # parts torch.compile's CUDA graphs left eager (see build_train_step)
 
-    def start_epoch(self, index: int, loss_sum: float = 0.0, correct: int = 0, bad_step: int = -1) -> None:
+    def start_epoch(self, global_step: int, loss_sum: float = 0.0, correct: int = 0, bad_step: int = -1) -> None:
         """Start the epoch's sums (at zero; at a checkpoint's values for an epoch resumed inside); the next call is
-        global step ``index`` (four fills, once an epoch)."""
+        global step ``global_step`` (four fills, once an epoch)."""
         self.loss_sum.fill_(loss_sum)
         self.correct.fill_(correct)
         self.bad_step.fill_(bad_step)
-        self.count.fill_(index)
-        self.next_index = index
+        self.count.fill_(global_step)
+        self.next_step = global_step
 
     def _tally(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
         """Add a step's results to the epoch's sums, on the device (no host sync)."""
@@ -279,13 +281,14 @@ class Step:
         self._tally(*out)
         return out
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if index != self.next_index:
-            raise ValueError(f"step {index} called where step {self.next_index} is next: call start_epoch(index) "
-                             "when the steps do not follow on")
-        self.next_index += 1
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, lr: float,
+                 global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if global_step != self.next_step:
+            raise ValueError(f"step {global_step} called where step {self.next_step} is next: call "
+                             "start_epoch(global_step) when the steps do not follow on")
+        self.next_step += 1
         if self.momentum is not None:
-            self.momentum.prepare(index)  # one fill: the step's momentum, read on the device
+            self.momentum.prepare(global_step)  # one fill: the step's momentum, read on the device
         sync_slow = self.lookahead.prepare() if self.lookahead is not None else False
         if self.captured is not None:
             if self.ema is not None:
@@ -295,7 +298,7 @@ class Step:
             group["lr"] = lr
         reseed = None
         if self.stochastic_depth:
-            sd_seed = rng.derive_seed(self.seed, rng.STOCHASTIC_DEPTH, index)
+            sd_seed = rng.derive_seed(self.seed, rng.STOCHASTIC_DEPTH, global_step)
             reseed = lambda: self.model.sd_gen.manual_seed(sd_seed)  # noqa: E731
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, before_forward=reseed, **self.kw)
         if sync_slow:
@@ -306,11 +309,11 @@ class Step:
         return out
 
 
-def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
+def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int, batch_per_rank: int,
                device: torch.device, ema: WeightEMA | None = None,
                evaluate: Callable[[], Any] | None = None, momentum: ScheduledMomentum | None = None,
-               lookahead: Lookahead | None = None) -> tuple[Step, float]:
+               lookahead: Lookahead | None = None) -> tuple[TrainStep, float]:
     """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled (running ``evaluate()`` in
     the compile warm-up) if precision.compile, captured if precision.step_graph."""
     prec = precision(cfg)
@@ -321,14 +324,14 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
         compile_net(net, model, cfg)
         precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
                    prec=prec, evaluate=evaluate)
-    step = Step(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
+    train_step = TrainStep(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
                 label_smoothing=optim.label_smoothing, seed=seed, ema=ema, momentum=momentum, lookahead=lookahead)
     # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
     # pytorch#139207); inductor counts each skip, and the run reports them
-    step.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips
+    train_step.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips
     if cfg.step_graph:
-        step.capture(batch=batch_per_rank, prec=prec, device=device)
-    return step, timer.stop()
+        train_step.capture(batch=batch_per_rank, prec=prec, device=device)
+    return train_step, timer.stop()
 
 
 # ----------------------------------------------------------------------------------------------------

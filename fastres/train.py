@@ -114,8 +114,8 @@ def train_loop(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
         with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits for the device
             for x, y in batches:
                 # -------------------------------------------- forward, backward, update
-                # global_step is the step about to be taken: train_step refuses one that does not follow on
-                batch_loss, _ = p.train_step(x, y, p.schedule(global_step), global_step)
+                # global_step counts the steps taken: train_step refuses one that does not follow on the last
+                batch_loss, _ = p.train_step(x, y, lr=p.schedule(global_step), global_step=global_step)
                 global_step += 1
 
                 # -------------------------------------------- logging (TensorBoard reads the loss without waiting)

@@ -97,7 +97,7 @@ def test_build_makes_every_part_of_a_run(tmp_path):
     x, y = next(iter(p.loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in p.model.state_dict().items()}
-    loss, correct = p.train_step(x, y, 0.1, 0)
+    loss, correct = p.train_step(x, y, lr=0.1, global_step=0)
     assert loss.item() > 0 and 0 <= correct.item() <= 40 and p.ema.updates == 1
     assert any(not torch.equal(before[k], v) for k, v in p.model.state_dict().items())
     acc, extra = p.evaluate(p.evals)
@@ -112,7 +112,7 @@ def test_build_resumes_from_a_checkpoint_state(tmp_path):
     cfg = tiny(tmp_path, "--optim.ema_decay=0.9")
     p = build.build(cfg, distributed.single(CPU))
     x, y = next(iter(p.loader))
-    p.train_step(x, y, 0.1, 0)
+    p.train_step(x, y, lr=0.1, global_step=0)
     state = checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(step=1), config.to_dict(cfg), p.ema)
     q = build.build(cfg, distributed.single(CPU), copy.deepcopy(state))
     for k, v in p.model.state_dict().items():
@@ -144,8 +144,8 @@ def test_the_step_graph_form_refuses_stochastic_depth_instead_of_ignoring_the_st
     cfg = config.load(None, ["--model.depth=8", "--model.stochastic_depth=0.5", "--optim.impl=fused"])
     model = build_model(cfg.model)
     from fastres.optim import build_optimizer
-    s = step.Step(model, model, build_optimizer(model, cfg.optim), torch.amp.GradScaler("cpu", enabled=False),
-                  accum=1, amp_dtype=None, label_smoothing=0.0, seed=0)
+    s = step.TrainStep(model, model, build_optimizer(model, cfg.optim), torch.amp.GradScaler("cpu", enabled=False),
+                       accum=1, amp_dtype=None, label_smoothing=0.0, seed=0)
     with pytest.raises(ValueError, match="stochastic depth"):
         s.capture(batch=4, prec=build.precision(cfg.precision), device=CPU)
 
@@ -212,14 +212,14 @@ def test_the_step_keeps_the_epochs_sums_and_its_count_on_the_device(tmp_path):
     p = build.build(tiny(tmp_path), distributed.single(CPU))
     p.train_step.start_epoch(7)
     batches = iter(p.loader)
-    outs = [p.train_step(*next(batches), 0.05, 7 + k) for k in range(2)]
+    outs = [p.train_step(*next(batches), lr=0.05, global_step=7 + k) for k in range(2)]
     assert p.train_step.loss_sum.item() == pytest.approx(sum(o[0].item() for o in outs))
     assert p.train_step.correct.item() == sum(o[1].item() for o in outs) and p.train_step.bad_step.item() == -1
     assert p.train_step.count.item() == 9
     with pytest.raises(ValueError, match="step 3 called where step 9 is next"):
-        p.train_step(*next(batches), 0.05, 3)
+        p.train_step(*next(batches), lr=0.05, global_step=3)
     x, y = next(batches)
-    p.train_step(x.fill_(float("nan")), y, 0.05, 9)  # a non-finite loss: its step is kept, without a host sync
+    p.train_step(x.fill_(float("nan")), y, lr=0.05, global_step=9)  # a non-finite loss: its step kept, no host sync
     assert p.train_step.bad_step.item() == 9
     p.train_step.start_epoch(10)
     assert (p.train_step.loss_sum.item(), p.train_step.correct.item(), p.train_step.bad_step.item()) == (0.0, 0, -1)

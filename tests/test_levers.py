@@ -14,7 +14,7 @@ from fastres.config import ConfigError, ModelCfg, OptimCfg
 from fastres.log import read_metrics
 from fastres.model import build_model
 from fastres.optim import Lookahead, ScheduledMomentum, build_optimizer, build_schedule, decay_groups, scaled_lr
-from fastres.step import Step
+from fastres.step import TrainStep
 
 from conftest import killed_after_first_checkpoint
 
@@ -162,7 +162,7 @@ def test_every_new_flag_off_is_the_baseline_optimizer_bit_for_bit(tmp_path):
     ref_model.load_state_dict(p.model.state_dict())
     ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     for i, (x, y) in zip(range(3), p.loader):
-        p.train_step(x, y, p.schedule(i), i)
+        p.train_step(x, y, lr=p.schedule(i), global_step=i)
         torch.nn.functional.cross_entropy(ref_model(x), y).backward()
         for g in ref.param_groups:
             g["lr"] = p.schedule(i)
@@ -190,14 +190,14 @@ def test_lookahead_is_the_plain_python_loop_with_stochastic_depth_and_accumulati
     steps = []
     for m, la in ((models[0], Lookahead(models[0], k, alpha, total)), (models[1], None)):
         opt = build_optimizer(m, cfg)
-        steps.append(Step(m, m, opt, torch.amp.GradScaler("cpu", enabled=False), accum=2, amp_dtype=None,
-                          label_smoothing=0.0, seed=3, lookahead=la))
+        steps.append(TrainStep(m, m, opt, torch.amp.GradScaler("cpu", enabled=False), accum=2, amp_dtype=None,
+                               label_smoothing=0.0, seed=3, lookahead=la))
     slow = {n: t.clone() for n, t in models[1].state_dict().items() if t.is_floating_point()}
     gen = torch.Generator().manual_seed(1)
     for i in range(total):
         x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        steps[0](x, y, 0.05, i)
-        steps[1](x, y, 0.05, i)
+        steps[0](x, y, lr=0.05, global_step=i)
+        steps[1](x, y, lr=0.05, global_step=i)
         reference_lookahead(models[1], slow, k, alpha, i + 1, total)
     a, b = models[0].state_dict(), models[1].state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)

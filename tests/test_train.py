@@ -309,7 +309,8 @@ def test_compile_makes_the_evaluations_graphs_before_training(small_cifar, tmp_p
 
     for name, fn in real.items():
         monkeypatch.setattr(evaluate, name, fn)
-    monkeypatch.setattr(build, "build_step", functools.partial(_build_step_without_evaluate, build.build_step))
+    monkeypatch.setattr(build, "build_train_step",
+                        functools.partial(_build_step_without_evaluate, build.build_train_step))
     train.main(tiny(small_cifar, tmp_path / "cold", *args))  # no warm-up evaluation at all
     a, b = weights(tmp_path / "warm" / "run"), weights(tmp_path / "cold" / "run")
     for k in a:

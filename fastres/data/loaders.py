@@ -340,10 +340,7 @@ class DaliLoader:
     def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
                  device: torch.device, channels_last: bool, dtype: torch.dtype, num_threads: int = 4,
                  source: str = "host", flip: str = "random", norm: tuple = (MEAN, STD)):
-        self.fn, self.types, self.pipeline_def, self.Iterator = import_dali()
-        if not _FORK_HOOK:
-            os.register_at_fork(after_in_child=_disown_pipelines_in_child)
-            _FORK_HOOK.append(True)
+        self._setup_dali()
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype, self.flip = device, channels_last, dtype, flip
         self.num_threads, self.norm = max(1, num_threads), norm
@@ -360,8 +357,7 @@ class DaliLoader:
         return steps_per_epoch(self.n, self.b, self.world)
 
     def _build(self, base_epoch: int, start: int = 0) -> None:
-        fn, types = self.fn, self.types
-        gpu, out_fp16 = self.gpu, self.dtype in (torch.float16, torch.bfloat16)
+        fn, gpu = self.fn, self.gpu
         src = _EpochSource(self, base_epoch, start)
 
         on_device = gpu and self.images_dev is not None
@@ -369,8 +365,7 @@ class DaliLoader:
         # blocking the host until the gather is done (external_source's cuda_stream)
         stream = {"cuda_stream": torch.cuda.current_stream(self.device)} if on_device else {}
 
-        @self.pipeline_def(batch_size=self.b, num_threads=self.num_threads,
-                           device_id=self.device.index if gpu else None, prefetch_queue_depth=2)
+        @self._pipeline_def()
         def pipeline():
             images = fn.external_source(source=src.images, batch=True, batch_info=True, layout="HWC",
                                         device="gpu" if on_device else "cpu", **stream)
@@ -378,14 +373,34 @@ class DaliLoader:
                                                               batch_info=True)
             if gpu and not on_device:
                 images = images.gpu()
-            out = fn.crop_mirror_normalize(
-                images, device="gpu" if gpu else "cpu", crop=(32, 32), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                mirror=mirror, mean=[255 * m for m in self.norm[0]], std=[255 * s for s in self.norm[1]],
-                dtype=types.FLOAT16 if out_fp16 else types.FLOAT,
-                output_layout="HWC" if self.channels_last else "CHW")
+            out = self._normalized(images, mirror, crop=(32, 32), crop_pos_x=pos_x, crop_pos_y=pos_y)
             return out, labels.gpu() if gpu else labels
 
-        pipe = pipeline()
+        self._start(pipeline(), base_epoch)
+
+    def _setup_dali(self) -> None:
+        """DALI's modules; once a process, the fork hook that keeps a forked child off the parent's pipelines."""
+        self.fn, self.types, self.pipeline_def, self.Iterator = import_dali()
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_disown_pipelines_in_child)
+            _FORK_HOOK.append(True)
+
+    def _pipeline_def(self):
+        """The decorator of this loader's pipelines: its batch, threads and device, two batches prefetched."""
+        return self.pipeline_def(batch_size=self.b, num_threads=self.num_threads,
+                                 device_id=self.device.index if self.gpu else None, prefetch_queue_depth=2)
+
+    def _normalized(self, images, mirror, **crop):
+        """The pipeline's last op, both loaders': mirror, (crop,) normalize by data's mean and std, in the
+        loader's dtype and layout, on the device."""
+        types, fp16 = self.types, self.dtype in (torch.float16, torch.bfloat16)
+        return self.fn.crop_mirror_normalize(
+            images, device="gpu" if self.gpu else "cpu", mirror=mirror, mean=[255 * m for m in self.norm[0]],
+            std=[255 * s for s in self.norm[1]], dtype=types.FLOAT16 if fp16 else types.FLOAT,
+            output_layout="HWC" if self.channels_last else "CHW", **crop)
+
+    def _start(self, pipe, base_epoch: int) -> None:
+        """Build the pipeline (outputs: images, labels) and iterate it; it starts at epoch ``base_epoch``."""
         pipe.build()
         self.iterator = self.Iterator(pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False)
         self.pipe_epoch, self.needs_reset = base_epoch, False
@@ -538,10 +553,7 @@ class FolderDaliLoader(DaliLoader):
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple, image_size: int,
                  skip_bad: bool):
-        self.fn, self.types, self.pipeline_def, self.Iterator = import_dali()
-        if not _FORK_HOOK:
-            os.register_at_fork(after_in_child=_disown_pipelines_in_child)
-            _FORK_HOOK.append(True)
+        self._setup_dali()
         self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
@@ -553,12 +565,10 @@ class FolderDaliLoader(DaliLoader):
 
     def _build(self, base_epoch: int, start: int = 0) -> None:
         fn, types, gpu = self.fn, self.types, self.gpu
-        out_fp16 = self.dtype in (torch.float16, torch.bfloat16)
         src = _FolderEpochSource(self, base_epoch, start)
         self.first_batch = start
 
-        @self.pipeline_def(batch_size=self.b, num_threads=self.num_threads,
-                           device_id=self.device.index if gpu else None, prefetch_queue_depth=2)
+        @self._pipeline_def()
         def pipeline():
             data = fn.external_source(source=src.images, batch=True, batch_info=True, dtype=types.UINT8)
             anchor, shape, mirror, labels = fn.external_source(source=src.params, num_outputs=4, batch=True,
@@ -570,16 +580,9 @@ class FolderDaliLoader(DaliLoader):
                                              output_type=types.RGB)
             images = fn.resize(images, size=[self.size, self.size], interp_type=types.INTERP_LINEAR, antialias=True,
                                dtype=types.UINT8)
-            out = fn.crop_mirror_normalize(
-                images, device="gpu" if gpu else "cpu", mirror=mirror, mean=[255 * m for m in self.norm[0]],
-                std=[255 * s for s in self.norm[1]], dtype=types.FLOAT16 if out_fp16 else types.FLOAT,
-                output_layout="HWC" if self.channels_last else "CHW")
-            return out, labels.gpu() if gpu else labels
+            return self._normalized(images, mirror), labels.gpu() if gpu else labels
 
-        pipe = pipeline()
-        pipe.build()
-        self.iterator = self.Iterator(pipe, ["images", "labels"], auto_reset=False, prepare_first_batch=False)
-        self.pipe_epoch, self.needs_reset = base_epoch, False
+        self._start(pipeline(), base_epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         k = self.start

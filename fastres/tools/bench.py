@@ -114,7 +114,7 @@ def measure_training(cfg: Config, device: torch.device, *, steps: int, warmup: i
             timer.start()
         for _ in range(n):
             x, y = next(stream)
-            p.train_step(x, y, lr, index)
+            p.train_step(x, y, lr=lr, global_step=index)
             index += 1
     seconds = timer.stop()
     step_s = seconds / steps

@@ -94,7 +94,7 @@ def count_host_ops(cfg: Config, device: torch.device, *, steps: int = 10, warmup
         with record_function("fastres::loader"):
             x, y = next(batches)
         with record_function("fastres::step"):
-            p.train_step(x, y, p.schedule(index), index)
+            p.train_step(x, y, lr=p.schedule(index), global_step=index)
         with record_function("fastres::loop"):
             index += 1
     batches = epoch(0)

@@ -110,12 +110,12 @@ def profile_step(cfg: Config, device: torch.device, *, steps: int, label: str, o
     x0, y0 = next(stream)
 
     def step_alone() -> None:
-        p.train_step(x0, y0, p.schedule(index[0]), index[0])
+        p.train_step(x0, y0, lr=p.schedule(index[0]), global_step=index[0])
         index[0] += 1
 
     def loop_iteration() -> None:  # one iteration of fastres.train's inner loop (its sums are in the step)
         x, y = next(stream)
-        p.train_step(x, y, p.schedule(index[0]), index[0])
+        p.train_step(x, y, lr=p.schedule(index[0]), global_step=index[0])
         index[0] += 1
 
     a_wall, a_host = _timed(step_alone, steps, cuda)

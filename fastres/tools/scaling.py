@@ -93,7 +93,7 @@ def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, wa
     for i in range(warmup + steps):
         if i == warmup:
             timer.start()
-        p.train_step(x, y, lr, i)
+        p.train_step(x, y, lr=lr, global_step=i)
     return timer.stop() / steps
 
 
