@@ -59,7 +59,8 @@ def backends(run: RunCfg) -> None:
             raise UserError("run.deterministic = true needs CUBLAS_WORKSPACE_CONFIG before CUDA starts: run with "
                             "CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment")
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    torch.use_deterministic_algorithms(run.deterministic)
+    if run.deterministic or torch.are_deterministic_algorithms_enabled():  # it imports inductor (2 s): only to change
+        torch.use_deterministic_algorithms(run.deterministic)
     torch.backends.cudnn.deterministic = run.deterministic
     torch.backends.cudnn.benchmark = not run.deterministic
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import rng
@@ -310,25 +309,29 @@ class TrainStep:
 
 
 def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int, batch_per_rank: int,
-               device: torch.device, ema: WeightEMA | None = None,
-               evaluate: Callable[[], Any] | None = None, momentum: ScheduledMomentum | None = None,
-               lookahead: Lookahead | None = None) -> tuple[TrainStep, float]:
+                     scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int,
+                     batch_per_rank: int, device: torch.device, ema: WeightEMA | None = None,
+                     evaluate: Callable[[], Any] | None = None, momentum: ScheduledMomentum | None = None,
+                     lookahead: Lookahead | None = None) -> tuple[TrainStep, float]:
     """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled (running ``evaluate()`` in
     the compile warm-up) if precision.compile, captured if precision.step_graph."""
     prec = precision(cfg)
     timer = Timer(device)
     timer.start()
-    skips = counters["inductor"]["cudagraph_skips"]
+    skips = 0
     if cfg.compile:
+        from torch._dynamo.utils import counters  # here, not at the top: 2 s of every start-up without compile
+        before = counters["inductor"]["cudagraph_skips"]
         compile_net(net, model, cfg)
         precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
                    prec=prec, evaluate=evaluate)
+        # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
+        # pytorch#139207); inductor counts each skip, and the run reports them
+        skips = counters["inductor"]["cudagraph_skips"] - before
     train_step = TrainStep(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
-                label_smoothing=optim.label_smoothing, seed=seed, ema=ema, momentum=momentum, lookahead=lookahead)
-    # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
-    # pytorch#139207); inductor counts each skip, and the run reports them
-    train_step.cudagraph_skips = counters["inductor"]["cudagraph_skips"] - skips
+                           label_smoothing=optim.label_smoothing, seed=seed, ema=ema, momentum=momentum,
+                           lookahead=lookahead)
+    train_step.cudagraph_skips = skips
     if cfg.step_graph:
         train_step.capture(batch=batch_per_rank, prec=prec, device=device)
     return train_step, timer.stop()

@@ -134,8 +134,10 @@ def test_workers_are_clamped_to_the_cores_once(small_cifar, tmp_path, capsys, mo
 
 # ------------------------------------------------------------------------------------------- signals, as processes
 
+EPOCHS = 12  # of 9 steps: many seconds of training after the first checkpoint (1 s in), for the signal to land in
 CLI = ["--data.source=synthetic", "--data.subset=450", "--data.test_subset=100", "--model.depth=8",
-       "--optim.batch_size=50", "--data.loader=gpu", "--run.device=cpu", "--run.epochs=40", "--run.eval_every=20"]
+       "--optim.batch_size=50", "--data.loader=gpu", "--run.device=cpu", f"--run.epochs={EPOCHS}",
+       f"--run.eval_every={EPOCHS // 2}"]
 
 
 def start(out, *extra, torchrun: int = 0) -> subprocess.Popen:
@@ -179,7 +181,7 @@ def test_a_signal_checkpoints_the_step_says_one_line_and_the_same_command_resume
     finish(tmp_path / "whole")
     a, b = state(out)["model"], state(tmp_path / "whole")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "summary.json").read_text())["steps"] == 40 * 9
+    assert json.loads((out / "summary.json").read_text())["steps"] == EPOCHS * 9
 
 
 def test_a_second_ctrl_c_exits_at_once_and_the_previous_checkpoint_stays_whole(tmp_path):
@@ -201,7 +203,7 @@ def test_two_torchrun_ranks_stopped_by_sigterm_resume_to_the_uninterrupted_weigh
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "interrupted at epoch" in err and "Traceback" not in err.split("interrupted")[0]
     saved = state(out)["progress"]
-    assert 0 < saved["step"] < 40 * 9
+    assert 0 < saved["step"] < EPOCHS * 9
     finish(out, torchrun=2)
     finish(tmp_path / "whole", torchrun=2)
     a, b = state(out)["model"], state(tmp_path / "whole")["model"]
