@@ -78,7 +78,7 @@ def count_host_ops(cfg: Config, device: torch.device, *, steps: int = 10, warmup
         if captured.graph is not None:
             captured.graph.replay = _as_one(captured.graph.replay)
         else:
-            captured.step = _as_one(captured.step)
+            captured.fn = _as_one(captured.fn)
     steps = min(steps, len(p.loader) - 1)
     if steps < 1:
         raise ValueError(f"an epoch of {len(p.loader)} step(s) leaves none to count after its first")
