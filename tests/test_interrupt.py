@@ -134,7 +134,7 @@ def test_workers_are_clamped_to_the_cores_once(small_cifar, tmp_path, capsys, mo
 
 # ------------------------------------------------------------------------------------------- signals, as processes
 
-EPOCHS = 12  # of 9 steps: many seconds of training after the first checkpoint (1 s in), for the signal to land in
+EPOCHS = 8  # of 9 steps: seconds of training after the first checkpoint (1 s in), for the signal to land in
 CLI = ["--data.source=synthetic", "--data.subset=450", "--data.test_subset=100", "--model.depth=8",
        "--optim.batch_size=50", "--data.loader=gpu", "--run.device=cpu", f"--run.epochs={EPOCHS}",
        f"--run.eval_every={EPOCHS // 2}"]
@@ -163,8 +163,16 @@ def finish(out, *extra, torchrun: int = 0) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The uninterrupted one-process run's final weights: what every interrupted one resumes to."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    finish(out)
+    return state(out)["model"]
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_checkpoints_the_step_says_one_line_and_the_same_command_resumes(tmp_path, sig, code):
+def test_a_signal_checkpoints_the_step_says_one_line_and_the_same_command_resumes(tmp_path, sig, code, whole):
     out = tmp_path / "run"
     proc = start(out, "--run.checkpoint_every_s=1")
     wait_for(out / checkpoint.NAME, proc)  # a checkpoint inside epoch 1 or 2
@@ -178,9 +186,8 @@ def test_a_signal_checkpoints_the_step_says_one_line_and_the_same_command_resume
     step = int(lines[0].split(" step ")[1].split(";")[0])
     assert state(out)["progress"]["step"] == step
     finish(out, "--run.checkpoint_every_s=1")
-    finish(tmp_path / "whole")
-    a, b = state(out)["model"], state(tmp_path / "whole")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = state(out)["model"]
+    assert all(torch.equal(a[k], whole[k]) for k in a)
     assert json.loads((out / "summary.json").read_text())["steps"] == EPOCHS * 9
 
 
