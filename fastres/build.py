@@ -113,8 +113,9 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
     train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
-                                       batch_per_rank=batch_per_rank, device=dev, ema=ema,
-                                       evaluate=lambda: evaluate(blank), momentum=momentum, lookahead=lookahead)
+                                             batch_per_rank=batch_per_rank, device=dev, ema=ema,
+                                             evaluate=lambda: evaluate(blank), momentum=momentum,
+                                             lookahead=lookahead)
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
                  scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate,
                  train_step=train_step, prec=prec, micro_batch=micro,
