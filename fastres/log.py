@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from fastres.errors import UserError, writing
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 TB_DIR = "tb"
+CURVES = "curves.png"
+CURVES_EVERY_S = 60.0  # curves.png is redrawn at most this often, and at the end: a drawing costs 0.1-0.5 s
 # An evaluation's other accuracies, logged as <split>_acc_<key> beside <split>_acc (the summary keeps the last as
 # final_<split>_acc_<key>), and what the report calls each.
 EXTRA_ACCS = {"no_tta": "without TTA", "flip": "flip TTA alone", "no_ema": "without EMA",
@@ -71,6 +74,7 @@ class RunLog:
         self.momentum_at = momentum_at  # a schedule that varies SGD's momentum: train/momentum beside train/lr
         self.bar = None
         self.pending: deque = deque()  # batch losses on their way to host memory
+        self.out_dir, self.drawn_at = out_dir, time.monotonic()  # curves.png: when it was last drawn (or the start)
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported on rank 0 only
@@ -152,6 +156,13 @@ class RunLog:
         self.info(f"epoch {row['epoch']:>3}  step {row['step']}/{self.total_steps}  loss {row['train_loss']:.4f}"
                   f"{accs}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s"
                   f"  train {fmt_time(row['train_time_s'])}  eta {fmt_time(eta)}")
+
+    def curves(self, name: str, *, last: bool) -> None:
+        """Redraw curves.png from metrics.jsonl after an evaluation: the ``last`` one of this process (the run's end
+        or a stop), or once CURVES_EVERY_S have passed since the last drawing (TensorBoard is the live view)."""
+        if self.enabled and (last or time.monotonic() - self.drawn_at >= CURVES_EVERY_S):
+            plot_curves(read_metrics(self.out_dir), self.out_dir / CURVES, name)
+            self.drawn_at = time.monotonic()
 
     def close(self) -> None:
         if not self.enabled:

@@ -34,7 +34,7 @@ from fastres.checkpoint import Progress
 from fastres.config import Config, parse_args
 from fastres.errors import Interrupted, UserError, entry, write_text, writing
 from fastres.evaluate import target_split
-from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha, plot_curves, read_metrics
+from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha
 from fastres.model import count_params
 from fastres.step import Timer, forbid_host_sync, sync_allowed
 
@@ -159,8 +159,8 @@ def _end_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
             progress.reached(done)
         log.evaluation(row)
         progress.last = row
-        if dist.is_main:
-            plot_curves(read_metrics(cfg.run.out_dir), Path(cfg.run.out_dir) / "curves.png", cfg.run.name)
+        log.curves(cfg.run.name, last=done == cfg.run.epochs or stopping or (
+            cfg.run.stop_at_target and progress.time_to_target_s is not None))
         _save(cfg, p, dist, progress, global_step, mid_epoch=False)
         pauses.saved()
     if stopping:

@@ -24,7 +24,7 @@
 #   ladder     540 s  [data] configs/stack.toml, resuming          depths  540 s  [data] configs/depths.toml
 # BUDGET_<item>=S changes an item's budget. A ladder stopped by its budget keeps its unfinished runs'
 # checkpoints (they are packed too); the next `next` resumes them. FASTRES_DEVICE_DRYRUN=1 walks the queue
-# on a CPU (tiny runs, synthetic data, results under runs/device-dryrun/) to test it.
+# on a CPU (tiny runs, synthetic data, one variant of each step form, results under runs/device-dryrun/) to test it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -99,7 +99,9 @@ have_data() { [ -d "$DATA/cifar-10-batches-py" ] || [ -f "$DATA/data_batch_1" ];
 VARIANTS=("b512-reduce-overhead|" "b512-step-graph|--precision.step_graph=true --precision.compile_mode=default"
           "b1024-reduce-overhead|--optim.batch_size=1024"
           "b1024-step-graph|--optim.batch_size=1024 --precision.step_graph=true --precision.compile_mode=default")
-# A dry run: the same commands, CPU-sized (ResNet-8, batches of 64 and 128, no compile, no autocast).
+# A dry run: the same commands, CPU-sized (ResNet-8, batches of 64, no compile, no autocast), for one variant of
+# each step form (tests/test_launch.py loads every variant's flags).
+[ -z "$DRY" ] || VARIANTS=("${VARIANTS[0]}" "${VARIANTS[1]}")
 TINY=(--run.device=cpu --data.source=synthetic --data.subset=1024 --data.val_size=128 --data.test_subset=128 --model.depth=8
       --precision.compile=false --precision.amp=off --data.num_workers=0)
 
@@ -131,7 +133,6 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
       for v in "${VARIANTS[@]}"; do
         label=${v%%|*} flags=${v#*|}
         [ "$name" = profile ] && [ "$label" = b1024-reduce-overhead ] && continue  # three variants profiled
-        [ -z "$DRY" ] || flags=${flags//=1024/=128}
         # shellcheck disable=SC2086  # flags are several words
         if [ "$name" = throughput ]; then
           python3 -m fastres.tools.bench --config configs/fast.toml --data.source=synthetic \
@@ -152,19 +153,28 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
   esac
 }
 
-mark_done() {  # NAME: results/device/NAME.json, the item's provenance: what ran it, on what, when
-  mkdir -p "$R/device"
-  python3 - "$R/device/$1.json" "$1" <<'PY'
-import json, sys, time
+provenance() {  # FILE: what this call runs on (device, torch version, git SHA, code hash), read once, printed
+  python3 - "$1" <<'PY'
+import json, sys
 
 import torch
 
 from fastres.log import code_hash, device_name, git_sha
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+prov = dict(device=device_name(device), torch_version=torch.__version__, git_sha=git_sha(), code_hash=code_hash())
+json.dump(prov, open(sys.argv[1], "w"))
+print(f"torch {prov['torch_version']} on {prov['device']}; code {prov['git_sha']} ({prov['code_hash']})")
+PY
+}
+
+mark_done() {  # NAME PROVENANCE_FILE: results/device/NAME.json, the item's provenance: what ran it, on what, when
+  mkdir -p "$R/device"
+  python3 - "$R/device/$1.json" "$1" "$2" <<'PY'
+import json, sys, time
+
 json.dump(dict(item=sys.argv[2], command=f"bash launch/device.sh next (item {sys.argv[2]})",
-               device=device_name(device), torch_version=torch.__version__, git_sha=git_sha(),
-               code_hash=code_hash(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+               **json.load(open(sys.argv[3])), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
           open(sys.argv[1], "w"), indent=1)
 PY
 }
@@ -189,7 +199,7 @@ plan() {  # the queue with each item's budget and state
 }
 
 next() {  # run the pending items within the call's budget, packing after each
-  local start=$SECONDS name budget needs left b rc runs nodata= log
+  local start=$SECONDS name budget needs left b rc runs nodata= log prov
   while [ $# -gt 0 ]; do
     case $1 in
       --data=*) DATA=${1#*=} ;;
@@ -207,8 +217,8 @@ next() {  # run the pending items within the call's budget, packing after each
   mkdir -p "$OUT_DIR" "$R/device"
   log=$OUT_DIR/device.log
   plan | tee -a "$log"
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and
-              torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
+  prov=$OUT_DIR/provenance.json
+  provenance "$prov" 2>&1 | tee -a "$log"
   for name in $ITEMS; do
     item_info "$name"
     if item_done "$name"; then
@@ -237,7 +247,7 @@ next() {  # run the pending items within the call's budget, packing after each
     set -e
     runs=$(stack_runs "$name")  # a ladder item is done when every row of its stack is
     if [ "$rc" = 0 ] && { [ -z "$runs" ] || stack_complete "$runs"; }; then
-      mark_done "$name"
+      mark_done "$name" "$prov"
       echo "=== $name done" | tee -a "$log"
     else
       echo "=== $name not done (exit $rc$([ "$rc" = 124 ] && echo ': out of its budget'); the next call resumes it)" \

@@ -76,8 +76,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire: a requeued job waits this long before it runs again (120 s by default)
-AuthInfo=socket=$DIR/run/munge.socket,cred_expire=10
+# cred_expire: a requeued job waits this long before it runs again (120 s by default; with 2 it waited 120 s too)
+AuthInfo=socket=$DIR/run/munge.socket,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid

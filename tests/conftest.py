@@ -55,6 +55,22 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.quick)
                 MARKED.setdefault(key, []).append(item.nodeid)
                 break
+    # the slow tests first (a stable sort: each file's order kept): under -n they start early, spread over the
+    # workers (one at a time, pytest_configure), instead of leaving one worker with a minute-long test at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (-n N) each worker gets its share of the cores for torch's threads, and so do the
+    processes its tests start (OMP_NUM_THREADS): N workers at the default thread count each oversubscribe the
+    machine, and OpenMP's spinning threads then make the suite slower than one worker."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1  # tests handed out one at a time: no worker gets a batch of slow ones
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from fastres.tools import bench
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_loader_bench_writes_rows_and_ratios(small_cifar, tmp_path, capsys):
     out = tmp_path / "loaders.json"
     args = ["--what", "loaders", "--loaders", "gpu,workers", "--repeats", "1", f"--out={out}",

@@ -158,6 +158,10 @@ def test_synthetic_source_keeps_the_batch_contract():
     assert data.test.x.shape == (10_000, 3, 32, 32) and data.train.y.dtype == np.int64
     assert 0 <= data.train.y.min() and data.train.y.max() < NUM_CLASSES
     assert np.array_equal(synthetic(0).train.y, data.train.y)  # made the same way every time
+    part = synthetic(0, train_images=301, test_images=7)  # data.subset, data.test_subset: the first images, no more
+    assert len(part.train) == 301 and len(part.test) == 7
+    for a, b in ((part.train, data.train), (part.test, data.test)):
+        assert np.array_equal(a.x, b.x[:len(a)]) and np.array_equal(a.y, b.y[:len(a)])
     small = Split(data.train.x[:300], data.train.y[:300])
     args = dict(batch_per_rank=64, seed=0, rank=0, world=1, device=CPU, dtype=torch.bfloat16, channels_last=True)
     for loader in ("gpu", "workers"):

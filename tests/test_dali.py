@@ -163,6 +163,7 @@ def test_nothing_imports_dali_unless_chosen(small_cifar):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_with_dali(cifar_dir, tmp_path):
     out = tmp_path / "dali"
     r = run_cli(["--config", "configs/smoke.toml", f"--data.dir={cifar_dir}", f"--run.out_dir={out}",

@@ -188,6 +188,22 @@ def test_split_holds_out_a_seeded_validation_set(small_cifar):
         cifar.split(d, subset=501)
 
 
+def test_a_subset_reads_only_the_files_it_takes_images_from(small_cifar):
+    """data.subset = 150 of 100-image files: data_batch_1 and 2 are read, the rest never opened (a damaged
+    data_batch_5 goes unnoticed); the run sees the full set's first 150 images."""
+    full = cifar.read_cifar10(small_cifar)
+    (small_cifar / "data_batch_5").write_bytes(b"not a pickle")
+    for n, images in ((150, 200), (200, 200), (201, 300)):
+        part = cifar.read_cifar10(small_cifar, train_images=n)
+        assert len(part.train) == images and np.array_equal(part.train.x, full.train.x[:images])
+        assert np.array_equal(part.test.x, full.test.x)
+    for cfg in (DataCfg(dir=str(small_cifar), subset=150, val_size=50), DataCfg(dir=str(small_cifar), subset=150)):
+        s = cifar.load(cfg)
+        assert len(s.train) + len(s.val or ()) == 150
+    with pytest.raises(DataError, match="data_batch_5 is truncated"):
+        cifar.read_cifar10(small_cifar, train_images=401)
+
+
 # ------------------------------------------------------------------------------------------- order
 
 @pytest.mark.parametrize("world", [1, 2, 3])

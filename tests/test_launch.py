@@ -9,6 +9,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from fastres import log
 
 from conftest import ROOT
@@ -157,10 +159,11 @@ def next_call(script: Path, out: Path, **env: str) -> subprocess.CompletedProces
 ITEMS = ("check", "throughput", "profile", "quick", "recipes", "ladder", "depths")
 
 
+@pytest.mark.slow
 def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     script = dry_tree(tmp_path / "there")
     res = tmp_path / "there" / "runs" / "device-dryrun" / "results"
-    # budgets a CPU shared with other work still meets (alone, the whole walk takes about 4 minutes on 2 cores)
+    # budgets a CPU shared with other work still meets (alone, the whole walk takes about a minute on 2 cores)
     roomy = {f"BUDGET_{item}": "900" for item in ITEMS}
     r = next_call(script, tmp_path / "out", **roomy)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -170,13 +173,12 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
         assert f"=== {item} done" in r.stdout, item
         mark = json.loads((res / "device" / f"{item}.json").read_text())
         assert mark["item"] == item and mark["device"].startswith("CPU") and mark["torch_version"]
-    rows = json.loads((res / "bench.json").read_text())
-    assert sorted(row["config_name"] for row in rows) == sorted(
-        f"fast {v} synthetic" for v in ("b512-reduce-overhead", "b512-step-graph", "b1024-reduce-overhead",
-                                        "b1024-step-graph"))
+    rows = json.loads((res / "bench.json").read_text())  # a dry run: one variant of each step form
+    assert sorted(row["config_name"] for row in rows) == ["fast b512-reduce-overhead synthetic",
+                                                          "fast b512-step-graph synthetic"]
     assert all(row["baseline_img_per_s"] > 0 and row["floor_img_per_s"] > 0 for row in rows)
     assert sorted(p.name for p in (res / "profile").iterdir()) == [
-        "fast-b1024-step-graph.txt", "fast-b512-reduce-overhead.txt", "fast-b512-step-graph.txt"]
+        "fast-b512-reduce-overhead.txt", "fast-b512-step-graph.txt"]
     assert "A step alone" in (res / "profile" / "fast-b512-step-graph.txt").read_text()
     for stack_out in ("stack-quick", "tune-recipe", "stack"):
         assert (res / stack_out / "stack.md").is_file(), stack_out
@@ -189,9 +191,28 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     again = next_call(script, tmp_path / "out2", **roomy)
     assert again.returncode == 0, again.stderr[-2000:]
     assert all(f"=== {item}: done before, skipped" in again.stdout for item in ITEMS)
-    assert len(json.loads((res / "bench.json").read_text())) == 4  # nothing ran again
+    assert len(json.loads((res / "bench.json").read_text())) == 2  # nothing ran again
 
 
+def test_every_variant_the_queue_measures_is_a_valid_config():
+    """What throughput and profile run on a GPU, over configs/fast.toml: each variant's flags load and validate (a
+    dry run executes one variant of each step form)."""
+    import re
+    import shlex
+
+    from fastres import config
+
+    text = (ROOT / "launch" / "device.sh").read_text()
+    variants = re.findall(r'"([\w-]+)\|([^"]*)"', text.split("VARIANTS=(", 1)[1].split(")\n", 1)[0])
+    assert [label for label, _ in variants] == ["b512-reduce-overhead", "b512-step-graph", "b1024-reduce-overhead",
+                                                "b1024-step-graph"]
+    for label, flags in variants:
+        cfg = config.load(ROOT / "configs" / "fast.toml", ["--data.source=synthetic", *shlex.split(flags)])
+        assert cfg.optim.batch_size == (1024 if label.startswith("b1024") else 512), label
+        assert cfg.precision.step_graph == label.endswith("step-graph"), label
+
+
+@pytest.mark.slow
 def test_next_stops_an_item_at_its_budget_packs_and_goes_on(tmp_path):
     script = dry_tree(tmp_path / "there")
     marks = tmp_path / "there" / "runs" / "device-dryrun" / "results" / "device"

@@ -230,6 +230,7 @@ ALL_ON = ["--optim.lookahead_k=5", "--optim.lookahead_alpha=0.6", "--optim.wd_bn
 @pytest.mark.parametrize("schedule", [["--optim.schedule=onecycle"], ["--optim.schedule=linear",
                                                                       "--optim.warmup_epochs=1"]],
                          ids=["onecycle", "linear"])
+@pytest.mark.slow
 def test_a_run_with_every_lever_on_resumes_exactly(tmp_path, monkeypatch, schedule):
     """Killed after its first checkpoint (step 4: not a Lookahead sync step), resumed: the weights, momentum
     buffers, slow weights and metrics of a run never stopped; train/momentum logged beside train/lr (one-cycle)."""

@@ -215,7 +215,7 @@ def test_a_rank_that_stops_answering_fails_the_others_in_bounded_time_and_torchr
     agent has sent it SIGTERM: torchrun itself would SIGKILL it 30 s later, time this test does not spend."""
     out, log = tmp_path / "run", tmp_path / "log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "fastres.train", *LOSS, "--run.eval_every=1", "--run.checkpoint_every_s=0",
+           "-m", "fastres.train", *LOSS, "--run.epochs=4", "--run.eval_every=1", "--run.checkpoint_every_s=0",
            "--run.collective_timeout_s=8", f"--run.out_dir={out}"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
@@ -237,7 +237,7 @@ def test_a_rank_that_stops_answering_fails_the_others_in_bounded_time_and_torchr
     assert line.startswith("fastres: error: a collective failed or waited over run.collective_timeout_s = 8 s")
     assert ": rank 1 stopped answering" in line
     assert 8 <= waited < 8 + 3 + 20  # the timeout, the roll call, a loaded machine's slack
-    assert "resuming from epoch" in text and [r["epoch"] for r in read_metrics(out)] == list(range(1, 11))
+    assert "resuming from epoch" in text and [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------- the run directory

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import checkpoint, config, evaluate, train
+from fastres import checkpoint, config, evaluate, log, train
 from fastres.config import ModelCfg
 from fastres.evaluate import precise_bn_
 from fastres.log import read_metrics
@@ -268,12 +269,25 @@ def test_same_seed_twice_gives_identical_metrics(small_cifar, tmp_path):
 
 # ------------------------------------------------------------------------------------------- curves + table
 
-def test_every_run_draws_its_error_curves(small_cifar, tmp_path):
-    train.main(tiny(small_cifar, tmp_path))
-    png = tmp_path / "run" / "curves.png"
+def test_every_run_draws_its_error_curves(small_cifar, tmp_path, monkeypatch):
+    """curves.png after the last evaluation, and in between once log.CURVES_EVERY_S have passed since the last
+    drawing: on a clock that moves 1 s an evaluation, 3 evaluations draw at the 2nd and 3rd (every 1.5 s), or at
+    the 3rd alone (every hour)."""
+    drawn, clock = [], [0.0]
+    real_plot, real_evaluation = log.plot_curves, train._evaluation
+    monkeypatch.setattr(log, "plot_curves", lambda rows, path, name: (drawn.append(len(rows)),
+                                                                        real_plot(rows, path, name)))
+    monkeypatch.setattr(log, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(train, "_evaluation", lambda *a: (clock.__setitem__(0, clock[0] + 1), real_evaluation(*a))[1])
+    for every_s, expected in ((1.5, [2, 3]), (3600.0, [3])):
+        drawn.clear()
+        monkeypatch.setattr(log, "CURVES_EVERY_S", every_s)
+        train.main(tiny(small_cifar, tmp_path / str(every_s), "--run.epochs=3"))
+        assert drawn == expected
+    png = tmp_path / "3600.0" / "run" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = read_metrics(tmp_path / "run")
-    assert all(0 <= r["train_acc"] <= 1 for r in rows)
+    rows = read_metrics(tmp_path / "3600.0" / "run")
+    assert len(rows) == 3 and all(0 <= r["train_acc"] <= 1 for r in rows)
 
 
 def test_depth_table_from_hand_made_summaries(tmp_path):

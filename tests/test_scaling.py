@@ -38,6 +38,7 @@ def test_fit_recovers_the_formula():
     assert a == pytest.approx(alpha) and b == pytest.approx(beta)
 
 
+@pytest.mark.slow
 def test_scaling_report_on_cpu(tmp_path):
     cfg = config.load(None, ["--model.depth=8"])
     text = scaling.scaling_report(cfg, "baseline", steps=2, warmup=1, gloo_procs=[1, 2, 3])

@@ -21,6 +21,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_smoke_ladder_end_to_end(cifar_dir, tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--config", str(ROOT / "configs" / "stack-smoke.toml"), f"--runs={runs}", f"--out={out}",
@@ -63,6 +64,7 @@ def test_smoke_ladder_end_to_end(cifar_dir, tmp_path, capsys):
     assert capsys.readouterr().out.count("would run") == 4
 
 
+@pytest.mark.slow
 def test_other_code_is_not_reused(cifar_dir, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     args = ["--config", str(ROOT / "configs" / "stack-smoke.toml"), f"--runs={runs}", f"--out={tmp_path}",

@@ -94,6 +94,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(
     assert json.loads((out / "summary.json").read_text())["steps"] == 6 * 9
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"

@@ -251,13 +251,17 @@ def ensure(root: str | os.PathLike) -> Path:
     return found if found is not None else download(root)
 
 
-def read_cifar10(root: str | os.PathLike, per_file: int | None = None) -> Cifar10:
-    """All 50k training and 10k test images, validated (no download: call :func:`ensure` first)."""
+def read_cifar10(root: str | os.PathLike, per_file: int | None = None, *, train_images: int = 0) -> Cifar10:
+    """The 50k training images (or the files holding the first ``train_images`` of them) and the 10k test images,
+    validated (no download: call :func:`ensure` first)."""
     folder = find(root)
     if folder is None:
         raise DataError(f"CIFAR-10 not found in {_resolved(root)}: put the {FOLDER} folder there "
                         f"(or point --data.dir / $FASTRES_DATA at it)")
-    parts = [read_batch(folder / name, per_file) for name in TRAIN_FILES]
+    files = len(TRAIN_FILES)
+    if train_images:  # a subset reads only the files it takes images from (a smoke run starts a second sooner)
+        files = min(files, -(-train_images // (per_file or PER_FILE)))
+    parts = [read_batch(folder / name, per_file) for name in TRAIN_FILES[:files]]
     train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
     return Cifar10(train=train, test=read_batch(folder / TEST_FILE, per_file))
 
@@ -330,15 +334,14 @@ def to_batch(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.
 # ----------------------------------------------------------------------------------------------------
 # What a run reads: data.source = cifar10 (data.dir) or synthetic (made in memory).
 
-def synthetic(seed: int = 0) -> Cifar10:
-    """Random uint8 images and labels with CIFAR-10's shapes and sizes (50k train, 10k test), made in memory."""
-    g = np.random.default_rng(seed)
-    n_train, n_test = len(TRAIN_FILES) * PER_FILE, PER_FILE
-
-    def part(n: int) -> Split:
-        return Split(g.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-                     g.integers(0, NUM_CLASSES, n, dtype=np.int64))
-    return Cifar10(train=part(n_train), test=part(n_test))
+def synthetic(seed: int = 0, *, train_images: int = 0, test_images: int = 0) -> Cifar10:
+    """Random uint8 images and labels with CIFAR-10's shapes, made in memory: the first ``train_images`` (0: all
+    50k) and ``test_images`` (0: all 10k) of one fixed set, so a subset is the full set's first images."""
+    def part(n: int, stream: int) -> Split:  # images and labels each from a stream of its own: a prefix is a prefix
+        images, labels = (np.random.default_rng([seed, stream, k]) for k in (0, 1))
+        return Split(images.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                     labels.integers(0, NUM_CLASSES, n, dtype=np.int64))
+    return Cifar10(train=part(train_images or len(TRAIN_FILES) * PER_FILE, 0), test=part(test_images or PER_FILE, 1))
 
 
 def fetch(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> None:
@@ -357,9 +360,9 @@ def load(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> Cifar10:
     if cfg.source == "folder":
         return load_folder(cfg, cache_dir)
     if cfg.source == "synthetic":
-        data = synthetic(cfg.split_seed)
+        data = synthetic(cfg.split_seed, train_images=cfg.subset, test_images=cfg.test_subset)
     else:
-        data = read_cifar100(cfg.dir) if cfg.source == "cifar100" else read_cifar10(cfg.dir)
+        data = read_cifar100(cfg.dir) if cfg.source == "cifar100" else read_cifar10(cfg.dir, train_images=cfg.subset)
     return split(data, val_size=cfg.val_size, split_seed=cfg.split_seed, subset=cfg.subset,
                  test_subset=cfg.test_subset)
 
