@@ -145,7 +145,7 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
         fi
       done
       return "$rc" ;;
-    quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline,plus-bf16-amp ;;
+    quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline ;;
     recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 \
                --data.subset=1280 ;;  # its rows train batches of 1024: one full batch after the 128 held out
     ladder) stack_item configs/stack.toml stack "$budget" baseline ;;

@@ -14,7 +14,7 @@ import pytest
 from fastres import checkpoint, config, train
 from fastres.log import read_metrics
 
-from conftest import ROOT, killed_after_first_checkpoint, run_cli
+from conftest import ROOT, killed_after_first_checkpoint
 
 CLI = ["--data.source=synthetic", "--data.subset=450", "--data.test_subset=100", "--model.depth=8",
        "--optim.batch_size=50", "--data.loader=gpu", "--run.device=cpu"]
@@ -78,38 +78,40 @@ def test_a_signal_during_start_up_is_one_line_and_leaves_nothing(tmp_path, sig, 
 
 
 @pytest.mark.slow
-def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(tmp_path):
+def test_a_second_process_on_the_same_run_directory_is_refused_naming_the_first(tmp_path, capsys):
+    """The first run is a process of its own; the second is the command line's entry point in this one."""
     out = tmp_path / "run"
-    first = start(out, "--run.epochs=6")
+    first = start(out, "--run.epochs=3")
     wait_until(lambda: held(out), first)
-    second = run_cli([*CLI, f"--run.out_dir={out}", "--run.epochs=6"], timeout=300)
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert second.stderr.strip().splitlines() == [
+    assert train.cli([*CLI, f"--run.out_dir={out}", "--run.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
         f"fastres: error: run.out_dir {out} is in use by process {first.pid} on {os.uname().nodename}: wait for "
-        "that run to end (or stop it), or choose another --run.out_dir"], second.stderr
+        "that run to end (or stop it), or choose another --run.out_dir"], err
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     rows = read_metrics(out)
-    assert [r["epoch"] for r in rows] == list(range(1, 7))  # one writer: no duplicate rows
-    assert json.loads((out / "summary.json").read_text())["steps"] == 6 * 9
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # one writer: no duplicate rows
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3 * 9
 
 
-@pytest.mark.slow
-def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, capsys):
+    """A process holds the lock and is killed (-9); the command line's entry point, in this process, is refused
+    while it lives and takes the lock over once it is gone."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
                                "from fastres import train\ntrain.lock_run_dir(Path(sys.argv[1]))\ntime.sleep(600)",
                                str(out)], cwd=ROOT)
     try:
         wait_until(lambda: held(out), holder)
-        refused = run_cli([*CLI, f"--run.out_dir={out}", "--run.epochs=1"], timeout=300)
-        assert refused.returncode == 2 and f"in use by process {holder.pid} " in refused.stderr, refused.stderr
+        assert train.cli([*CLI, f"--run.out_dir={out}", "--run.epochs=1"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {holder.pid} " in err, err
     finally:
         holder.kill()  # kill -9: no clean-up of its own; the kernel drops its lock
         holder.wait()
     assert held(out)  # the file is still there, naming the dead process
-    r = run_cli([*CLI, f"--run.out_dir={out}", "--run.epochs=1"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert train.cli([*CLI, f"--run.out_dir={out}", "--run.epochs=1"]) == 0, capsys.readouterr().err[-3000:]
     assert checkpoint.load(out / checkpoint.NAME)["progress"]["epoch"] == 1
 
 
