@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
 
 
 # ------------------------------------------------------------------------------------------- pytest -m quick
-# A newcomer's first look (under 2 minutes on 2 CPU cores, against ~8.5 for the whole suite): a few tests from each
+# A newcomer's first look (under a minute on 2 CPU cores, against ~6 for the whole suite): a few tests from each
 # area they meet first, keyed by file and test name ("[id]" for one case of a parametrized test, else all of its
 # cases). tests/test_quick.py checks each area keeps a test that pytest still collects.
 QUICK = {
