@@ -170,21 +170,25 @@ def test_a_signal_checkpoints_the_step_says_one_line_and_the_same_command_resume
     """SIGINT (Ctrl-C: exit 130) and SIGTERM (a scheduler's stop: 143) inside the run: the step finishes, a checkpoint
     at it, one line; the same command resumes to the uninterrupted run's weights (that run goes on beside them)."""
     uninterrupted = start(tmp_path / "whole")
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        out = tmp_path / sig.name
-        proc = start(out, "--run.checkpoint_every_s=0.5")
-        wait_for(out / checkpoint.NAME, proc)  # a checkpoint inside epoch 1 or 2
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == code, err[-3000:]
-        assert "Traceback" not in err
-        lines = [line for line in err.splitlines() if "interrupted" in line]
-        assert len(lines) == 1 and lines[0].startswith("fastres: interrupted at epoch ")
-        assert lines[0].endswith("; checkpoint kept; run the same command to resume")
-        step = int(lines[0].split(" step ")[1].split(";")[0])
-        assert state(out)["progress"]["step"] == step
-        finish(out, "--run.checkpoint_every_s=0.5")
-        assert json.loads((out / "summary.json").read_text())["steps"] == EPOCHS * 9
+    try:
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            out = tmp_path / sig.name
+            proc = start(out, "--run.checkpoint_every_s=0.5")
+            wait_for(out / checkpoint.NAME, proc)  # a checkpoint inside epoch 1 or 2
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == code, err[-3000:]
+            assert "Traceback" not in err
+            lines = [line for line in err.splitlines() if "interrupted" in line]
+            assert len(lines) == 1 and lines[0].startswith("fastres: interrupted at epoch ")
+            assert lines[0].endswith("; checkpoint kept; run the same command to resume")
+            step = int(lines[0].split(" step ")[1].split(";")[0])
+            assert state(out)["progress"]["step"] == step
+            finish(out, "--run.checkpoint_every_s=0.5")
+            assert json.loads((out / "summary.json").read_text())["steps"] == EPOCHS * 9
+    except BaseException:
+        uninterrupted.kill()  # a failed case leaves no run behind
+        raise
     _, err = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, err[-3000:]
     whole = state(tmp_path / "whole")["model"]
