@@ -11,7 +11,7 @@ import torch
 from fastres import build, checkpoint, config, distributed, step, train
 from fastres.build import Parts
 from fastres.config import ConfigError
-from fastres.data import NUM_CLASSES, Split, synthetic
+from fastres.data import NUM_CLASSES, DataError, Split, load, synthetic
 from fastres.data.loaders import build_loader
 from fastres.model import build_model
 from fastres.tools import bench, scaling, stack
@@ -162,6 +162,9 @@ def test_synthetic_source_keeps_the_batch_contract():
     assert len(part.train) == 301 and len(part.test) == 7
     for a, b in ((part.train, data.train), (part.test, data.test)):
         assert np.array_equal(a.x, b.x[:len(a)]) and np.array_equal(a.y, b.y[:len(a)])
+    for too_many in (dict(subset=50_001), dict(test_subset=10_001)):  # refused as for the real set, not made up
+        with pytest.raises(DataError, match="but the t"):
+            load(config.DataCfg(source="synthetic", **too_many))
     small = Split(data.train.x[:300], data.train.y[:300])
     args = dict(batch_per_rank=64, seed=0, rank=0, world=1, device=CPU, dtype=torch.bfloat16, channels_last=True)
     for loader in ("gpu", "workers"):

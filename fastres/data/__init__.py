@@ -341,7 +341,9 @@ def synthetic(seed: int = 0, *, train_images: int = 0, test_images: int = 0) -> 
         images, labels = (np.random.default_rng([seed, stream, k]) for k in (0, 1))
         return Split(images.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
                      labels.integers(0, NUM_CLASSES, n, dtype=np.int64))
-    return Cifar10(train=part(train_images or len(TRAIN_FILES) * PER_FILE, 0), test=part(test_images or PER_FILE, 1))
+    n_train, n_test = len(TRAIN_FILES) * PER_FILE, PER_FILE  # a larger request gets these, and split() refuses it
+    return Cifar10(train=part(min(train_images, n_train) or n_train, 0),
+                   test=part(min(test_images, n_test) or n_test, 1))
 
 
 def fetch(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> None:
