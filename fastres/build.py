@@ -2,8 +2,11 @@
 
 fastres.train and the measuring tools (fastres.tools.bench, .scaling, .profile, .dispatch) build through here, so
 a benchmark times what training runs.
-Order matters and is kept here once: data and loader (staging_s), model, optimizer, schedule and scaler; then a
-checkpoint's state or LSUV; then the weight average, DDP, and last the step (compiled, captured: compile_s).
+Order matters and is kept here once: data and loader (staging_s), model, optimizer, schedule and scaler; LSUV (a
+fresh run); the techniques; a checkpoint's state; DDP; and last the step (compiled, captured: compile_s).
+Three batch sizes appear, each by its own name: the global batch (optim.batch_size, over every rank), the per-rank
+batch (``batch_per_rank``: what one rank's step takes) and the micro-batch (``micro_batch``: what one forward, and
+so BatchNorm, sees; per-rank / optim.accum_steps).
 """
 
 from __future__ import annotations
@@ -22,22 +25,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
 from fastres.config import Config, DataCfg, OptimCfg
-from fastres.data import Cifar10, Split, fetch, load, normalize
+from fastres.data import Cifar10, fetch, load, normalize
 from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
 from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
-from fastres.model import Precision, ResNetCifar, build_model, lsuv_, precision
-from fastres.optim import (
-    Lookahead,
-    Schedule,
-    ScheduledMomentum,
-    WeightEMA,
-    build_optimizer,
-    build_schedule,
-    scheduled_momentum,
-)
-from fastres.step import TrainStep, build_train_step
+from fastres.model import ResNet, build_model, lsuv_
+from fastres.optim import Schedule, build_optimizer, build_schedule
+from fastres.step import Precision, TrainStep, build_train_step, precision, random_batch
+from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraws, Technique, WeightEMA, find
 
 TOP5_SOURCES = ("cifar100", "folder")  # where top-5 accuracy is logged: not CIFAR-10, whose rows stay as they were
 # torch 2.13 deprecates broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, which still syncs
@@ -52,18 +48,16 @@ class Parts:
     data: Cifar10  # the splits, in host memory
     loader: Loader  # this rank's training batches
     evals: Sets  # what each evaluation scores: {"test" and/or "val": (uint8 images, labels) on the device}
-    model: ResNetCifar
+    model: ResNet
     net: torch.nn.Module  # the model, or DDP around it with more than one rank
     optimizer: torch.optim.SGD
     schedule: Schedule  # lr as a function of the optimizer step
     scaler: torch.amp.GradScaler
-    ema: WeightEMA | None
-    lookahead: Lookahead | None  # optim.lookahead_k: the slow weights
-    momentum: ScheduledMomentum | None  # one-cycle: SGD's momentum as a device tensor
+    techniques: list[Technique]  # the active stateful techniques, in the order they act: build_techniques
     evaluate: Callable[[Sets], tuple[dict[str, float], dict[str, float]]]  # one evaluation: see evaluate_all
     train_step: TrainStep  # train_step(x, y, lr=, global_step=): one optimizer step
     prec: Precision
-    micro_batch: int  # the images one forward sees: what BatchNorm normalizes over
+    micro_batch: int  # the images one forward sees: what BatchNorm normalizes over (per-rank batch / accum_steps)
     staging_s: float  # read, validate, split, copy to the device, build the loader
     compile_s: float  # compile, its warm-up, the step graph's capture
     lsuv: list[dict[str, Any]] | None  # LSUV's per-layer records (model.init = lsuv, a fresh run, rank 0)
@@ -72,33 +66,28 @@ class Parts:
 
 def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts:
     """The parts of a run of ``cfg`` on this rank; with ``state`` (fastres.checkpoint.load of the run's
-    checkpoint) the model, optimizer, scaler, global RNGs and weight average continue from it."""
+    checkpoint) the model, optimizer, scaler, global RNGs and techniques continue from it."""
     dev, world = dist.device, dist.world
     prec = precision(cfg.precision)
-    batch_per_rank = cfg.optim.batch_size // world
-    micro = batch_per_rank // cfg.optim.accum_steps
-    data, loader, evals, norm, notes, staging_s = _stage(cfg, dist, prec, batch_per_rank)
+    batch_per_rank = cfg.optim.batch_size // world  # the global batch, split evenly (config.validate checks it)
+    micro_batch = batch_per_rank // cfg.optim.accum_steps
+    data, loader, evals, notes, staging_s = _stage(cfg, dist, prec, batch_per_rank)
     if note := checkpoint.world_note(state, world):  # the same global batch, split over another number of ranks
         notes.append(note)
 
     model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
     schedule = build_schedule(cfg.optim, len(loader), cfg.run.epochs)
-    momentum = scheduled_momentum(opt, schedule)  # before a checkpoint's optimizer state: it rewrites the groups
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
     lsuv_records = None
-    path = Path(cfg.run.out_dir) / checkpoint.NAME
-    if state is not None:
-        checkpoint.restore(path, state, model, opt, scaler)
-    elif cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
+    if state is None and cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
         if dist.is_main:
-            lsuv_records = lsuv_(model, _random_batches(data.train, micro, cfg.run.seed, dev, prec, norm),
+            lsuv_records = lsuv_(model, _random_batches(data, micro_batch, cfg.run.seed, dev, prec),
                                  tol_var=cfg.model.lsuv_tol_var, t_max=cfg.model.lsuv_t_max)
         distributed.broadcast_state(model)
-    ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # from the starting weights
-    if ema is not None and state is not None:
-        checkpoint.restore_ema(path, state, ema)
-    lookahead = _lookahead(cfg.optim, model, schedule.total_steps, path, state)
+    techniques = build_techniques(cfg.optim, model, opt, schedule, seed=cfg.run.seed)  # averages start from here
+    if state is not None:
+        checkpoint.restore(Path(cfg.run.out_dir) / checkpoint.NAME, state, model, opt, scaler, techniques)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
         # No broadcast_buffers: BN's running statistics are read only by evaluation, which hands every rank rank 0's
@@ -107,24 +96,35 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **_NO_BUFFER_SYNC,
                   find_unused_parameters=cfg.model.stochastic_depth > 0, gradient_as_bucket_view=True)
     train_images = torch.from_numpy(data.train.x).to(dev) if cfg.eval.precise_bn else None
-    evaluate = functools.partial(evaluate_all, model, cfg.eval, ema=ema, train_images=train_images, batch=micro,
-                                 rank=dist.rank, world=world, prec=prec, norm=norm,
-                                 top5=cfg.data.source in TOP5_SOURCES)
+    evaluate = functools.partial(evaluate_all, model, cfg.eval, ema=find(techniques, WeightEMA),
+                                 train_images=train_images, micro_batch=micro_batch, rank=dist.rank, world=world,
+                                 prec=prec, norm=(data.mean, data.std), top5=cfg.data.source in TOP5_SOURCES)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
-    train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, seed=cfg.run.seed,
-                                             batch_per_rank=batch_per_rank, device=dev, ema=ema,
-                                             evaluate=lambda: evaluate(blank), momentum=momentum,
-                                             lookahead=lookahead)
+    example = random_batch(batch_per_rank, loader.image_shape, data.num_classes, prec, dev)  # the loader's shape
+    train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, example=example,
+                                             techniques=techniques, evaluate=lambda: evaluate(blank))
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
-                 scaler=scaler, ema=ema, lookahead=lookahead, momentum=momentum, evaluate=evaluate,
-                 train_step=train_step, prec=prec, micro_batch=micro,
-                 staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+                 scaler=scaler, techniques=techniques, evaluate=evaluate, train_step=train_step, prec=prec,
+                 micro_batch=micro_batch, staging_s=staging_s, compile_s=compile_s, lsuv=lsuv_records, notes=notes)
+
+
+def build_techniques(cfg: OptimCfg, model: ResNet, opt: torch.optim.SGD, schedule: Schedule, *,
+                     seed: int) -> list[Technique]:
+    """The stateful techniques the config turns on, in the order they act after a step (fastres/techniques.py).
+    Adding one is one line here. Made before a checkpoint's state is loaded into them and the optimizer."""
+    made = [
+        ScheduledMomentum(opt, schedule.momentum_at) if schedule.cycles_momentum else None,
+        StochasticDepthDraws(model, seed) if any(model.death_rates) else None,
+        Lookahead(model, cfg.lookahead_k, cfg.lookahead_alpha, schedule.total_steps) if cfg.lookahead_k else None,
+        WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None,
+    ]
+    return [t for t in made if t is not None]
 
 
 def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     """Read, validate and split the data, copy the evaluation sets to the device and make the loader (timed:
-    staging_s); (data, loader, evals, normalization stats, notes for the log, staging_s)."""
+    staging_s); (data, loader, evals, notes for the log, staging_s)."""
     dev = dist.device
     t_staging = time.perf_counter()
     if dist.is_main:
@@ -136,25 +136,14 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     if data.skipped:  # data.skip_bad: what was left out, named in the log once
         notes.append(f"data.skip_bad: left out {len(data.skipped)} file(s): " + "; ".join(data.skipped[:5])
                      + (" ..." if len(data.skipped) > 5 else ""))
-    norm = (data.mean, data.std)
     loader = build_loader(data_cfg, data.train, batch_per_rank=batch_per_rank, seed=cfg.run.seed, rank=dist.rank,
-                          world=dist.world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype, norm=norm)
+                          world=dist.world, device=dev, channels_last=prec.channels_last, dtype=prec.dtype,
+                          norm=(data.mean, data.std))
     evals = {name: (torch.from_numpy(s.x).to(dev), torch.from_numpy(s.y).to(dev))
              for name, s in (("test", data.test if cfg.eval.on_test else None), ("val", data.val)) if s is not None}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return data, loader, evals, norm, notes, time.perf_counter() - t_staging
-
-
-def _lookahead(cfg: OptimCfg, model: torch.nn.Module, total_steps: int, path: Path,
-               state: dict[str, Any] | None) -> Lookahead | None:
-    """optim.lookahead_k's slow weights: the model's, or a checkpoint's; None when off."""
-    if not cfg.lookahead_k:
-        return None
-    lookahead = Lookahead(model, cfg.lookahead_k, cfg.lookahead_alpha, total_steps)
-    if state is not None:
-        checkpoint.restore_lookahead(path, state, lookahead)
-    return lookahead
+    return data, loader, evals, notes, time.perf_counter() - t_staging
 
 
 def _check_labels(data: Cifar10, num_classes: int) -> None:
@@ -174,12 +163,12 @@ def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:
                                              f"the machine's {cores} cores: using {share} workers"]
 
 
-def _random_batches(split: Split, batch: int, seed: int, device: torch.device, prec: Precision, norm: tuple):
-    """A callable giving a fresh batch of un-augmented training images each call (for LSUV)."""
+def _random_batches(data: Cifar10, micro_batch: int, seed: int, device: torch.device, prec: Precision):
+    """A callable giving a fresh micro-batch of un-augmented training images each call (for LSUV)."""
     gen = rng.generator(seed, rng.LSUV)
-    images = torch.from_numpy(split.x)
+    images = torch.from_numpy(data.train.x)
 
     def next_batch() -> torch.Tensor:
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        return normalize(images[idx], *norm).to(device, memory_format=prec.memory_format)
+        idx = torch.randint(0, len(images), (micro_batch,), generator=gen)
+        return normalize(images[idx], data.mean, data.std).to(device, memory_format=prec.memory_format)
     return next_batch

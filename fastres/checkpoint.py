@@ -13,7 +13,7 @@ import pickle
 import random
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 
 from fastres import rng
 from fastres.errors import UserError, one_line, writing
-from fastres.optim import Lookahead, WeightEMA
+from fastres.techniques import Technique
 
 NAME = "checkpoint.pt"
 
@@ -142,13 +142,19 @@ def restore_progress(path: Path, state: dict[str, Any]) -> Progress:
 
 
 def restore(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler) -> None:
-    """Load ``state`` (from :func:`load`) into the run's objects and the global RNGs; a UserError if a part does
-    not fit them (a damaged file whose zip still reads: a tensor of another shape, a value of another type)."""
+            scaler: torch.amp.GradScaler, techniques: Sequence[Technique] = ()) -> None:
+    """Load ``state`` (from :func:`load`) into the run's objects, each technique's part and the global RNGs; a
+    UserError if a part is missing or does not fit them (a damaged file whose zip still reads: a tensor of another
+    shape, a value of another type)."""
     with _fitting(path):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        for technique in techniques:
+            if technique.part:
+                if not isinstance(state.get(technique.part), dict):
+                    raise TypeError(f"its {technique.part} part is missing or damaged")
+                technique.load_state_dict(state[technique.part])
         set_rng_state(state["rng"])
 
 
@@ -191,24 +197,6 @@ def world_note(state: dict[str, Any] | None, world: int) -> str | None:
     return f"resuming at world {world} (checkpoint written at world {before})"
 
 
-def restore_ema(path: Path, state: dict[str, Any], ema: WeightEMA) -> None:
-    """Load the weight average (optim.ema_decay runs save it as an extra part, "ema"); a UserError if it is
-    missing or does not fit."""
-    with _fitting(path):
-        if not isinstance(state.get("ema"), dict):
-            raise TypeError("its ema part is missing or damaged")
-        ema.load_state_dict(state["ema"])
-
-
-def restore_lookahead(path: Path, state: dict[str, Any], lookahead: Lookahead) -> None:
-    """Load the slow weights (optim.lookahead_k runs save them as an extra part, "lookahead"); a UserError if it
-    is missing or does not fit."""
-    with _fitting(path):
-        if not isinstance(state.get("lookahead"), dict):
-            raise TypeError("its lookahead part is missing or damaged")
-        lookahead.load_state_dict(state["lookahead"])
-
-
 @contextmanager
 def _fitting(path: Path) -> Iterator[None]:
     """A damaged part whose zip still reads (a tensor of another shape, a value of another type) as a
@@ -241,17 +229,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: Progress,
-           config: dict[str, Any], ema: WeightEMA | None = None,
-           rng_ranks: list[dict[str, Any]] | None = None, lookahead: Lookahead | None = None) -> dict[str, Any]:
-    """What :func:`save` writes for a run: every :data:`PARTS`, "ema" when there is a weight average, "lookahead"
-    when there are slow weights, "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch, where
-    dropout's streams go on), and "world", the number of ranks training (a resume at another world says so:
+           config: dict[str, Any], techniques: Sequence[Technique] = (),
+           rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What :func:`save` writes for a run: every :data:`PARTS`, each technique's part ("ema": the weight average,
+    "lookahead": the slow weights, ...), "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch,
+    where dropout's streams go on), and "world", the number of ranks training (a resume at another world says so:
     :func:`world_note`)."""
     extra: dict[str, Any] = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-    if ema is not None:
-        extra["ema"] = ema.state_dict()
-    if lookahead is not None:
-        extra["lookahead"] = lookahead.state_dict()
+    extra.update({t.part: t.state_dict() for t in techniques if t.part})
     if rng_ranks is not None:
         extra["rng_ranks"] = rng_ranks
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(),

@@ -439,8 +439,8 @@ def _check_step_graph(cfg: Config, world: int) -> None:
                           f"validated), and this run has {world}: set precision.step_graph = false")
 
 
-def check_optim(cfg: OptimCfg) -> None:
-    """The [optim] section's own combinations (validate runs it; so does build_optimizer, its one user)."""
+def _check_optim(cfg: OptimCfg) -> None:
+    """The [optim] section's own combinations."""
     if cfg.nesterov and cfg.momentum == 0 and cfg.schedule != "onecycle":
         raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
     if cfg.schedule == "onecycle":
@@ -492,7 +492,7 @@ def validate(cfg: Config, world: int = 1) -> None:
                           f"{accum} accumulation step(s): use a multiple of {world * accum}{ranks}")
     if not cfg.eval.on_test and not cfg.data.val_size:
         raise ConfigError("eval.on_test = false needs a validation split to measure: set data.val_size (e.g. 5000)")
-    check_optim(cfg.optim)
+    _check_optim(cfg.optim)
     if cfg.optim.schedule == "onecycle" and cfg.precision.amp == "fp16" and cfg.optim.impl == "fused":
         raise ConfigError("optim.schedule = onecycle with precision.amp = fp16 cannot use optim.impl = fused (its "
                           "kernel unscales the gradients after one-cycle's momentum has read them): use "

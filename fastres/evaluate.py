@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from fastres import distributed
 from fastres.config import TTA, EvalCfg
 from fastres.data import MEAN, STD, normalize, to_batch
-from fastres.model import Precision, batchnorm_train_mode
-from fastres.optim import WeightEMA
+from fastres.model import batchnorm_train_mode
+from fastres.step import Precision
+from fastres.techniques import WeightEMA
 
 Sets = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split name -> (uint8 images, labels) on the device
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256: the fastest forward batch measured on a 2-core CPU
@@ -77,14 +78,15 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, batches: int, rank: int = 0,
+def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, micro_batch: int, batches: int, rank: int = 0,
                 world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                 norm: tuple = (MEAN, STD)) -> int:
     """Replace BN running averages by statistics of the current weights; the number of images used per rank.
 
     Precise BN (Wu & Johnson 2021, "Rethinking Batch in BatchNorm") with the population-variance estimator of
     its appendix (fvcore's ``_PopulationVarianceEstimator``): per channel, the mean and the biased variance of
-    all values seen in ``batches`` un-augmented training batches of ``batch`` images, pooled in float64 over
+    all values seen in ``batches`` un-augmented training micro-batches of ``micro_batch`` images (what one forward
+    of training sees), pooled in float64 over
     ranks (rank r uses images r, r + world, ...). Every block is kept and dropout is off, as evaluated.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -101,14 +103,14 @@ def precise_bn_(model: torch.nn.Module, images: torch.Tensor, *, batch: int, bat
         bn.reset_running_stats()
         bn.momentum = 1.0  # after a forward the buffers hold that batch's mean and unbiased variance
     x = images[rank::world]
-    n = min(batches * batch, (len(x) // batch) * batch or len(x))
+    n = min(batches * micro_batch, (len(x) // micro_batch) * micro_batch or len(x))
     dtype = amp_dtype or torch.float32
     try:
         with batchnorm_train_mode(model):
-            for i in range(0, n, batch):
+            for i in range(0, n, micro_batch):
                 sizes.clear()
                 with torch.autocast(images.device.type, dtype=dtype, enabled=amp_dtype is not None):
-                    model(to_batch(normalize(x[i:i + batch], *norm), dtype, channels_last))
+                    model(to_batch(normalize(x[i:i + micro_batch], *norm), dtype, channels_last))
                 for bn, a in zip(bns, acc):
                     if bn in sizes:  # (a layer not run in this forward saw nothing)
                         size, mean, var = sizes[bn], bn.running_mean.double(), bn.running_var.double()
@@ -137,7 +139,7 @@ def target_split(cfg: EvalCfg) -> str:
 
 
 def evaluate_all(model: torch.nn.Module, cfg: EvalCfg, sets: Sets, *, ema: WeightEMA | None, prec: Precision,
-                 train_images: torch.Tensor | None, batch: int, rank: int = 0, world: int = 1,
+                 train_images: torch.Tensor | None, micro_batch: int, rank: int = 0, world: int = 1,
                  norm: tuple = (MEAN, STD), top5: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """One evaluation as the loop logs it: (accuracy per split, the row's other accuracies, named
     ``<split>_acc_<key>`` for the keys of fastres.log.EXTRA_ACCS). With a weight average the average is scored,
@@ -147,11 +149,12 @@ def evaluate_all(model: torch.nn.Module, cfg: EvalCfg, sets: Sets, *, ema: Weigh
     score = dict(rank=rank, world=world, amp_dtype=prec.amp_dtype, channels_last=prec.channels_last, norm=norm)
     extra, tta, target = {}, cfg.tta, target_split(cfg)
     if ema is not None:
+        ema.broadcast()  # every rank scores rank 0's average (its BN statistics differ per rank)
         extra[f"{target}_acc_no_ema"] = accuracy(model, *sets[target], tta=tta, **score)
     with ema.swapped_in() if ema is not None else nullcontext():
         if cfg.precise_bn:
             extra[f"{target}_acc_running_bn"] = accuracy(model, *sets[target], tta=tta, **score)
-            precise_bn_(model, train_images, batch=batch, batches=cfg.precise_bn_batches, **score)
+            precise_bn_(model, train_images, micro_batch=micro_batch, batches=cfg.precise_bn_batches, **score)
         scored = {name: accuracies(model, xs, ys, tta=tta, top5=top5, **score) for name, (xs, ys) in sets.items()}
     if tta != "off":
         extra.update({f"{name}_acc_no_tta": a["off"] for name, a in scored.items()})

@@ -31,13 +31,12 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres.config import ModelCfg, PrecisionCfg
+from fastres.config import ModelCfg
 
 WIDTHS = (16, 32, 64)
 
@@ -182,36 +181,20 @@ def death_rates(num_blocks: int, p_last: float, mode: str) -> list[float]:
     return [p_last * (i + 1) / num_blocks for i in range(num_blocks)]
 
 
-class ResNetCifar(nn.Module):
-    def __init__(self, depth: int = 20, block: str = "post", shortcut: str = "A",
-                 stochastic_depth: float = 0.0, sd_mode: str = "linear", num_classes: int = 10,
-                 dropout: float = 0.0, dropout_kind: str = "standard"):
+class ResNet(nn.Module):
+    """What both families share: a stem, residual blocks, the last BN-ReLU of pre-activation nets, a global average
+    pool and the classifier; stochastic depth's draws. Each family makes its stem and blocks, then calls this."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], *, pre: bool, channels: int, num_classes: int):
         super().__init__()
-        n = (depth - 2) // 6
-        self.pre = block == "pre"
-        self.stem = nn.Sequential(OrderedDict(conv=conv3x3(3, WIDTHS[0])))
-        if not self.pre:
-            self.stem.add_module("bn", nn.BatchNorm2d(WIDTHS[0]))
-            self.stem.add_module("relu", nn.ReLU(inplace=True))
-        rates = death_rates(3 * n, stochastic_depth, sd_mode)
-        blocks, cin = [], WIDTHS[0]
-        for stage, cout in enumerate(WIDTHS):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                p = rates[len(blocks)]
-                drop = make_dropout(dropout, dropout_kind)
-                if self.pre:
-                    blocks.append(PreActBlock(cin, cout, stride, shortcut, p, split_after_preact=not blocks,
-                                              dropout=drop))
-                else:
-                    blocks.append(PostActBlock(cin, cout, stride, shortcut, p, dropout=drop))
-                cin = cout
+        self.pre = pre
+        self.stem = stem
         self.blocks = nn.ModuleList(blocks)
-        self.head_bn = nn.BatchNorm2d(cin) if self.pre else None
-        self.fc = nn.Linear(cin, num_classes)
-        self.death_rates = rates
-        # Stochastic-depth draws: a CPU generator, so deciding costs no device sync; seed it the same on
-        # every rank (the train loop does, per step) and all ranks drop the same blocks.
+        self.head_bn = nn.BatchNorm2d(channels) if pre else None
+        self.fc = nn.Linear(channels, num_classes)  # made last: its default init draws after every conv's
+        self.death_rates = [blk.death_rate for blk in blocks]
+        # Stochastic-depth draws: a CPU generator, so deciding costs no device sync; seeded the same on every rank
+        # per step (fastres.techniques.StochasticDepthDraws), all ranks drop the same blocks.
         self.sd_gen = torch.Generator()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,20 +210,46 @@ class ResNetCifar(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class ResNetCifar(ResNet):
+    """He 2015, sec. 4.2: a 3x3 stem, 3 stages of n = (depth - 2) / 6 basic blocks at 16/32/64 channels."""
+
+    def __init__(self, depth: int = 20, block: str = "post", shortcut: str = "A",
+                 stochastic_depth: float = 0.0, sd_mode: str = "linear", num_classes: int = 10,
+                 dropout: float = 0.0, dropout_kind: str = "standard"):
+        n, pre = (depth - 2) // 6, block == "pre"
+        stem = nn.Sequential(OrderedDict(conv=conv3x3(3, WIDTHS[0])))
+        if not pre:
+            stem.add_module("bn", nn.BatchNorm2d(WIDTHS[0]))
+            stem.add_module("relu", nn.ReLU(inplace=True))
+        rates = death_rates(3 * n, stochastic_depth, sd_mode)
+        blocks, cin = [], WIDTHS[0]
+        for stage, cout in enumerate(WIDTHS):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                p = rates[len(blocks)]
+                drop = make_dropout(dropout, dropout_kind)
+                if pre:
+                    blocks.append(PreActBlock(cin, cout, stride, shortcut, p, split_after_preact=not blocks,
+                                              dropout=drop))
+                else:
+                    blocks.append(PostActBlock(cin, cout, stride, shortcut, p, dropout=drop))
+                cin = cout
+        super().__init__(stem, blocks, pre=pre, channels=cin, num_classes=num_classes)
+
+
 # blocks per stage and whether they are bottlenecks (He 2015, Table 1)
 IMAGENET_STAGES = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
                    101: ((3, 4, 23, 3), True), 152: ((3, 8, 36, 3), True)}
 
 
-class ResNetImageNet(ResNetCifar):
-    """torchvision's ResNet layout with ResNetCifar's blocks and forward (stochastic depth skips dropped blocks)."""
+class ResNetImageNet(ResNet):
+    """torchvision's ResNet layout (7x7 stride-2 stem and max-pool, 4 stages) with the blocks above."""
 
     def __init__(self, depth: int = 50, block: str = "post", stochastic_depth: float = 0.0, sd_mode: str = "linear",
                  num_classes: int = 1000, dropout: float = 0.0, dropout_kind: str = "standard", width: int = 64):
-        nn.Module.__init__(self)
         counts, bottleneck = IMAGENET_STAGES[depth]
-        self.pre = block == "pre"
-        self.stem = nn.Sequential(OrderedDict(  # conv-BN-ReLU-pool in both: the block kind starts after the pool
+        pre = block == "pre"
+        stem = nn.Sequential(OrderedDict(  # conv-BN-ReLU-pool in both: the block kind starts after the pool
             conv=nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False), bn=nn.BatchNorm2d(width),
             relu=nn.ReLU(inplace=True), pool=nn.MaxPool2d(3, stride=2, padding=1)))
         rates = death_rates(sum(counts), stochastic_depth, sd_mode)
@@ -252,20 +261,16 @@ class ResNetImageNet(ResNetCifar):
                 drop = make_dropout(dropout, dropout_kind)
                 if bottleneck:
                     blk = (PreActBottleneck(cin, mid, stride, p, split_after_preact=not blocks, dropout=drop)
-                           if self.pre else PostActBottleneck(cin, mid, stride, p, dropout=drop))
+                           if pre else PostActBottleneck(cin, mid, stride, p, dropout=drop))
                 else:
                     blk = (PreActBlock(cin, mid, stride, "B", p, split_after_preact=not blocks, dropout=drop)
-                           if self.pre else PostActBlock(cin, mid, stride, "B", p, dropout=drop))
+                           if pre else PostActBlock(cin, mid, stride, "B", p, dropout=drop))
                 blocks.append(blk)
                 cin = mid * (4 if bottleneck else 1)
-        self.blocks = nn.ModuleList(blocks)
-        self.head_bn = nn.BatchNorm2d(cin) if self.pre else None
-        self.fc = nn.Linear(cin, num_classes)
-        self.death_rates = rates
-        self.sd_gen = torch.Generator()  # as ResNetCifar's: the same drops on every rank
+        super().__init__(stem, blocks, pre=pre, channels=cin, num_classes=num_classes)
 
 
-def build_model(cfg: ModelCfg) -> ResNetCifar:
+def build_model(cfg: ModelCfg) -> ResNet:
     """The network ``cfg`` describes, initialized with the global torch RNG (seed it first).
 
     With ``init = "lsuv"`` the weights are orthonormal; :func:`lsuv_` then scales them on data.
@@ -394,28 +399,3 @@ def lsuv_(model: nn.Module, next_batch: Callable[[], torch.Tensor], tol_var: flo
                                 skipped=seen["var"] == 0.0))
     model.load_state_dict(saved, strict=False)  # BN running averages as they were
     return records
-
-
-# ----------------------------------------------------------------------------------------------------
-# What precision.amp and precision.channels_last mean for tensors: worked out here once, used everywhere.
-
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Precision:
-    amp_dtype: torch.dtype | None  # autocast's dtype; None: no autocast
-    channels_last: bool
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the model's input batches."""
-        return self.amp_dtype or torch.float32
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-def precision(cfg: PrecisionCfg) -> Precision:
-    return Precision(amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last)

@@ -1,15 +1,20 @@
 """The training step, in three forms behind one call: ``train_step(x, y, lr=, global_step=) -> (loss, correct)``.
 
-- eager: :func:`train_on_batch` (forward, loss, backward, optimizer update), then the weight average's update;
+- eager: :func:`train_on_batch` (forward, loss, backward, optimizer update), then the techniques' ``apply()``
+  (fastres/techniques.py) on the steps their ``prepare()`` says it changes something;
 - compiled (precision.compile): the same, with the net torch.compile'd and compiled before the clock starts by
-  :func:`precompile`, the compile warm-up;
-- graph (precision.step_graph): the whole step captured once as one CUDA graph (:class:`CapturedStep`) after
-  its own capture warm-up, then replayed: the "whole-network capture" of PyTorch's CUDA Graphs notes
-  (docs/source/notes/cuda.rst). The lr is a device tensor that fused SGD reads (aten::_fused_sgd_.tensor_lr), so
-  a new lr is one fill kernel. Per step the host launches two copies (the batch), one fill (the lr), one replay.
-  What a fixed graph cannot hold is refused by fastres.config.validate. On a CPU there is nothing to capture:
-  the capture warm-up and its undoing run, then the same step runs eagerly on the static buffers, so CPU tests
-  check everything but the capture (tests/test_cuda.py checks that).
+  :func:`precompile`, the compile warm-up, on a batch of the loader's shape;
+- graph (precision.step_graph): the whole step, techniques included, captured once as one CUDA graph
+  (:class:`CapturedStep`) after its own capture warm-up, then replayed: the "whole-network capture" of PyTorch's
+  CUDA Graphs notes (docs/source/notes/cuda.rst). The lr is a device tensor that fused SGD reads
+  (aten::_fused_sgd_.tensor_lr), so a new lr is one fill kernel. Per step the host launches two copies (the
+  batch), one fill (the lr), the techniques' fills, one replay. What a fixed graph cannot hold is refused by
+  fastres.config.validate. On a CPU there is nothing to capture: the capture warm-up and its undoing run, then the
+  same step runs eagerly on the static buffers, so CPU tests check everything but the capture (tests/test_cuda.py
+  checks that).
+
+Shapes come from the data: the compile warm-up and the capture run on a batch of the shape, dtype and memory
+format the loader yields (:func:`random_batch`), labels drawn from the data's classes.
 """
 
 from __future__ import annotations
@@ -18,42 +23,77 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastres import rng
 from fastres.config import OptimCfg, PrecisionCfg
-from fastres.model import Precision, precision
-from fastres.optim import Lookahead, ScheduledMomentum, WeightEMA
+from fastres.techniques import Technique
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Batch = tuple[torch.Tensor, torch.Tensor]  # (images, labels) as the loader yields them
 PRECOMPILE_STEPS = 3  # compile warm-up steps: every graph torch.compile makes for training is made there
 CAPTURE_WARMUP_STEPS = 3  # side-stream steps before a capture: cuDNN autotuning and lazy inits happen there
 
 
+# ----------------------------------------------------------------------------------------------------
+# What precision.amp and precision.channels_last mean for the step's tensors: worked out here once.
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes and memory format of the tensors a step reads: the input batch, autocast's compute."""
+    amp_dtype: torch.dtype | None  # autocast's dtype; None: no autocast
+    channels_last: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the input batches."""
+        return self.amp_dtype or torch.float32
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def precision(cfg: PrecisionCfg) -> Precision:
+    return Precision(amp_dtype=AMP_DTYPES[cfg.amp], channels_last=cfg.channels_last)
+
+
+def random_batch(batch_per_rank: int, image_shape: tuple[int, int, int], num_classes: int, prec: Precision,
+                 device: torch.device) -> Batch:
+    """Standard-normal images of ``image_shape`` (C, H, W) and labels in [0, num_classes), in the loader's dtype and
+    memory format: what the warm-ups train on. Drawn without moving the run's random streams."""
+    with _streams_kept(device):
+        x = torch.randn(batch_per_rank, *image_shape, device=device)
+        y = torch.randint(0, num_classes, (batch_per_rank,), device=device)
+    return x.to(dtype=prec.dtype, memory_format=prec.memory_format), y
+
+
+# ----------------------------------------------------------------------------------------------------
+# One optimizer step, and the warm-ups that compile or capture it.
+
 def train_on_batch(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    x: torch.Tensor, y: torch.Tensor, *, accum: int = 1, amp_dtype: torch.dtype | None = None,
-                   label_smoothing: float = 0.0,
-                   before_forward: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch taken as ``accum`` micro-batches; (summed loss, correct) on the device.
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a per-rank batch taken as ``accum`` micro-batches; (summed loss, correct) on the device.
 
     Micro-batch m holds every accum-th image, exactly what DDP rank m would hold, and gradients are all-reduced
     only after the last one (DDP's no_sync). Each micro-batch's mean loss is divided by accum, so the gradient is
     that of k ranks: BatchNorm normalizes each micro-batch over its own images (as each rank does over its share),
     and only micro-batch 0 updates BN's running statistics, once per step, as rank 0 does under DDP (whose
-    statistics every rank evaluates with). ``before_forward()`` runs before every forward (stochastic depth
-    reseeds there).
+    statistics every rank evaluates with).
     """
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     bns = _batchnorms(net) if accum > 1 else []
     for m in range(accum):
         xm, ym = (x, y) if accum == 1 else (x[m::accum], y[m::accum])
-        if before_forward is not None:
-            before_forward()
         sync = net.no_sync() if isinstance(net, DDP) and m < accum - 1 else nullcontext()
         with sync, _running_stats_frozen(bns if m > 0 else []):
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -97,22 +137,21 @@ def compile_net(net: torch.nn.Module, model: torch.nn.Module, cfg: PrecisionCfg)
 
 
 def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, *, batch: int, accum: int, device: torch.device, prec: Precision,
+               scaler: torch.amp.GradScaler, *, example: Batch, accum: int, amp_dtype: torch.dtype | None,
                evaluate: Callable[[], Any] | None = None, steps: int = PRECOMPILE_STEPS) -> None:
-    """The compile warm-up: train ``steps`` steps on random batches of the real shape, then ``evaluate()`` (so
-    the evaluation's eval-mode graphs, batch shapes and TTA views compile here, not in the first evaluation),
-    then put weights, optimizer and scaler state back: only the compiled code remains (cifar10-airbench warms
-    up before its timer too). Every stochastic-depth branch is kept meanwhile, so each is compiled."""
+    """The compile warm-up: train ``steps`` steps on ``example`` (a batch of the loader's shape, dtype and memory
+    format: :func:`random_batch`), then ``evaluate()`` (so the evaluation's eval-mode graphs, batch shapes and TTA
+    views compile here, not in the first evaluation), then put weights, optimizer and scaler state back: only the
+    compiled code remains (cifar10-airbench warms up before its timer too). Every stochastic-depth branch is kept
+    meanwhile, so each is compiled."""
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
     rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
-    # its random batches and dropout draws must not move the run's streams (a run resumed inside an epoch
-    # continues them from the checkpoint)
-    with _streams_kept(device):
-        x = torch.randn(batch, 3, 32, 32, device=device).to(dtype=prec.dtype, memory_format=prec.memory_format)
-        y = torch.randint(0, 10, (batch,), device=device)
+    # dropout's draws must not move the run's streams (a run resumed inside an epoch continues them from the
+    # checkpoint)
+    with _streams_kept(example[0].device):
         model.train()
         for _ in range(steps):
-            train_on_batch(net, opt, scaler, x, y, accum=accum, amp_dtype=prec.amp_dtype)
+            train_on_batch(net, opt, scaler, *example, accum=accum, amp_dtype=amp_dtype)
         model.death_rates = rates
         if evaluate is not None:
             evaluate()
@@ -125,21 +164,22 @@ def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Op
 class CapturedStep:
     """``fn(x, y)`` (one optimizer step; metrics on the device) captured once, called as ``captured(x, y, lr)``.
 
-    The optimizer's lr becomes a device tensor here (float32 on CUDA, which fused SGD reads as a float; float64
-    on a CPU, whose kernel reads a double, so the CPU run equals one with a Python float lr). The model's
-    parameters, buffers and momentum buffers, and ``state`` (tensors the step also changes, such as the weight
-    average of fastres/optim.py), are the graph's state: they keep their storage (updated in place) and are put
-    back after the capture warm-up, so training starts where it would have without a graph. The tensors a call
-    returns are the graph's outputs, overwritten by the next call: use them before that.
+    Its static input buffers take ``example``'s shape, dtype and memory format (the loader's batches), and the
+    capture warm-up trains on the example itself. The optimizer's lr becomes a device tensor here (float32 on
+    CUDA, which fused SGD reads as a float; float64 on a CPU, whose kernel reads a double, so the CPU run equals
+    one with a Python float lr). The model's parameters, buffers and momentum buffers, and ``state`` (tensors the
+    step also changes: the techniques' graph state, the epoch's sums), are the graph's state: they keep their
+    storage (updated in place) and are put back after the capture warm-up, so training starts where it would have
+    without a graph. The tensors a call returns are the graph's outputs, overwritten by the next call: use them
+    before that.
     """
 
-    def __init__(self, fn: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, batch: int,
-                 dtype: torch.dtype, memory_format: torch.memory_format, device: torch.device,
+    def __init__(self, fn: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, example: Batch,
                  warmup: int = CAPTURE_WARMUP_STEPS, state: Sequence[torch.Tensor] = ()):
         self.fn = fn  # one optimizer step on (x, y); metrics on the device
         self.state = list(state)
-        self.x = torch.zeros(batch, 3, 32, 32, dtype=dtype, device=device).contiguous(memory_format=memory_format)
-        self.y = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.x, self.y = example[0].clone(), example[1].clone()  # clone keeps the memory format
+        device = self.x.device
         lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
         self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=lr_dtype, device=device)
         for group in opt.param_groups:
@@ -154,9 +194,8 @@ class CapturedStep:
         state = state_tensors(model, opt) + self.state
         saved = [t.detach().clone() for t in state]
         cuda = self.x.device.type == "cuda"
-        # the warm-up's random input (and dropout's draws) must not move the run's random streams
+        # dropout's draws in the warm-up must not move the run's random streams
         with _streams_kept(self.x.device):
-            self.x.normal_()  # labels stay 0: any valid class will do for warm-up and capture
             opt.zero_grad(set_to_none=True)
             with _side_stream(self.x.device):
                 for _ in range(warmup):
@@ -215,13 +254,14 @@ def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[to
     return tensors
 
 
+# ----------------------------------------------------------------------------------------------------
+# The loop's step: the three forms behind one call, and the epoch's sums on the device.
+
 class TrainStep:
-    """The loop's optimizer step: ``train_step(x, y, lr=lr, global_step=s)`` trains on one batch at learning rate
-    ``lr`` as global step ``s``, the count of steps taken before it (stochastic depth draws the step's drops from
-    (seed, s), the same on every rank and micro-batch: Huang 2016 drops per batch) and returns (summed loss,
-    correct) on the device. Eager and compiled set the lr in the optimizer and update the weight average after the
-    step; the graph form does both inside its replay. A graph cannot hold stochastic depth, so it is never built
-    with it (config.validate refuses).
+    """The loop's optimizer step: ``train_step(x, y, lr=lr, global_step=s)`` trains on one per-rank batch at learning
+    rate ``lr`` as global step ``s``, the count of steps taken before it, and returns (summed loss, correct) on the
+    device. Every technique (fastres/techniques.py) prepares step ``s`` on the host first; eager and compiled then
+    set the lr in the optimizer, step, and apply the techniques that asked; the graph form replays all of it.
 
     The epoch's sums live here, on the device, added inside the step (inside the graph too): ``loss_sum``,
     ``correct``, and ``bad_step``, the first step whose loss was not finite (-1: none). ``start_epoch(s)``
@@ -230,12 +270,9 @@ class TrainStep:
 
     def __init__(self, net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, *, accum: int, amp_dtype: torch.dtype | None, label_smoothing: float,
-                 seed: int, ema: WeightEMA | None = None, momentum: ScheduledMomentum | None = None,
-                 lookahead: Lookahead | None = None):
-        self.net, self.model, self.opt, self.scaler, self.ema, self.seed = net, model, opt, scaler, ema, seed
-        self.momentum, self.lookahead = momentum, lookahead  # one-cycle's momentum tensor; Lookahead (fastres/optim.py)
+                 techniques: Sequence[Technique] = ()):
+        self.net, self.model, self.opt, self.scaler, self.techniques = net, model, opt, scaler, list(techniques)
         self.kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=label_smoothing)
-        self.stochastic_depth = any(model.death_rates)
         self.captured: CapturedStep | None = None
         device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=device)
@@ -261,22 +298,20 @@ class TrainStep:
         self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.count, self.bad_step))
         self.count += 1
 
-    def capture(self, *, batch: int, prec: Precision, device: torch.device) -> None:
-        """Make this the graph form: capture the step (the weight average's update, the sums) as one CUDA graph."""
-        if self.stochastic_depth:
-            raise ValueError("a captured step cannot draw stochastic depth's per-step drops")
+    def capture(self, example: Batch) -> None:
+        """Make this the graph form: capture the step (the techniques' apply(), the sums) as one CUDA graph, its
+        input buffers shaped like ``example``."""
+        held = [t.name for t in self.techniques if not t.graphable]
+        if held:
+            raise ValueError(f"a captured step cannot hold {', '.join(held)}")
+        state = [t for tech in self.techniques for t in tech.graph_state()]
         sums = [self.loss_sum, self.correct, self.bad_step, self.count]
-        slow = self.lookahead.slow + [self.lookahead.count] if self.lookahead is not None else []
-        self.captured = CapturedStep(self._whole_step, self.model, self.opt, batch=batch, dtype=prec.dtype,
-                                     memory_format=prec.memory_format, device=device,
-                                     state=(self.ema.avg if self.ema is not None else []) + slow + sums)
+        self.captured = CapturedStep(self._whole_step, self.model, self.opt, example=example, state=state + sums)
 
     def _whole_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
-        if self.lookahead is not None:
-            self.lookahead.apply()  # decides on the device whether this step syncs
-        if self.ema is not None:
-            self.ema.apply()  # reads the weight prepare() filled: the same kernels every replay
+        for technique in self.techniques:
+            technique.apply()  # graph-safe: what prepare() filled decides, the same kernels every replay
         self._tally(*out)
         return out
 
@@ -286,54 +321,43 @@ class TrainStep:
             raise ValueError(f"step {global_step} called where step {self.next_step} is next: call "
                              "start_epoch(global_step) when the steps do not follow on")
         self.next_step += 1
-        if self.momentum is not None:
-            self.momentum.prepare(global_step)  # one fill: the step's momentum, read on the device
-        sync_slow = self.lookahead.prepare() if self.lookahead is not None else False
+        due = [t for t in self.techniques if t.prepare(global_step)]  # host: fills only, no sync
         if self.captured is not None:
-            if self.ema is not None:
-                self.ema.prepare()
             return self.captured(x, y, lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        reseed = None
-        if self.stochastic_depth:
-            sd_seed = rng.derive_seed(self.seed, rng.STOCHASTIC_DEPTH, global_step)
-            reseed = lambda: self.model.sd_gen.manual_seed(sd_seed)  # noqa: E731
-        out = train_on_batch(self.net, self.opt, self.scaler, x, y, before_forward=reseed, **self.kw)
-        if sync_slow:
-            self.lookahead.sync()
-        if self.ema is not None:
-            self.ema.update()
+        out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
+        for technique in due:
+            technique.apply()
         self._tally(*out)
         return out
 
 
 def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, seed: int,
-                     batch_per_rank: int, device: torch.device, ema: WeightEMA | None = None,
-                     evaluate: Callable[[], Any] | None = None, momentum: ScheduledMomentum | None = None,
-                     lookahead: Lookahead | None = None) -> tuple[TrainStep, float]:
-    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled (running ``evaluate()`` in
-    the compile warm-up) if precision.compile, captured if precision.step_graph."""
-    prec = precision(cfg)
-    timer = Timer(device)
+                     scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, example: Batch,
+                     techniques: Sequence[Technique] = (),
+                     evaluate: Callable[[], Any] | None = None) -> tuple[TrainStep, float]:
+    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled on ``example`` (a batch of the
+    loader's shape; running ``evaluate()`` in the compile warm-up) if precision.compile, captured if
+    precision.step_graph."""
+    amp_dtype = precision(cfg).amp_dtype
+    timer = Timer(example[0].device)
     timer.start()
     skips = 0
     if cfg.compile:
         from torch._dynamo.utils import counters  # here, not at the top: 2 s of every start-up without compile
         before = counters["inductor"]["cudagraph_skips"]
         compile_net(net, model, cfg)
-        precompile(net, model, opt, scaler, batch=batch_per_rank, accum=optim.accum_steps, device=device,
-                   prec=prec, evaluate=evaluate)
+        precompile(net, model, opt, scaler, example=example, accum=optim.accum_steps, amp_dtype=amp_dtype,
+                   evaluate=evaluate)
         # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
         # pytorch#139207); inductor counts each skip, and the run reports them
         skips = counters["inductor"]["cudagraph_skips"] - before
-    train_step = TrainStep(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=prec.amp_dtype,
-                           label_smoothing=optim.label_smoothing, seed=seed, ema=ema, momentum=momentum,
-                           lookahead=lookahead)
+    train_step = TrainStep(net, model, opt, scaler, accum=optim.accum_steps, amp_dtype=amp_dtype,
+                           label_smoothing=optim.label_smoothing, techniques=techniques)
     train_step.cudagraph_skips = skips
     if cfg.step_graph:
-        train_step.capture(batch=batch_per_rank, prec=prec, device=device)
+        train_step.capture(example)
     return train_step, timer.stop()
 
 

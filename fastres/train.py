@@ -185,8 +185,6 @@ def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, global_ste
     loss and accuracy are the epoch's, on augmented batches as trained."""
     t_eval = time.perf_counter()
     distributed.broadcast_buffers(p.model)
-    if p.ema is not None:
-        p.ema.broadcast()
     acc, extra = p.evaluate(p.evals)
     if dist.device.type == "cuda":
         torch.cuda.synchronize(dist.device)
@@ -212,7 +210,7 @@ def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, glo
         progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
     if dist.is_main:
         checkpoint.save(Path(cfg.run.out_dir) / checkpoint.NAME, checkpoint.gather(
-            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.ema, rng_ranks, p.lookahead))
+            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.techniques, rng_ranks))
     distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
 

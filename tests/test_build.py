@@ -14,6 +14,7 @@ from fastres.config import ConfigError
 from fastres.data import NUM_CLASSES, DataError, Split, load, synthetic
 from fastres.data.loaders import build_loader
 from fastres.model import build_model
+from fastres.techniques import StochasticDepthDraws, WeightEMA, find
 from fastres.tools import bench, scaling, stack
 
 from conftest import ROOT
@@ -92,13 +93,14 @@ def test_build_makes_every_part_of_a_run(tmp_path):
     assert set(p.evals) == {"test", "val"} and len(p.evals["test"][1]) == 40 and len(p.evals["val"][1]) == 40
     assert p.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 40 / 128)
     assert p.schedule(0) == pytest.approx(0.1 * 40 / 128) and p.schedule.total_steps == 2 * 4
-    assert p.ema is not None and p.train_step.ema is p.ema and p.train_step.captured is None
+    ema = find(p.techniques, WeightEMA)
+    assert ema is not None and p.train_step.techniques == [ema] and p.train_step.captured is None
     assert p.prec.channels_last and p.prec.dtype == torch.float32
     x, y = next(iter(p.loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in p.model.state_dict().items()}
     loss, correct = p.train_step(x, y, lr=0.1, global_step=0)
-    assert loss.item() > 0 and 0 <= correct.item() <= 40 and p.ema.updates == 1
+    assert loss.item() > 0 and 0 <= correct.item() <= 40 and ema.updates == 1
     assert any(not torch.equal(before[k], v) for k, v in p.model.state_dict().items())
     acc, extra = p.evaluate(p.evals)
     assert set(acc) == {"test", "val"} and set(extra) == {"test_acc_no_ema"}
@@ -113,11 +115,13 @@ def test_build_resumes_from_a_checkpoint_state(tmp_path):
     p = build.build(cfg, distributed.single(CPU))
     x, y = next(iter(p.loader))
     p.train_step(x, y, lr=0.1, global_step=0)
-    state = checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(step=1), config.to_dict(cfg), p.ema)
+    state = checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(step=1), config.to_dict(cfg),
+                              p.techniques)
     q = build.build(cfg, distributed.single(CPU), copy.deepcopy(state))
     for k, v in p.model.state_dict().items():
         assert torch.equal(q.model.state_dict()[k], v), k
-    assert q.ema.updates == 1 and all(torch.equal(a, b) for a, b in zip(q.ema.avg, p.ema.avg))
+    qa, pa = find(q.techniques, WeightEMA), find(p.techniques, WeightEMA)
+    assert qa.updates == 1 and all(torch.equal(a, b) for a, b in zip(qa.avg, pa.avg))
     assert q.lsuv is None
 
 
@@ -145,9 +149,9 @@ def test_the_step_graph_form_refuses_stochastic_depth_instead_of_ignoring_the_st
     model = build_model(cfg.model)
     from fastres.optim import build_optimizer
     s = step.TrainStep(model, model, build_optimizer(model, cfg.optim), torch.amp.GradScaler("cpu", enabled=False),
-                       accum=1, amp_dtype=None, label_smoothing=0.0, seed=0)
+                       accum=1, amp_dtype=None, label_smoothing=0.0, techniques=[StochasticDepthDraws(model, 0)])
     with pytest.raises(ValueError, match="stochastic depth"):
-        s.capture(batch=4, prec=build.precision(cfg.precision), device=CPU)
+        s.capture(step.random_batch(4, (3, 32, 32), 10, step.precision(cfg.precision), CPU))
 
 
 # ------------------------------------------------------------------------------------------- synthetic source

@@ -105,9 +105,11 @@ def test_dali_on_the_gpu_gives_the_gpu_loaders_batches(small_cifar, source):
             torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
 
 
-def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
-    """The whole step as one CUDA graph: after capture the model is as it was, and replays with a new lr
-    each step give what eager steps give (float32 lr on the device against a Python float: close)."""
+@pytest.mark.parametrize("side", [32, 56], ids=["32px", "56px"])
+def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step(side):
+    """The whole step as one CUDA graph, its buffers shaped like the example batch (CIFAR's 32 pixels or another
+    side): after capture the model is as it was, and replays with a new lr each step give what eager steps give
+    (float32 lr on the device against a Python float: close)."""
     cfg = config.load(None, ["--model.depth=8", "--optim.impl=fused", "--optim.nesterov=true"])
     models, opts = [], []
     for _ in range(2):
@@ -117,14 +119,15 @@ def test_step_graph_captures_undoes_its_warm_up_and_replays_the_eager_step():
     (m_eager, m_graph), (o_eager, o_graph) = models, opts
     before = {k: v.clone() for k, v in m_graph.state_dict().items()}
     scaler = torch.amp.GradScaler("cuda", enabled=False)
+    example = step.random_batch(16, (3, side, side), 10, step.precision(cfg.precision), CUDA)
     g = step.CapturedStep(lambda x, y: step.train_on_batch(m_graph, o_graph, scaler, x, y), m_graph, o_graph,
-                          batch=16, dtype=torch.float32, memory_format=torch.contiguous_format, device=CUDA)
+                          example=example)
     assert g.graph is not None
     for k, v in m_graph.state_dict().items():
         assert torch.equal(before[k], v), k
     gen = torch.Generator(device=CUDA).manual_seed(1)
     for i, lr in enumerate([0.1, 0.05, 0.2, 0.01, 0.1]):
-        x = torch.randn(16, 3, 32, 32, device=CUDA, generator=gen)
+        x = torch.randn(16, 3, side, side, device=CUDA, generator=gen)
         y = torch.randint(0, 10, (16,), device=CUDA, generator=gen)
         for group in o_eager.param_groups:
             group["lr"] = lr

@@ -11,7 +11,7 @@ from fastres.errors import UserError
 from fastres.evaluate import accuracy
 from fastres.log import read_metrics
 from fastres.model import build_model
-from fastres.optim import WeightEMA
+from fastres.techniques import WeightEMA
 
 from conftest import killed_after_first_checkpoint
 

@@ -468,3 +468,44 @@ def test_jpeg_throughput_tool_runs_at_tiny_scale(tmp_path):
     assert len(out.read_text().splitlines()) == len(rows)
     sizes = [Image.open(p).size for p in sorted(jpeg.write_jpegs(tmp_path / "j", 200).glob("train/*/*.jpg"))]
     assert 330 < np.mean([w for w, _ in sizes]) < 470 and 280 < np.mean([h for _, h in sizes]) < 440
+
+
+# ------------------------------------------------------------------------------------------- shapes from the data
+
+def sized_run(folder, out, *extra):
+    """A CIFAR ResNet-8 on the folder at 40 pixels: a shape other than CIFAR's 32 for the step's warm-ups."""
+    return config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.loader=workers",
+                              "--data.image_size=40", "--data.num_workers=0", "--model.depth=8",
+                              "--model.num_classes=4", "--optim.batch_size=8", "--optim.impl=fused", "--run.epochs=2",
+                              "--run.device=cpu", f"--run.out_dir={out}", "--log.every_steps=0", *extra])
+
+
+@pytest.mark.slow
+def test_a_folder_run_at_its_own_size_compiles_nothing_after_the_warm_up(folder, tmp_path, monkeypatch):
+    """precision.compile on 40-pixel images: the compile warm-up runs on the loader's shape and the evaluation's, so
+    the loop (steps, evaluations) compiles no frame and recompiles nothing (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+    seen, real_loop = {}, train.train_loop
+
+    def compiled() -> tuple[int, int, int]:
+        return counters["frames"]["ok"], counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+    def loop(*a, **kw):
+        seen["before"] = compiled()
+        real_loop(*a, **kw)
+        seen["after"] = compiled()
+    monkeypatch.setattr(train, "train_loop", loop)
+    s = train.main(sized_run(folder, tmp_path / "run", "--precision.compile=true"))
+    assert s["finished"] and s["steps"] == 2 * 3 and s["compile_s"] > 0
+    assert seen["before"][0] > 0 and seen["after"] == seen["before"], seen
+
+
+def test_a_folder_run_at_its_own_size_takes_the_step_graph(folder, tmp_path):
+    """precision.step_graph with data.source = folder at 40 pixels: the graph's buffers take the loader's shape (on
+    a CPU the step runs eagerly on them) and the run equals the one without, bit for bit."""
+    from fastres import checkpoint
+    plain = train.main(sized_run(folder, tmp_path / "plain"))
+    graphed = train.main(sized_run(folder, tmp_path / "graph", "--precision.step_graph=true"))
+    a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("plain", "graph"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["final_test_acc"] == graphed["final_test_acc"] and graphed["steps"] == 6

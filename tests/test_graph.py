@@ -85,8 +85,8 @@ def test_more_than_one_rank_is_refused():
 def test_step_graph_takes_only_its_batch_shape():
     model = build_model(config.load(None, ["--model.depth=8"]).model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    g = step.CapturedStep(lambda x, y: (x.sum(), y.sum()), model, opt, batch=4, dtype=torch.float32,
-                        memory_format=torch.contiguous_format, device=torch.device("cpu"))
+    g = step.CapturedStep(lambda x, y: (x.sum(), y.sum()), model, opt,
+                          example=(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64)))
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and g.graph is None  # nothing to capture on a CPU
     g(torch.ones(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64), 0.05)
     assert opt.param_groups[0]["lr"].item() == 0.05
@@ -110,8 +110,8 @@ def test_step_graph_runs_its_warm_up_and_undoes_it_on_cpu():
         extra[0].add_(1.0)
         losses.append(step.train_on_batch(model, opt, scaler, x, y)[0].item())
         return losses[-1], 0
-    step.CapturedStep(one_step, model, opt, batch=8, dtype=torch.float32, memory_format=torch.contiguous_format,
-                      device=torch.device("cpu"), state=extra)
+    example = step.random_batch(8, (3, 32, 32), 10, step.precision(cfg.precision), torch.device("cpu"))
+    step.CapturedStep(one_step, model, opt, example=example, state=extra)
     assert len(losses) == step.CAPTURE_WARMUP_STEPS and losses[-1] < losses[0]  # it trained...
     after = step.state_tensors(model, opt) + extra
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))  # ...and is undone
@@ -126,8 +126,8 @@ def test_an_optimizer_whose_state_the_warm_up_creates_is_refused():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="warm-up created or replaced optimizer state"):
-        step.CapturedStep(lambda x, y: step.train_on_batch(model, opt, scaler, x, y), model, opt, batch=4,
-                          dtype=torch.float32, memory_format=torch.contiguous_format, device=torch.device("cpu"))
+        step.CapturedStep(lambda x, y: step.train_on_batch(model, opt, scaler, x, y), model, opt,
+                          example=(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.int64)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the warm-up is undone first
 
 

@@ -13,7 +13,8 @@ from fastres import build, checkpoint, config, distributed, train
 from fastres.config import ConfigError, ModelCfg, OptimCfg
 from fastres.log import read_metrics
 from fastres.model import build_model
-from fastres.optim import Lookahead, ScheduledMomentum, build_optimizer, build_schedule, decay_groups, scaled_lr
+from fastres.optim import build_optimizer, build_schedule, decay_groups, scaled_lr
+from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraws
 from fastres.step import TrainStep
 
 from conftest import killed_after_first_checkpoint
@@ -154,8 +155,7 @@ def test_every_new_flag_off_is_the_baseline_optimizer_bit_for_bit(tmp_path):
     cfg = tiny(tmp_path)
     torch.manual_seed(0)
     p = build.build(cfg, distributed.single(CPU))
-    assert p.momentum is None and p.lookahead is None
-    assert p.train_step.momentum is None and p.train_step.lookahead is None
+    assert p.techniques == [] and p.train_step.techniques == []
     assert len(p.optimizer.param_groups) == 1 and not p.optimizer._optimizer_step_pre_hooks
     assert p.optimizer.param_groups[0]["params"] == list(p.model.parameters())
     ref_model = build_model(cfg.model)
@@ -169,7 +169,7 @@ def test_every_new_flag_off_is_the_baseline_optimizer_bit_for_bit(tmp_path):
         ref.step()
         ref.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(p.model.state_dict().values(), ref_model.state_dict().values()))
-    assert "lookahead" not in checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(), {})
+    assert "lookahead" not in checkpoint.gather(p.model, p.optimizer, p.scaler, checkpoint.Progress(), {}, p.techniques)
 
 
 def reference_lookahead(model: torch.nn.Module, slow: dict, k: int, alpha: float, steps: int, total: int) -> None:
@@ -188,10 +188,11 @@ def test_lookahead_is_the_plain_python_loop_with_stochastic_depth_and_accumulati
     models[1].load_state_dict(models[0].state_dict())
     cfg, total, k, alpha = OptimCfg(nesterov=True), 50, 3, 0.8
     steps = []
-    for m, la in ((models[0], Lookahead(models[0], k, alpha, total)), (models[1], None)):
+    lookahead = Lookahead(models[0], k, alpha, total)
+    for m, la in ((models[0], [lookahead]), (models[1], [])):
         opt = build_optimizer(m, cfg)
         steps.append(TrainStep(m, m, opt, torch.amp.GradScaler("cpu", enabled=False), accum=2, amp_dtype=None,
-                               label_smoothing=0.0, seed=3, lookahead=la))
+                               label_smoothing=0.0, techniques=[StochasticDepthDraws(m, 3), *la]))
     slow = {n: t.clone() for n, t in models[1].state_dict().items() if t.is_floating_point()}
     gen = torch.Generator().manual_seed(1)
     for i in range(total):
@@ -201,12 +202,13 @@ def test_lookahead_is_the_plain_python_loop_with_stochastic_depth_and_accumulati
         reference_lookahead(models[1], slow, k, alpha, i + 1, total)
     a, b = models[0].state_dict(), models[1].state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
-    assert all(torch.equal(s, slow[n]) for n, s in zip(steps[0].lookahead.names, steps[0].lookahead.slow))
-    assert steps[0].lookahead.steps == total
+    assert all(torch.equal(s, slow[n]) for n, s in zip(lookahead.names, lookahead.slow))
+    assert lookahead.steps == total
 
 
 def test_lookahead_on_the_device_equals_the_host_decided_one():
-    """apply() (the graph's form: decided from the device counter) leaves what sync() on the due steps leaves."""
+    """apply() every step (the graph's form: the factor prepare() filled decides) leaves what apply() on the due steps
+    alone (the eager form) leaves."""
     torch.manual_seed(0)
     m = [torch.nn.Linear(6, 6) for _ in range(2)]
     m[1].load_state_dict(m[0].state_dict())
@@ -215,10 +217,12 @@ def test_lookahead_on_the_device_equals_the_host_decided_one():
         for mi in m:
             with torch.no_grad():
                 mi.weight.add_(torch.randn(6, 6, generator=torch.Generator().manual_seed(_)))
+        la[0].prepare(_)
         la[0].apply()
-        if la[1].prepare():
-            la[1].sync()
-    assert la[0].count.item() == 11 and all(torch.equal(a, b) for a, b in zip(la[0].slow, la[1].slow))
+        if la[1].prepare(_):
+            la[1].apply()
+    assert la[0].steps == 11 and la[0].on.item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(la[0].slow, la[1].slow))
     assert torch.equal(m[0].weight, m[1].weight) and torch.equal(m[0].weight, la[0].slow[0])  # 11: the last syncs
 
 

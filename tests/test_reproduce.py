@@ -49,7 +49,7 @@ def test_precise_bn_pools_the_values_of_all_batches():
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
     params = {k: v.clone() for k, v in model.named_parameters()}
     bn = model.stem.bn
-    used, seen = _stem_bn_after_precise_bn(model, images, batch=32, batches=2)
+    used, seen = _stem_bn_after_precise_bn(model, images, micro_batch=32, batches=2)
     assert used == 64 and len(seen) == 2  # two batches, not all three
     mean, var = _pooled(seen)
     torch.testing.assert_close(bn.running_mean, mean)
@@ -68,7 +68,7 @@ def test_precise_bn_pooled_variance_is_not_the_mean_of_batch_variances():
     dark = torch.randint(0, 64, (32, 3, 32, 32), dtype=torch.uint8)
     bright = torch.randint(192, 256, (32, 3, 32, 32), dtype=torch.uint8)
     bn = model.stem.bn
-    used, seen = _stem_bn_after_precise_bn(model, torch.cat([dark, bright]), batch=32, batches=2)
+    used, seen = _stem_bn_after_precise_bn(model, torch.cat([dark, bright]), micro_batch=32, batches=2)
     assert used == 64 and len(seen) == 2
     mean, var = _pooled(seen)
     torch.testing.assert_close(bn.running_mean, mean)
@@ -89,7 +89,7 @@ def _precise_bn_rank(rank, world, folder, images):
     try:
         torch.manual_seed(0)
         model = build_model(ModelCfg(depth=8))
-        precise_bn_(model, images, batch=16, batches=2, rank=rank, world=world)
+        precise_bn_(model, images, micro_batch=16, batches=2, rank=rank, world=world)
         torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -104,7 +104,7 @@ def test_precise_bn_pools_exactly_over_ranks(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     model = build_model(ModelCfg(depth=8))
-    used, seen = _stem_bn_after_precise_bn(model, torch.cat([images[0::2], images[1::2]]), batch=16, batches=4)
+    used, seen = _stem_bn_after_precise_bn(model, torch.cat([images[0::2], images[1::2]]), micro_batch=16, batches=4)
     assert used == 64 and len(seen) == 4
     mean, var = _pooled(seen)  # all 64 images' values: rank 0's dark ones and rank 1's bright ones
     torch.testing.assert_close(ranks[0]["stem.bn.running_mean"], mean)

@@ -152,6 +152,7 @@ class GpuLoader:
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.epoch, self.start, self.flip, self.norm = 0, 0, flip, norm
+        self.image_shape = tuple(split.x.shape[1:])
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
@@ -224,7 +225,7 @@ class WorkersLoader:
                  device: torch.device, channels_last: bool, dtype: torch.dtype, num_workers: int,
                  flip: str = "random", norm: tuple = (MEAN, STD)):
         self.sampler = _AugmentedSampler(len(split), seed, rank, world, flip)
-        self.n, self.b, self.world = len(split), batch_per_rank, world
+        self.n, self.b, self.world, self.image_shape = len(split), batch_per_rank, world, tuple(split.x.shape[1:])
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.loader = DataLoader(_PaddedImages(split, norm), batch_size=batch_per_rank, sampler=self.sampler,
                                  num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -343,7 +344,7 @@ class DaliLoader:
         self._setup_dali()
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype, self.flip = device, channels_last, dtype, flip
-        self.num_threads, self.norm = max(1, num_threads), norm
+        self.num_threads, self.norm, self.image_shape = max(1, num_threads), norm, tuple(split.x.shape[1:])
         self.gpu = device.type == "cuda"
         padded = np.pad(split.x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD))).transpose(0, 2, 3, 1)  # N,40,40,3
         padded = np.ascontiguousarray(padded)
@@ -479,6 +480,7 @@ class FolderWorkersLoader:
                  skip_bad: bool):
         self.sampler = _BoxSampler(files, seed, rank, world, flip)
         self.files, self.n, self.b, self.world = files, len(files), batch_per_rank, world
+        self.image_shape = (3, image_size, image_size)
         self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm
         self.skip_bad, self.skipped = skip_bad, set()
         self.loader = DataLoader(_FolderImages(files, image_size, skip_bad), batch_size=batch_per_rank,
@@ -558,6 +560,7 @@ class FolderDaliLoader(DaliLoader):
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
         self.num_threads, self.size, self.skip_bad, self.skipped = max(1, num_threads), image_size, skip_bad, set()
+        self.image_shape = (3, image_size, image_size)
         self.gpu = device.type == "cuda"
         self.pool = ThreadPoolExecutor(self.num_threads)  # file reads: I/O, outside DALI's own threads
         self.epoch, self.start = 0, 0
@@ -616,6 +619,8 @@ class FolderDaliLoader(DaliLoader):
 # The contract every loader keeps, and the one that picks a loader.
 
 class Loader(Protocol):
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images it yields: what the step's warm-ups train on
+
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, start: int = 0) -> None: ...
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...

@@ -47,8 +47,8 @@ from fastres.data import Split, fetch, load
 from fastres.data.loaders import build_loader, endless
 from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import read_metrics, short_sha
-from fastres.model import build_model, precision
-from fastres.step import Timer
+from fastres.model import build_model
+from fastres.step import Timer, precision
 from fastres.tools import take_flag, take_switch, whole_number
 from fastres.tools.dispatch import count_host_ops
 from fastres.tools.dispatch import report as dispatch_report
