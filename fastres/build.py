@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastres import checkpoint, distributed, rng
 from fastres.config import Config, DataCfg, OptimCfg
-from fastres.data import Cifar10, fetch, load, normalize
+from fastres.data import fetch, load
+from fastres.data.base import RunData, normalize
 from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
 from fastres.errors import UserError
@@ -45,7 +46,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in 
 
 @dataclass
 class Parts:
-    data: Cifar10  # the splits, in host memory
+    data: RunData  # the splits, in host memory
     loader: Loader  # this rank's training batches
     evals: Sets  # what each evaluation scores: {"test" and/or "val": (uint8 images, labels) on the device}
     model: ResNet
@@ -101,7 +102,8 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                                  prec=prec, norm=(data.mean, data.std), top5=cfg.data.source in TOP5_SOURCES)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
-    example = random_batch(batch_per_rank, loader.image_shape, data.num_classes, prec, dev)  # the loader's shape
+    # what the warm-ups train on, made only when one runs: a batch of the loader's shape, the data's classes
+    example = functools.partial(random_batch, batch_per_rank, loader.image_shape, data.num_classes, prec, dev)
     train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, example=example,
                                              techniques=techniques, evaluate=lambda: evaluate(blank))
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
@@ -146,7 +148,7 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     return data, loader, evals, notes, time.perf_counter() - t_staging
 
 
-def _check_labels(data: Cifar10, num_classes: int) -> None:
+def _check_labels(data: RunData, num_classes: int) -> None:
     top = max([int(s.y.max()) for s in (data.train, data.test) if len(s)] + [data.num_classes - 1])
     if top >= num_classes:
         raise UserError(f"model.num_classes = {num_classes} but the data's labels go up to {top}: set "
@@ -163,7 +165,7 @@ def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:
                                              f"the machine's {cores} cores: using {share} workers"]
 
 
-def _random_batches(data: Cifar10, micro_batch: int, seed: int, device: torch.device, prec: Precision):
+def _random_batches(data: RunData, micro_batch: int, seed: int, device: torch.device, prec: Precision):
     """A callable giving a fresh micro-batch of un-augmented training images each call (for LSUV)."""
     gen = rng.generator(seed, rng.LSUV)
     images = torch.from_numpy(data.train.x)

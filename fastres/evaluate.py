@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from fastres import distributed
 from fastres.config import TTA, EvalCfg
-from fastres.data import MEAN, STD, normalize, to_batch
+from fastres.data.base import normalize, to_batch
+from fastres.data.cifar import MEAN, STD
 from fastres.model import batchnorm_train_mode
 from fastres.step import Precision
 from fastres.techniques import WeightEMA

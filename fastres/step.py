@@ -334,21 +334,22 @@ class TrainStep:
 
 
 def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *, example: Batch,
-                     techniques: Sequence[Technique] = (),
+                     scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *,
+                     example: Callable[[], Batch], techniques: Sequence[Technique] = (),
                      evaluate: Callable[[], Any] | None = None) -> tuple[TrainStep, float]:
-    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled on ``example`` (a batch of the
-    loader's shape; running ``evaluate()`` in the compile warm-up) if precision.compile, captured if
+    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled on ``example()`` (a batch of the
+    loader's shape, made only here; running ``evaluate()`` in the compile warm-up) if precision.compile, captured if
     precision.step_graph."""
     amp_dtype = precision(cfg).amp_dtype
-    timer = Timer(example[0].device)
+    timer = Timer(next(model.parameters()).device)
     timer.start()
     skips = 0
+    batch = example() if cfg.compile or cfg.step_graph else None
     if cfg.compile:
         from torch._dynamo.utils import counters  # here, not at the top: 2 s of every start-up without compile
         before = counters["inductor"]["cudagraph_skips"]
         compile_net(net, model, cfg)
-        precompile(net, model, opt, scaler, example=example, accum=optim.accum_steps, amp_dtype=amp_dtype,
+        precompile(net, model, opt, scaler, example=batch, accum=optim.accum_steps, amp_dtype=amp_dtype,
                    evaluate=evaluate)
         # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
         # pytorch#139207); inductor counts each skip, and the run reports them
@@ -357,7 +358,7 @@ def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.op
                            label_smoothing=optim.label_smoothing, techniques=techniques)
     train_step.cudagraph_skips = skips
     if cfg.step_graph:
-        train_step.capture(example)
+        train_step.capture(batch)
     return train_step, timer.stop()
 
 

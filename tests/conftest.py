@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastres import checkpoint
-from fastres import data as cifar
+from fastres.data import cifar
 
 # torch.compile on a CPU: inductor's C++ kernels without SIMD compile in about half the time (the first ResNet-8
 # run's 31 -> 18 s on 2 cores); the graphs and what the tests compare are the same, and a GPU compiles Triton anyway

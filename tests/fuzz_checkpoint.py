@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastres import checkpoint, train  # noqa: E402
-from fastres import data as cifar  # noqa: E402
+from fastres.data import cifar  # noqa: E402
 
 from conftest import write_cifar  # noqa: E402
 

@@ -118,7 +118,7 @@ DISPATCH = ["--data.source=synthetic", "--data.subset=1024", "--model.depth=8", 
 
 
 def test_dispatch_counts_the_host_ops_of_a_step(monkeypatch):
-    from fastres.data.loaders import GpuLoader
+    from fastres.data.gpu import GpuLoader
     from fastres.tools import dispatch
 
     def counts(*extra):

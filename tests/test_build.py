@@ -11,7 +11,9 @@ import torch
 from fastres import build, checkpoint, config, distributed, step, train
 from fastres.build import Parts
 from fastres.config import ConfigError
-from fastres.data import NUM_CLASSES, DataError, Split, load, synthetic
+from fastres.data import load
+from fastres.data.base import DataError, Split
+from fastres.data.cifar import NUM_CLASSES, synthetic
 from fastres.data.loaders import build_loader
 from fastres.model import build_model
 from fastres.techniques import StochasticDepthDraws, WeightEMA, find

@@ -16,7 +16,7 @@ CONFIGS = ROOT / "configs"
 def test_choices_match_the_modules_that_take_them():
     """data.flip and eval.tta are checked against config's choices, and the modules that take them draw by the
     same tuples (one definition, in config), so a valid config cannot end in a module's traceback."""
-    from fastres.data.loaders import FLIPS
+    from fastres.config import FLIPS
     from fastres.evaluate import TTA
     meta = {f.name: f.metadata for cls in (config.DataCfg, config.EvalCfg) for f in dataclasses.fields(cls)}
     assert meta["flip"]["choices"] == FLIPS and meta["tta"]["choices"] == TTA

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastres import checkpoint, config, step, train
-from fastres import data as cifar
 from fastres.config import DataCfg
+from fastres.data import cifar
 from fastres.data.loaders import build_loader
 from fastres.model import build_model
 from fastres.optim import build_optimizer

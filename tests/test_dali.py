@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from fastres import data as cifar
 from fastres.config import DataCfg
-from fastres.data import Split, normalize
-from fastres.data.loaders import PAD, aug_params, build_loader, steps_per_epoch
+from fastres.data import cifar
+from fastres.data.base import Split, normalize
+from fastres.data.draws import PAD, aug_params, steps_per_epoch
+from fastres.data.loaders import build_loader
 from fastres.errors import UserError
 
 from conftest import ROOT, run_cli
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-from fastres.data import loaders as dali_mod  # noqa: E402
+from fastres.data import dali as dali_mod  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -47,7 +48,7 @@ def test_unaugmented_outputs_are_the_source_images(monkeypatch, source):
         return (torch.full((n,), PAD), torch.full((n,), PAD), torch.zeros(n, dtype=torch.int64))
     monkeypatch.setattr(dali_mod, "aug_params", center)
     for x, y in epoch(dali(split, source), 0):
-        ref = normalize(torch.from_numpy(split.x[y.numpy()]))
+        ref = normalize(torch.from_numpy(split.x[y.numpy()]), cifar.MEAN, cifar.STD)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)  # labels stay with their images
 
 
@@ -150,7 +151,7 @@ def test_nothing_imports_dali_unless_chosen(small_cifar):
         "import sys, torch\n"
         "import fastres.train, fastres.tools.bench\n"
         "from fastres.config import DataCfg\n"
-        "from fastres.data import Split\n"
+        "from fastres.data.base import Split\n"
         "from fastres.data.loaders import build_loader\n"
         "import numpy as np\n"
         "s = Split(np.zeros((64, 3, 32, 32), np.uint8), np.zeros(64, np.int64))\n"

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastres import data as cifar
+from fastres import data as fdata
 from fastres.config import DataCfg
-from fastres.data import DataError, normalize
-from fastres.data.loaders import PAD, aug_params, build_loader, crop_flip, epoch_indices, steps_per_epoch
+from fastres.data import cifar
+from fastres.data.base import DataError, Split, normalize
+from fastres.data.draws import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.data.gpu import crop_flip
+from fastres.data.loaders import build_loader
 from fastres.errors import UserError
 
 from conftest import write_batch, write_cifar
@@ -198,7 +201,7 @@ def test_a_subset_reads_only_the_files_it_takes_images_from(small_cifar):
         assert len(part.train) == images and np.array_equal(part.train.x, full.train.x[:images])
         assert np.array_equal(part.test.x, full.test.x)
     for cfg in (DataCfg(dir=str(small_cifar), subset=150, val_size=50), DataCfg(dir=str(small_cifar), subset=150)):
-        s = cifar.load(cfg)
+        s = fdata.load(cfg)
         assert len(s.train) + len(s.val or ()) == 150
     with pytest.raises(DataError, match="data_batch_5 is truncated"):
         cifar.read_cifar10(small_cifar, train_images=401)
@@ -305,7 +308,7 @@ def test_batch_contract(small_cifar, kind):
     i = order[5].item()
     padded = np.pad(split.x[i], ((0, 0), (PAD, PAD), (PAD, PAD)))[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
     padded = padded[:, :, ::-1] if flip[i] else padded
-    torch.testing.assert_close(x[5], normalize(torch.from_numpy(padded.copy())))
+    torch.testing.assert_close(x[5], normalize(torch.from_numpy(padded.copy()), cifar.MEAN, cifar.STD))
     assert y[5].item() == split.y[i]
     loader_cl = _loader(kind, split, channels_last=True, dtype=torch.bfloat16)
     xc, _ = next(iter(loader_cl))
@@ -331,7 +334,7 @@ def test_alternating_flip_changes_only_the_mirroring():
     """Same order, same crops: each alternate-flip image is the random-flip one, mirrored where the bits differ."""
     n = 320
     x = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    split = cifar.Split(x, np.arange(n, dtype=np.int64))  # each label names its image
+    split = Split(x, np.arange(n, dtype=np.int64))  # each label names its image
     rand, alt = _loader("gpu", split), _loader("gpu", split, "alternate")
     for epoch in (0, 1, 2):
         rand.set_epoch(epoch)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastres import checkpoint, config, train
-from fastres import data as cifar
+from fastres.data import cifar
 from fastres.errors import UserError
 from fastres.evaluate import accuracy
 from fastres.log import read_metrics

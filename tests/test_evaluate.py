@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fastres import config, train
-from fastres.data import normalize, to_batch
-from fastres.data.loaders import PAD
+from fastres.data.base import normalize, to_batch
+from fastres.data.cifar import MEAN, STD
+from fastres.data.draws import PAD
 from fastres.evaluate import accuracies, accuracy
 from fastres.log import read_metrics
 
@@ -27,7 +28,7 @@ def test_flip_averages_each_images_logits_with_its_mirror_images():
                                 torch.nn.Flatten(), torch.nn.Linear(4, 10))
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
-    x = to_batch(normalize(images), torch.float32, False)
+    x = to_batch(normalize(images, MEAN, STD), torch.float32, False)
     with torch.no_grad():
         plain, mirrored = model(x), model(x.flip(3))
     expected_plain = (plain.argmax(1) == labels).float().mean().item()
@@ -47,13 +48,13 @@ def test_flip_translate_weighs_the_flip_average_and_two_moved_images():
     labels = torch.randint(0, 10, (300,))
 
     def flip_avg(u8):
-        x = normalize(u8)
+        x = normalize(u8, MEAN, STD)
         return (model(x) + model(x.flip(3))) / 2
 
     padded = np.pad(images.numpy(), ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))  # the training's crops
     crops = [torch.from_numpy(padded[..., o:o + 32, o:o + 32].copy()) for o in (PAD - 1, PAD + 1)]
     with torch.no_grad():
-        plain = model(normalize(images))
+        plain = model(normalize(images, MEAN, STD))
         flip = flip_avg(images)
         both = flip / 2 + (flip_avg(crops[0]) + flip_avg(crops[1])) / 4
     acc = {k: (v.argmax(1) == labels).float().mean().item()

@@ -14,8 +14,12 @@ from PIL import Image
 from fastres import config, train
 from fastres import data as fdata
 from fastres.config import ConfigError, DataCfg
-from fastres.data import DataError, Files, folder_index, load_folder
-from fastres.data.loaders import build_loader, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data import cifar
+from fastres.data import folder as folder_mod
+from fastres.data.base import DataError, Files
+from fastres.data.draws import crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.folder import folder_index, load_folder
+from fastres.data.loaders import build_loader
 from fastres.model import ResNetImageNet, build_model, count_params
 
 CPU = torch.device("cpu")
@@ -66,15 +70,15 @@ def cfg_for(folder, loader="workers", **kw) -> DataCfg:
 
 def loader(files, kind="workers", *, rank=0, world=1, b=4, seed=3, **kw):
     data = kw.pop("data", None)
-    norm = (data.mean, data.std) if data is not None else (fdata.MEAN_IMAGENET, fdata.STD_IMAGENET)
+    norm = (data.mean, data.std) if data is not None else (folder_mod.MEAN_IMAGENET, folder_mod.STD_IMAGENET)
     return build_loader(cfg_for(files.root, kind, **kw), files, batch_per_rank=b, seed=seed, rank=rank, world=world,
                         device=CPU, norm=norm)
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:
     """Normalized batches back to 0..255 values."""
-    mean = torch.tensor(fdata.MEAN_IMAGENET).view(3, 1, 1) * 255
-    std = torch.tensor(fdata.STD_IMAGENET).view(3, 1, 1) * 255
+    mean = torch.tensor(folder_mod.MEAN_IMAGENET).view(3, 1, 1) * 255
+    std = torch.tensor(folder_mod.STD_IMAGENET).view(3, 1, 1) * 255
     return x.float() * std + mean
 
 
@@ -88,15 +92,15 @@ def test_index_lists_classes_in_sorted_order_with_sizes_and_modes(folder, tmp_pa
         with Image.open(folder / rel) as im:
             assert im.size == (w, h) and im.mode == mode
     assert {"L", "CMYK", "P", "RGB"} <= set(d.train.modes)
-    assert (tmp_path / "run" / fdata.INDEX).exists()
+    assert (tmp_path / "run" / folder_mod.INDEX).exists()
 
 
 def test_index_is_cached_and_rebuilt_when_a_class_folder_changes(folder, tmp_path, monkeypatch):
     run = tmp_path / "run"
     folder_index(folder, run)
     built = []
-    real = fdata._build_index
-    monkeypatch.setattr(fdata, "_build_index", lambda root: built.append(root) or real(root))
+    real = folder_mod._build_index
+    monkeypatch.setattr(folder_mod, "_build_index", lambda root: built.append(root) or real(root))
     assert len(folder_index(folder, run)["train"]["paths"]) == 24 and not built  # fresh: read, not listed
     time.sleep(0.01)
     Image.new("RGB", (20, 20)).save(folder / "train" / "bee" / "new.png")
@@ -195,7 +199,7 @@ def test_a_truncated_file_stops_the_loader_naming_it_or_becomes_grey(folder, tmp
     order = epoch_indices(24, 3, 0, 0, 1).tolist()
     j = order.index(i)
     grey = pixels(batches[kind][j // 4][0][j % 4])
-    assert (grey - fdata.GREY).abs().max() < 1.0  # the stand-in is grey, in both loaders
+    assert (grey - folder_mod.GREY).abs().max() < 1.0  # the stand-in is grey, in both loaders
     for (xa, ya), (xb, yb) in zip(batches["workers"], batches[kind]):
         assert torch.equal(ya, yb) and (pixels(xa) - pixels(xb)).abs().max() <= DECODER_TOLERANCE
 
@@ -344,12 +348,12 @@ def write_cifar100(folder, sizes=(("train", 120), ("test", 40)), seed=0):
 
 
 def test_cifar100_reads_the_official_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(fdata, "SIZES_100", {"train": 120, "test": 40})
+    monkeypatch.setattr(cifar, "SIZES_100", {"train": 120, "test": 40})
     folder = write_cifar100(tmp_path / "cifar-100-python")
     d = fdata.load(DataCfg(source="cifar100", dir=str(tmp_path), val_size=20))
     raw = pickle.load(open(folder / "train", "rb"), encoding="bytes")
     assert d.train.x.shape == (100, 3, 32, 32) and len(d.val) == 20 and d.test.x.shape == (40, 3, 32, 32)
-    assert d.num_classes == 100 and d.mean == fdata.MEAN_100 and d.std == fdata.STD_100
+    assert d.num_classes == 100 and d.mean == cifar.MEAN_100 and d.std == cifar.STD_100
     np.testing.assert_array_equal(np.sort(np.concatenate([d.train.y, d.val.y])), np.sort(raw[b"fine_labels"]))
     with pytest.raises(ConfigError) as e:
         config.load(None, ["--data.source=cifar100"])
@@ -434,7 +438,7 @@ def test_an_epoch_end_to_end_on_a_generated_folder(folder, tmp_path, kind):
     s = train.main(folder_run(folder, tmp_path / kind, kind, "--model.stochastic_depth=0.2"))
     assert s["finished"] and s["steps"] == 3 and s["train_images"] == 24 and s["skipped_files"] == 0
     assert 0.0 <= s["final_test_acc"] <= s["final_test_acc_top5"] == 1.0  # 4 classes: top-5 holds them all
-    assert (tmp_path / kind / fdata.INDEX).exists()
+    assert (tmp_path / kind / folder_mod.INDEX).exists()
 
 
 @pytest.mark.slow

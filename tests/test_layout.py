@@ -1,4 +1,4 @@
-"""The intended architecture of fastres/, checked with tools/layout.py: no import cycle, no lazy import
+"""The intended architecture of fastres/, checked with dev/layout.py: no import cycle, no lazy import
 between fastres modules, layers that import only downward, and a training loop well under 100 lines.
 The tool itself is tested first, on made-up files, so a broken tool fails here rather than passing vacuously."""
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_layout():
-    spec = importlib.util.spec_from_file_location("layout", ROOT / "tools" / "layout.py")
+    spec = importlib.util.spec_from_file_location("layout", ROOT / "dev" / "layout.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -182,7 +182,9 @@ def test_training_loop_is_short(files):
 
 
 CORE_MAX_LINES = 60  # the trainer core reads in one sitting: no function longer than a screen
-CORE_MAX_MODULES = 15  # what a reader of fastres.train has to open, at most
+# what a reader of fastres.train may have to open, at most: 14 core modules and the data package's rooms (the
+# sources, the draws the loaders share, a file per loader family), each with one job
+CORE_MAX_MODULES = 24
 
 
 def test_no_core_function_is_over_60_lines(files):
@@ -193,7 +195,7 @@ def test_no_core_function_is_over_60_lines(files):
         f"  {f.lines} lines  {f.module}:{f.name} (line {f.lineno})" for f in long)
 
 
-def test_the_trainer_loads_at_most_15_fastres_modules_and_no_tool():
+def test_the_trainer_loads_at_most_24_fastres_modules_and_no_tool():
     code = "import sys, fastres.train; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'fastres')))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.split()

@@ -14,8 +14,8 @@ from fastres.config import ConfigError, ModelCfg, OptimCfg
 from fastres.log import read_metrics
 from fastres.model import build_model
 from fastres.optim import build_optimizer, build_schedule, decay_groups, scaled_lr
-from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraws
 from fastres.step import TrainStep
+from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraws
 
 from conftest import killed_after_first_checkpoint
 

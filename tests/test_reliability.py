@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastres import build, checkpoint, config, train
-from fastres import data as cifar
+from fastres.data import cifar
 from fastres.errors import UserError
 from fastres.log import read_metrics
 

@@ -43,7 +43,8 @@ import torch
 from fastres import config, distributed, log, train
 from fastres.build import build
 from fastres.config import Config, parse_args
-from fastres.data import Split, fetch, load
+from fastres.data import fetch, load
+from fastres.data.base import Split
 from fastres.data.loaders import build_loader, endless
 from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import read_metrics, short_sha

@@ -32,7 +32,7 @@ from PIL import Image
 
 from fastres import distributed, log
 from fastres.config import DataCfg, ModelCfg, RunCfg
-from fastres.data import load_folder
+from fastres.data.folder import load_folder
 from fastres.data.loaders import build_loader
 from fastres.errors import UserError, entry, writing
 from fastres.model import build_model

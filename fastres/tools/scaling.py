@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from fastres import config, distributed, log
 from fastres.build import build
 from fastres.config import Config
-from fastres.data import train_size
+from fastres.data.cifar import train_size
 from fastres.log import short_sha
 from fastres.model import build_model, count_params
 from fastres.step import Timer

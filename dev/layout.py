@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The shape of the fastres source tree: its import graph, the cycles in it, and its longest functions.
 
-    python3 tools/layout.py [--root DIR] [--top N]      # the tree on disk (default: the repo this script is in)
-    python3 tools/layout.py --git REV [--top N]         # the tree at a git revision, e.g. --git 0f3abb4
+    python3 dev/layout.py [--root DIR] [--top N]      # the tree on disk (default: the repo this script is in)
+    python3 dev/layout.py --git REV [--top N]         # the tree at a git revision, e.g. --git 0f3abb4
 
 Stdlib only. The functions take `files`, a dict of relative path ("fastres/data/gpu.py") to source text,
 so tests can run them on the working tree or on made-up files:

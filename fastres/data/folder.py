@@ -1,0 +1,267 @@
+"""ImageNet-style image folders (data.source = folder): the file index, and decoding with Pillow (the workers
+loader and every evaluation split).
+
+``data.dir/train/<class>/*`` and ``data.dir/val/<class>/*``, torchvision's ImageFolder layout; the class index is the
+position of the folder name in the sorted train/ listing. A file index (paths, labels, image sizes and modes) is
+built once and cached in the run directory (docs/data.md has the rules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fastres.config import DataCfg
+from fastres.data.base import DataError, Files, RunData, Split, resolved
+from fastres.errors import one_line, writing
+
+# ImageNet's channel statistics, as torchvision's references normalize every folder of photographs.
+MEAN_IMAGENET = (0.485, 0.456, 0.406)
+STD_IMAGENET = (0.229, 0.224, 0.225)
+
+# Image folders: the file index, and decoding with Pillow (the workers loader and every evaluation split).
+#
+# Which check happens when (a million files cannot be decoded at every start):
+# - index time (once, then cached): the layout (train/ and val/ of class folders), a class folder with no images,
+#   a val class missing from train/, a file outside a class folder or a folder inside one, an extension that is
+#   not .jpg/.jpeg/.png, a header Pillow cannot read (not an image), a format other than JPEG/PNG, and the
+#   header's size: a side under MIN_SIDE or over MAX_SIDE pixels. Reading a header costs one small read a file.
+# - decode time (every epoch, in the loader): a truncated or corrupt file. Evaluation splits are decoded at load.
+# Each is a one-line DataError naming the file; with data.skip_bad = true the file is left out (index time) or
+# replaced by a grey image of its size (decode time, so batches stay full and loaders agree), and counted.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what Pillow and DALI's decoders both read (by content)
+MIN_SIDE = 8  # pixels: smaller is a thumbnail or a broken export, not a photograph
+MAX_SIDE = 16_384  # pixels: one decode would take a GB and stall its worker (ImageNet's largest side is ~5,000)
+INDEX = "file_index.npz"
+INDEX_VERSION = 1
+EVAL_RESIZE = 0.875  # evaluation: shorter side to size / 0.875, then the centre crop (torchvision's references)
+GREY = 128  # what a file that cannot be decoded becomes under data.skip_bad
+
+
+def _freshness(root: Path) -> dict[str, int]:
+    """The modification times (ns) of train/, val/ and every class folder: adding, removing or renaming a file
+    changes its folder's time, so the index is rebuilt. (A file rewritten in place under the same name is not
+    seen: write a new file and rename it, or delete the index.)"""
+    key = {}
+    for sub in ("train", "val"):
+        d = root / sub
+        key[sub] = d.stat().st_mtime_ns
+        key.update({f"{sub}/{e.name}": e.stat().st_mtime_ns for e in os.scandir(d) if e.is_dir()})
+    return key
+
+
+def _header(path: Path) -> tuple[int, int, str, str]:
+    """(width, height, mode, problem) from the file's header alone ("" when it may be decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: the sides are checked below
+            with Image.open(path) as im:
+                (w, h), mode, fmt = im.size, im.mode, im.format
+    except Image.DecompressionBombError:
+        return 0, 0, "", f"is over {Image.MAX_IMAGE_PIXELS * 2:,} pixels (a decompression bomb?)"
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a file that is not an image
+        return 0, 0, "", f"is not an image Pillow can read ({type(e).__name__}: {one_line(e, 80)})"
+    if fmt not in ("JPEG", "PNG"):
+        return w, h, mode, f"is a {fmt} image, not JPEG or PNG"
+    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
+        return w, h, mode, f"is {w}x{h} pixels: sides must be {MIN_SIDE} to {MAX_SIDE:,}"
+    return w, h, mode, ""
+
+
+def _list_split(root: Path, sub: str, classes: list[str] | None) -> tuple[list[str], list[int], list[list[str]]]:
+    """(relative paths, labels, [path, problem] pairs) of ``root/sub``; the classes are train/'s when given."""
+    base = root / sub
+    names = sorted(e.name for e in os.scandir(base) if e.is_dir())
+    bad = [[f"{sub}/{e.name}", "is a file outside any class folder"] for e in os.scandir(base) if not e.is_dir()]
+    classes = names if classes is None else classes
+    label_of = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for name in names:
+        if name not in label_of:
+            bad.append([f"{sub}/{name}", "is a class folder with no namesake in train/"])
+            continue
+        found = 0
+        for e in sorted(os.scandir(base / name), key=lambda e: e.name):
+            rel = f"{sub}/{name}/{e.name}"
+            if e.is_dir():
+                bad.append([rel, "is a folder inside a class folder (the layout is <split>/<class>/<image>)"])
+            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                bad.append([rel, f"is not an image file (extensions read: {', '.join(IMAGE_EXTENSIONS)})"])
+            else:
+                paths.append(rel)
+                labels.append(label_of[name])
+                found += 1
+        if not found:
+            bad.append([f"{sub}/{name}", "is a class folder with no images"])
+    return paths, labels, bad
+
+
+def _build_index(root: Path) -> dict:
+    """List train/ and val/, read every header (threads: it is file I/O), and record each problem found."""
+    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'} holds no class folders: data.source = folder needs "
+                        f"data.dir/train/<class>/<image> (and val/<class>/<image>)")
+    index: dict = {"classes": classes, "bad": []}
+    for sub in ("train", "val"):
+        paths, labels, bad = _list_split(root, sub, classes)
+        with ThreadPoolExecutor(16) as pool:
+            heads = list(pool.map(_header, (root / rel for rel in paths), chunksize=64))
+        good = [i for i, h in enumerate(heads) if not h[3]]
+        bad += [[paths[i], heads[i][3]] for i, h in enumerate(heads) if h[3]]
+        index[sub] = dict(paths=[paths[i] for i in good], labels=[labels[i] for i in good],
+                          sizes=[heads[i][:2] for i in good], modes=[heads[i][2] for i in good])
+        index["bad"] += bad
+    return index
+
+
+def _write_index(path: Path, key: dict, index: dict) -> None:
+    arrays = {"meta": np.frombuffer(json.dumps(dict(version=INDEX_VERSION, key=key, classes=index["classes"],
+                                                    bad=index["bad"])).encode(), np.uint8)}
+    for sub in ("train", "val"):
+        part = index[sub]
+        arrays[f"{sub}_paths"] = np.frombuffer("\n".join(part["paths"]).encode(), np.uint8)
+        arrays[f"{sub}_modes"] = np.frombuffer("\n".join(part["modes"]).encode(), np.uint8)
+        arrays[f"{sub}_labels"] = np.asarray(part["labels"], np.int64)
+        arrays[f"{sub}_sizes"] = np.asarray(part["sizes"], np.int64).reshape(-1, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part.npz")
+    with writing(path):
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+
+def _read_index(path: Path, key: dict) -> dict | None:
+    """The cached index, or None when it is missing, from another folder state, or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            if meta.get("version") != INDEX_VERSION or meta.get("key") != key:
+                return None
+            index = {"classes": meta["classes"], "bad": meta["bad"]}
+            for sub in ("train", "val"):
+                text = {k: z[f"{sub}_{k}"].tobytes().decode() for k in ("paths", "modes")}
+                index[sub] = dict(paths=text["paths"].split("\n") if text["paths"] else [],
+                                  modes=text["modes"].split("\n") if text["modes"] else [],
+                                  labels=z[f"{sub}_labels"], sizes=z[f"{sub}_sizes"])
+            return index
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def folder_index(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
+    """The index of an ImageFolder tree: {"classes", "train", "val", "bad"}; train and val hold paths (relative to
+    ``root``), labels, (width, height) sizes and modes; bad is [path, problem] pairs for everything left out.
+
+    Cached as ``cache_dir/file_index.npz``, reused while :func:`_freshness` of the folder is unchanged."""
+    root = resolved(root)
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise DataError(f"data.dir {root} has no {sub}/ folder: data.source = folder needs "
+                            f"data.dir/train/<class>/<image> and data.dir/val/<class>/<image>")
+    key = {"dir": str(root), **_freshness(root)}
+    cache = Path(cache_dir) / INDEX if cache_dir is not None else None
+    index = _read_index(cache, key) if cache is not None and cache.exists() else None
+    if index is None:
+        index = _build_index(root)
+        if cache is not None:
+            _write_index(cache, key, index)
+            index = _read_index(cache, key)  # the same arrays whether this start built the index or read it
+    return index
+
+
+def _files(root: Path, part: dict) -> Files:
+    return Files(root, list(part["paths"]), np.asarray(part["labels"], np.int64),
+                 np.asarray(part["sizes"], np.int64).reshape(-1, 2), list(part["modes"]))
+
+
+def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> RunData:
+    """A folder's training files and its decoded evaluation splits (val/ as "test"; data.val_size held out of
+    train/ as "val"); files with problems stop the run, or with data.skip_bad are left out and listed."""
+    root = resolved(cfg.dir)
+    index = folder_index(root, cache_dir)
+    bad = [f"{root / rel}: {why}" for rel, why in index["bad"]]
+    if bad and not cfg.skip_bad:
+        more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}: fix or remove it, or set data.skip_bad = true to leave such files out")
+    train, test = _files(root, index["train"]), _files(root, index["val"])
+    if not len(train) or not len(test):
+        raise DataError(f"{root} has no readable {'train' if not len(train) else 'val'} images: "
+                        "data.source = folder needs images in train/<class>/ and val/<class>/")
+    g = np.random.default_rng(cfg.split_seed)  # files are in class order: subsets are seeded draws, kept sorted
+    if cfg.subset:
+        if cfg.subset > len(train):
+            raise DataError(f"data.subset = {cfg.subset} but {root / 'train'} has only {len(train)} images")
+        train = train.take(np.sort(g.permutation(len(train))[:cfg.subset]))
+    if cfg.val_size >= len(train):
+        raise DataError(f"data.val_size = {cfg.val_size} leaves no training images out of {len(train)}: "
+                        "lower data.val_size")
+    held = np.zeros(len(train), bool)
+    held[g.permutation(len(train))[:cfg.val_size]] = True
+    if cfg.test_subset:
+        test = test.take(np.sort(np.random.default_rng(cfg.split_seed).permutation(len(test))[:cfg.test_subset]))
+    skipped = list(bad)
+    val = decode_split(train.take(np.flatnonzero(held)), cfg, skipped) if cfg.val_size else None
+    return RunData(train=train.take(np.flatnonzero(~held)), test=decode_split(test, cfg, skipped), val=val,
+                   num_classes=len(index["classes"]), mean=MEAN_IMAGENET, std=STD_IMAGENET, skipped=skipped)
+
+
+def decode_rgb(path: Path, skip_bad: bool = False) -> Image.Image | None:
+    """The file as an RGB image (grayscale, palette, CMYK and alpha converted as Pillow converts them). A file
+    that does not decode is a DataError naming it; with ``skip_bad``, None."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() decodes it all: a truncated file raises here
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
+        if not skip_bad:
+            raise DataError(f"{path} cannot be decoded ({type(e).__name__}: {one_line(e, 80)}): replace or remove "
+                            "it, or set data.skip_bad = true to train on a grey image in its place") from None
+    return None
+
+
+def eval_transform(img: Image.Image, size: int) -> np.ndarray:
+    """torchvision's evaluation transform: shorter side to int(size / 0.875), centre crop; uint8 (3, size, size)."""
+    w, h = img.size
+    short = int(size / EVAL_RESIZE)
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+class _EvalImages(Dataset):
+    def __init__(self, files: Files, size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        img = decode_rgb(self.files.root / self.files.paths[i], skip_bad=True)
+        if img is None:  # the main process names it (or skips it): an error raised here would be a traceback
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+        return torch.from_numpy(eval_transform(img, self.size)), True
+
+
+def decode_split(files: Files, cfg: DataCfg, skipped: list[str]) -> Split:
+    """Evaluation images decoded once (data.num_workers processes): uint8 (N, 3, S, S). A file that does not decode
+    stops with its name, or with data.skip_bad is left out and appended to ``skipped``."""
+    loader = DataLoader(_EvalImages(files, cfg.image_size), batch_size=64,
+                                         num_workers=min(cfg.num_workers, os.cpu_count() or 1))
+    parts = list(loader)
+    x = torch.cat([p[0] for p in parts]).numpy()
+    ok = torch.cat([p[1] for p in parts]).numpy().astype(bool)
+    for i in np.flatnonzero(~ok):
+        decode_rgb(files.root / files.paths[i], skip_bad=cfg.skip_bad)  # raises the one line unless skip_bad
+        skipped.append(f"{files.root / files.paths[i]}: cannot be decoded")
+    return Split(np.ascontiguousarray(x[ok]), files.y[ok])

@@ -1,0 +1,153 @@
+"""The workers loaders (data.loader = workers, the baseline's path): torch DataLoader, CPU worker processes.
+
+CIFAR arrays: each worker crops, flips and normalizes single images on the CPU, like torchvision's
+RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize; the main process collates and copies the
+float batch to the device. Folders: each worker decodes a file with Pillow, crops its random-resized-crop box and
+resizes it (bilinear, with Pillow's antialiasing: torchvision's PIL path), flips it, and hands a uint8 image over;
+the main process normalizes the batch on the device. Crop offsets, boxes and flips come from fastres/data/draws.py,
+passed with each index by the sampler, so the batches equal the other loaders' whatever the worker count. A folder
+file that fails to decode stops the run naming it; with data.skip_bad it becomes a grey image (GREY).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastres.data.base import Files, Split, normalize, to_batch
+from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.folder import GREY, decode_rgb
+
+
+class _AugmentedSampler(Sampler):
+    """Yields (index, dy, dx, flip) for this rank's share of the epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, flip: str):
+        self.n, self.seed, self.rank, self.world, self.flip, self.epoch = n, seed, rank, world, flip, 0
+        self.skip = 0  # images of the epoch already trained on (a resumed epoch)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.skip
+
+    def __iter__(self):
+        dy, dx, flip = (t.tolist() for t in aug_params(self.n, self.seed, self.epoch, self.flip))
+        for i in epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world)[self.skip:].tolist():
+            yield i, dy[i], dx[i], flip[i]
+
+
+class _PaddedImages(Dataset):
+    def __init__(self, split: Split, norm: tuple):
+        self.padded = np.pad(split.x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))  # zero padding
+        self.labels, self.norm = split.y, norm
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> tuple[torch.Tensor, int]:
+        i, dy, dx, flip = item
+        img = self.padded[i, :, dy:dy + 32, dx:dx + 32]
+        if flip:
+            img = img[:, :, ::-1]
+        return normalize(torch.from_numpy(np.ascontiguousarray(img)), *self.norm), int(self.labels[i])
+
+
+class WorkersLoader:
+    def __init__(self, split: Split, *, batch_per_rank: int, seed: int, rank: int, world: int,
+                 device: torch.device, channels_last: bool, dtype: torch.dtype, num_workers: int,
+                 flip: str = "random", norm: tuple):
+        self.sampler = _AugmentedSampler(len(split), seed, rank, world, flip)
+        self.n, self.b, self.world, self.image_shape = len(split), batch_per_rank, world, tuple(split.x.shape[1:])
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.loader = DataLoader(_PaddedImages(split, norm), batch_size=batch_per_rank, sampler=self.sampler,
+                                 num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                                 persistent_workers=num_workers > 0,
+                                 # its own generator: workers draw nothing random, and the global RNG
+                                 # (dropout's) must not depend on when the worker pool starts
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.b, self.world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start * self.b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            yield to_batch(x, self.dtype, self.channels_last), y.to(self.device, non_blocking=True)
+
+
+class _BoxSampler(Sampler):
+    """Yields (index, top, left, height, width, flip) for this rank's share of the epoch."""
+
+    def __init__(self, files: Files, seed: int, rank: int, world: int, flip: str):
+        self.files, self.seed, self.rank, self.world, self.flip = files, seed, rank, world, flip
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return len(self.files) // self.world - self.skip
+
+    def __iter__(self):
+        boxes = [t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip)]
+        for i in epoch_indices(len(self.files), self.seed, self.epoch, self.rank, self.world)[self.skip:].tolist():
+            yield (i, *(b[i] for b in boxes))
+
+
+class _FolderImages(Dataset):
+    def __init__(self, files: Files, size: int, skip_bad: bool):
+        self.files, self.size, self.skip_bad = files, size, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
+        i, top, left, h, w, flip = item
+        img = decode_rgb(self.files.root / self.files.paths[i], skip_bad=True)
+        ok = img is not None
+        if not ok:  # data.skip_bad's stand-in (without it the main process stops the run)
+            img = Image.new("RGB", tuple(int(v) for v in self.files.sizes[i]), (GREY,) * 3)
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+        return x, int(self.files.y[i]), i if not ok else -1  # the main process names a bad file: no traceback
+
+
+class FolderWorkersLoader:
+    def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
+                 channels_last: bool, dtype: torch.dtype, num_workers: int, flip: str, norm: tuple, image_size: int,
+                 skip_bad: bool):
+        self.sampler = _BoxSampler(files, seed, rank, world, flip)
+        self.files, self.n, self.b, self.world = files, len(files), batch_per_rank, world
+        self.image_shape = (3, image_size, image_size)
+        self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm
+        self.skip_bad, self.skipped = skip_bad, set()
+        self.loader = DataLoader(_FolderImages(files, image_size, skip_bad), batch_size=batch_per_rank,
+                                 sampler=self.sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                 drop_last=True, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))  # as WorkersLoader: draws nothing
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.b, self.world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start * self.b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, bad in self.loader:
+            if (bad >= 0).any():  # a CPU tensor: no device sync
+                for i in bad[bad >= 0].tolist():
+                    decode_rgb(self.files.root / self.files.paths[i], skip_bad=self.skip_bad)  # the one line
+                    self.skipped.add(self.files.paths[i])
+            x = normalize(x.to(self.device, non_blocking=True), *self.norm)
+            yield to_batch(x, self.dtype, self.channels_last), y.to(self.device, non_blocking=True)
