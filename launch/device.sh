@@ -135,11 +135,11 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
         [ "$name" = profile ] && [ "$label" = b1024-reduce-overhead ] && continue  # three variants profiled
         # shellcheck disable=SC2086  # flags are several words
         if [ "$name" = throughput ]; then
-          python3 -m fastres.tools.bench --config configs/fast.toml --data.source=synthetic \
+          python3 -m fastres.tools.bench train --config configs/fast.toml --data.source=synthetic \
             --label="fast $label synthetic" --out="$R/bench.json" ${DRY:+--steps=2 --warmup=1} ${DRY:+"${TINY[@]}"} \
             "${dry_batch[@]}" $flags || rc=$?
         else
-          python3 -m fastres.tools.bench --what profile --config configs/fast.toml --data.source=synthetic \
+          python3 -m fastres.tools.bench profile --config configs/fast.toml --data.source=synthetic \
             --label="fast-$label" --out="$R/profile" ${DRY:+--steps=2} ${DRY:+"${TINY[@]}"} "${dry_batch[@]}" $flags \
             || rc=$?
         fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fast path measured step by step: one `fastres.tools.bench` row per step, each step adding one
+# The fast path measured step by step: one `fastres.tools.bench train` row per step, each step adding one
 # technique to the previous ones, starting from the baseline (He et al. 2015's ResNet-20 recipe,
 # configs/baseline.toml). Rows go to results/bench.json labelled "step N: ..."; each row also measures
 # the baseline in the same process, so its speed-up is against a baseline timed minutes apart, not days
@@ -28,7 +28,7 @@ for entry in "${ladder[@]}"; do
   read -ra added <<< "${entry#*|}"  # a step may add several flags, separated by spaces
   flags+=("${added[@]}")
   echo "--- $label: ${flags[*]}"
-  python3 -m fastres.tools.bench --config configs/baseline.toml --label="$label" "${extra[@]}" "${flags[@]}" \
+  python3 -m fastres.tools.bench train --config configs/baseline.toml --label="$label" "${extra[@]}" "${flags[@]}" \
     || { rc=1; echo "--- $label failed"; }
 done
 exit $rc

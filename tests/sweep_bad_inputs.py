@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 from fastres import train
-from fastres.tools import bench, report, stack
+from fastres.tools import bench, jpeg, report, stack
 
 RUN = ["--data.dir={data}", "--run.out_dir={tmp}/{name}", "--model.depth=8", "--optim.batch_size=50",
        "--run.epochs=1", "--data.loader=gpu", "--data.val_size=50"]
-CLIS = {"train": train.cli, "stack": stack.cli, "report": report.cli, "bench": bench.cli}
+CLIS = {"train": train.cli, "stack": stack.cli, "report": report.cli, "bench": bench.cli, "jpeg": jpeg.cli}
 
 CASES = [
     # keys and their form
@@ -96,6 +96,15 @@ CASES = [
     ("report stray argument", "report", ["extra"]),
     ("bench unknown what", "bench", ["--what", "everything"]),
     ("bench steps 0", "bench", ["--what", "dispatch", "--steps", "0"]),
+    ("bench unknown subcommand", "bench", ["everything"]),
+    ("bench subcommand steps 0", "bench", ["dispatch", "--steps", "0"]),
+    ("bench another subcommand's flag", "bench", ["loaders", "--steps", "3"]),
+    ("bench what and subcommand disagree", "bench", ["loaders", "--what", "train"]),
+    ("bench gloo procs not numbers", "bench", ["scaling", "--gloo-procs=1,two"]),
+    ("stack unknown flag", "stack", ["--config=configs/stack-smoke.toml", "--budgets=9"]),
+    ("report unknown flag", "report", ["--runz=runs"]),
+    ("jpeg size 0", "jpeg", ["--size=0"]),
+    ("jpeg unknown flag", "jpeg", ["--imgs=10"]),
 ]
 
 

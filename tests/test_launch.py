@@ -112,11 +112,11 @@ def test_fastpath_ladder_adds_each_steps_flags_to_the_previous_ones(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = [line.split("\t") for line in log.read_text().splitlines()]
     assert len(calls) == 10
-    assert calls[0] == ["-m", "fastres.tools.bench", "--config", "configs/baseline.toml",
+    assert calls[0] == ["-m", "fastres.tools.bench", "train", "--config", "configs/baseline.toml",
                         "--label=step 0: baseline (workers, fp32, batch 128)", "--steps=1"]
-    assert [len(c) - 6 for c in calls] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # step 9 adds two flags
+    assert [len(c) - 7 for c in calls] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]  # step 9 adds two flags
     assert calls[9][-2:] == ["--precision.compile_mode=default", "--precision.step_graph=true"]
-    assert calls[9][6:-2] == calls[8][6:] and calls[8][-1] == "--optim.batch_size=1024"
+    assert calls[9][7:-2] == calls[8][7:] and calls[8][-1] == "--optim.batch_size=1024"
 
 
 def test_the_queues_row_lists_name_rows_of_their_stacks():

@@ -1,7 +1,12 @@
-"""Benchmarks that print ratios: ``python -m fastres.tools.bench [--what train|loaders|scaling] [--config X] [...]``.
+"""Benchmarks that print ratios: ``python -m fastres.tools.bench [train|loaders|scaling|profile|dispatch] [...]``.
 
-``--what train`` (default; configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps (20;
-compilation happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
+The subcommand comes first; with none, ``train``. ``--what NAME`` anywhere (as older command lines and results
+files give it) is the same as the subcommand NAME. Each subcommand's options: ``bench NAME --help``; every one
+also takes ``--config FILE`` and config overrides ``--section.key=value`` (the keys: ``python -m fastres.train
+--help``).
+
+``train`` (configs/fast.toml): train ``--steps`` optimizer steps after ``--warmup`` steps (20; compilation
+happens in the warm-up) with the config's loader, model and precision, timed with CUDA events
 (device-synchronized on a CPU), and the same for the baseline recipe (configs/baseline.toml) in the
 same process. Reports img/s and s/epoch of both, the speed-up, and the fraction of the hardware floor: the
 roofline of this model on this device, from the model's FLOPs and activation bytes per image and the
@@ -10,26 +15,27 @@ device's bf16 (fp32 on a CPU) matmul rate and copy bandwidth, both measured in t
 evaluation), compile and data-staging seconds. A row per config goes to ``--out`` (results/bench.json),
 named ``--label`` (default: the config file's stem; the row also records the whole config).
 
-``--what loaders`` (configs/bench-loaders.toml): for each loader (workers, gpu, dali host-fed and
+``loaders`` (configs/bench-loaders.toml): for each loader (workers, gpu, dali host-fed and
 device-resident): images/s of the loader alone over full epochs (after a warm-up epoch, median of
 ``--repeats``), and the training time of the second epoch of a real run with it. Rows to
 results/loaders.json, a table of ratios against the gpu loader to results/loaders.md.
 
-``--what scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
+``scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
 :mod:`fastres.tools.scaling`.
 
-``--what dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source, counted
-over ``--steps`` (10) after ``--warmup`` (3, at least 1) steps; see
-:mod:`fastres.tools.dispatch`. On a CPU too (it counts, it does not time).
-
-``--what profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
+``profile`` (configs/fast.toml): where one step's time goes (torch.profiler over ``--steps`` real steps),
 written to ``--out``/<label>.txt (default results/profile/); see :mod:`fastres.tools.profile`.
+
+``dispatch`` (configs/fast.toml): host ops per training step outside a captured graph, by source, counted
+over ``--steps`` (10) after ``--warmup`` (3, at least 1) steps; see :mod:`fastres.tools.dispatch`. On a CPU
+too (it counts, it does not time).
 
 Benchmarks assert no speed: they measure on whatever machine they run and say which.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -42,15 +48,15 @@ import torch
 
 from fastres import config, distributed, log, train
 from fastres.build import build
-from fastres.config import Config, parse_args
+from fastres.config import Config, ConfigError
 from fastres.data import fetch, load
 from fastres.data.base import Split
 from fastres.data.loaders import build_loader, endless
-from fastres.errors import UserError, entry, read_json, write_text, writing
+from fastres.errors import entry, read_json, write_text, writing
 from fastres.log import read_metrics, short_sha
 from fastres.model import build_model
 from fastres.step import Timer, precision
-from fastres.tools import take_flag, take_switch, whole_number
+from fastres.tools import OVERRIDES, Help, Parser, config_overrides, names, parser, whole_number, whole_numbers
 from fastres.tools.dispatch import count_host_ops
 from fastres.tools.dispatch import report as dispatch_report
 from fastres.tools.profile import profile_step
@@ -60,6 +66,10 @@ LOADERS = ("workers", "gpu", "dali", "dali-device")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
                   "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml", "dispatch": CONFIGS / "fast.toml"}
+PROG = "python -m fastres.tools.bench"
+SUMMARY = {"train": "img/s of training steps, against the baseline and the hardware floor",
+           "loaders": "each loader alone and inside a training epoch", "scaling": "the multi-GPU scaling model",
+           "profile": "where a training step's time goes", "dispatch": "host ops per training step"}  # for --help
 BASELINE = CONFIGS / "baseline.toml"
 RECIPE_DATA_KEYS = ("--data.loader", "--data.num_workers", "--data.dali_source")  # how, not what, it loads
 
@@ -259,7 +269,7 @@ def loader_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {
+TABLES = {  # the commands as the results files have always named them (--what NAME: the subcommand NAME)
     "loaders": ("Loader benchmark", "`python -m fastres.tools.bench --what loaders`. img/s alone: the loader iterating "
                 "full epochs by itself; s/epoch: the second epoch of a real training run with it. Ratios are "
                 "against the gpu loader of the same bench run.", loader_table),
@@ -284,57 +294,139 @@ def append_rows(path: Path, rows: list[dict[str, Any]], what: str) -> list[dict[
     return everything
 
 
+def _paragraph(name: str) -> str:
+    """The module docstring's paragraph on subcommand ``name`` (the one starting ``name``), and its last line."""
+    paragraphs = __doc__.split("\n\n")
+    return "\n\n".join([next(p for p in paragraphs if p.startswith(f"``{name}``")), paragraphs[-1]])
+
+
+def command_line() -> tuple[Parser, dict[str, Parser]]:
+    """The parser (a subcommand per benchmark, each with its own options and defaults) and the subcommands'."""
+    top = parser(PROG, __doc__, overrides=True)
+    subs = top.add_subparsers(dest="what", metavar="{" + ",".join(DEFAULT_CONFIG) + "}",
+                              help="the benchmark (default: train)")
+    jobs = {}
+    for name, path in DEFAULT_CONFIG.items():
+        jobs[name] = subs.add_parser(name, help=SUMMARY[name],
+                                     description=_paragraph(name), epilog=OVERRIDES, formatter_class=Help,
+                                     allow_abbrev=False)
+        jobs[name].add_argument("--config", "-c", default=path, metavar="FILE",
+                                help=f"the recipe (default: configs/{path.name})")
+    train, loaders, scaling, profile, dispatch = jobs.values()
+    for p, out, what in ((train, "results/bench.json", "the rows' JSON list (the .md table beside it)"),
+                         (loaders, "results/loaders.json", "the rows' JSON list (the .md table beside it)"),
+                         (scaling, "results/scaling.md", "the report"),
+                         (profile, "results/profile", "the folder of <label>.txt")):
+        p.add_argument("--out", type=Path, default=out, metavar="PATH", help=what)
+    for p, steps, what in ((train, 100, "timed training steps, each for the config and the baseline"),
+                           (scaling, 100, "timed steps of each per-GPU batch"),
+                           (profile, 30, "steps timed (step alone, real loop) and profiled"),
+                           (dispatch, 10, "loop steps counted")):
+        p.add_argument("--steps", type=whole_number(1), default=steps, metavar="N", help=what)
+    for p, warmup, low, what in ((train, 20, 0, "untimed steps first (compilation happens there)"),
+                                 (scaling, 20, 0, "untimed steps first (compilation happens there)"),
+                                 (dispatch, 3, 1, "steps first, not counted (at least 1: it counts steady steps)")):
+        p.add_argument("--warmup", type=whole_number(low), default=warmup, metavar="N", help=what)
+    for p in (train, profile, dispatch):
+        p.add_argument("--label", default="", metavar="NAME",
+                       help="the name of the row or report (default: the config file's stem)")
+    train.add_argument("--time-to-target", action="store_true",
+                       help="also train the config to run.target_acc and record the time")
+    loaders.add_argument("--loaders", type=names(LOADERS), default=",".join(LOADERS), metavar="NAME,NAME",
+                         help="the loaders to measure")
+    loaders.add_argument("--repeats", type=whole_number(1), default=3, metavar="N",
+                         help="epochs of the loader alone after its warm-up epoch (the median is kept)")
+    scaling.add_argument("--gloo-procs", type=whole_numbers(1), default="1,2,4", metavar="N,N",
+                         help="the CPU process counts of the gloo all-reduce check")
+    return top, jobs
+
+
+def subcommand_first(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the subcommand argv names, first or as ``--what NAME``/``--what=NAME`` anywhere, or None; the rest of argv,
+    as given). ConfigError for a name that is no subcommand."""
+    rest = list(argv)
+    what = next((i for i, a in enumerate(rest) if a == "--what" or a.startswith("--what=")), None)
+    if what is not None:
+        arg = rest.pop(what)
+        name = arg.split("=", 1)[1] if "=" in arg else (rest.pop(what) if what < len(rest) else "")
+        if name not in DEFAULT_CONFIG:
+            raise ConfigError(f"--what {name!r} is not one of: {', '.join(DEFAULT_CONFIG)}" if name else
+                              f"--what needs a subcommand's name, one of: {', '.join(DEFAULT_CONFIG)}")
+        if rest and rest[0] in DEFAULT_CONFIG and rest[0] != name:
+            raise ConfigError(f"--what {name} and the subcommand {rest[0]} disagree: give one of them")
+        return name, rest[1:] if rest and rest[0] == name else rest
+    if rest and not rest[0].startswith("-"):
+        if rest[0] not in DEFAULT_CONFIG:
+            raise ConfigError(f"subcommand {rest[0]!r} is not one of: {', '.join(DEFAULT_CONFIG)} (see {PROG} --help)")
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def help_text(argv: list[str]) -> str:
+    """--help's text: the subcommand's when argv names one, the tool's otherwise."""
+    top, jobs = command_line()
+    try:
+        name = subcommand_first(argv)[0]
+    except ConfigError:
+        name = None
+    return (jobs[name] if name else top).format_help()
+
+
+def without_config(argv: list[str]) -> list[str]:
+    """``argv`` less ``--config FILE`` (``--config=FILE``, ``-c FILE``): the flags a report repeats beside it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--config", "-c"):
+            i += 2
+            continue
+        if not argv[i].startswith("--config="):
+            out.append(argv[i])
+        i += 1
+    return out
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return entry(_main, argv, __doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return entry(_main, argv, help_text(argv))
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """(the options of the subcommand ``argv`` names, defaults filled in, ``what`` naming it; its config overrides;
+    argv as given less the subcommand)."""
+    name, rest = subcommand_first(argv)
+    top, jobs = command_line()
+    args, left = top.parse_known_args([name or "train", *rest])
+    return args, config_overrides(jobs[args.what], left), rest
 
 
 def _main(argv: list[str]) -> None:
-    given = list(argv)  # as typed: the scaling report's command line repeats it
-    what = take_flag(argv, "--what", "train")
-    if what not in DEFAULT_CONFIG:
-        raise UserError(f"--what {what!r} is not one of: {', '.join(DEFAULT_CONFIG)}")
-    out = Path(take_flag(argv, "--out", {"train": "results/bench.json", "loaders": "results/loaders.json",
-                                         "scaling": "results/scaling.md", "profile": "results/profile",
-                                         "dispatch": ""}[what]))
-    loaders = [name for name in take_flag(argv, "--loaders", ",".join(LOADERS)).split(",") if name]
-    repeats = whole_number("--repeats", take_flag(argv, "--repeats", "3"), 1)
-    steps = whole_number("--steps", take_flag(argv, "--steps", {"profile": "30", "dispatch": "10"}.get(what, "100")), 1)
-    warmup = whole_number("--warmup", take_flag(argv, "--warmup", {"dispatch": "3"}.get(what, "20")),
-                          1 if what == "dispatch" else 0)  # dispatch counts steady-state steps: one warm-up at least
-    procs = [whole_number("--gloo-procs", p, 1)
-             for p in take_flag(argv, "--gloo-procs", "1,2,4").split(",")]
-    label = take_flag(argv, "--label", "")
-    ttt = take_switch(argv, "--time-to-target")
-    path, overrides = parse_args(argv)
-    path = path or DEFAULT_CONFIG[what]
-    cfg = config.load(path, overrides)
+    args, overrides, rest = parse(argv)
+    what = args.what
+    cfg = config.load(args.config, overrides)
+    label = getattr(args, "label", "") or Path(args.config).stem
     if what == "loaders":
-        unknown = sorted(set(loaders) - set(LOADERS))
-        if unknown:
-            raise UserError(f"--loaders: unknown {', '.join(unknown)} (valid: {', '.join(LOADERS)})")
-        rows = bench_loaders(cfg, loaders, repeats=repeats)
-        append_rows(out, rows, "loaders")
+        rows = bench_loaders(cfg, args.loaders, repeats=args.repeats)
+        append_rows(args.out, rows, "loaders")
         print(loader_table(rows), end="")
     elif what == "train":
-        row = bench_train(cfg, label or Path(path).stem, steps=steps, warmup=warmup, time_to_target=ttt,
+        row = bench_train(cfg, label, steps=args.steps, warmup=args.warmup, time_to_target=args.time_to_target,
                           overrides=overrides)
-        append_rows(out, [row], "train")
+        append_rows(args.out, [row], "train")
         print(train_table([row]), end="")
     elif what == "dispatch":
-        counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=steps,
-                                warmup=warmup)
-        print(dispatch_report(label or Path(path).stem, counts), end="")
+        counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=args.steps,
+                                warmup=args.warmup)
+        print(dispatch_report(label, counts), end="")
     elif what == "profile":
-        print(profile_step(cfg, distributed.measurement_device(cfg.run), steps=steps,
-                           label=label or Path(path).stem, out=out), end="")
+        print(profile_step(cfg, distributed.measurement_device(cfg.run), steps=args.steps, label=label,
+                           out=args.out), end="")
     else:
-        take_flag(given, "--what", "")
-        take_flag(given, "--config", "")
-        flags = given  # the rest, as the user gave it
-        text = scaling_report(cfg, Path(path).stem, steps=steps, warmup=warmup, gloo_procs=procs, flags=flags)
-        with writing(out.parent):
-            out.parent.mkdir(parents=True, exist_ok=True)
-        write_text(out, text)
+        flags = without_config(rest)  # the rest, as the user gave it: the report repeats it
+        text = scaling_report(cfg, Path(args.config).stem, steps=args.steps, warmup=args.warmup,
+                              gloo_procs=args.gloo_procs, flags=flags)
+        with writing(args.out.parent):
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(args.out, text)
         print(text, end="")
 
 

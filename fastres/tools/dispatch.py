@@ -1,4 +1,4 @@
-"""Host work per training step: ``python -m fastres.tools.bench --what dispatch [--config X] [--steps N]``.
+"""Host work per training step: ``python -m fastres.tools.bench dispatch [--config X] [--steps N]``.
 
 Counts, over ``--steps`` iterations of the training loop after warm-up (the loader, the step, the loop's own
 work, as fastres.train runs them), the ATen ops the host dispatches per step outside a captured graph: every

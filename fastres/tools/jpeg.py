@@ -9,8 +9,8 @@ process per core) and dali (nvJPEG "mixed" on a GPU, "cpu" without one) - measur
   channels_last on a GPU), device-synchronized.
 Rows go to ``--out`` (JSON lines, default results/jpeg.json) and a ratio table to stdout.
 
-    python -m fastres.tools.jpeg [--images=2000] [--size=224] [--batch=128] [--depth=50] [--width=64]
-        [--steps=30] [--epochs=2] [--workers=N (default: every core)] [--out=results/jpeg.json]
+    python -m fastres.tools.jpeg [--images 2000] [--size 224] [--batch 128] [--depth 50] [--width 64]
+        [--steps 30] [--epochs 2] [--workers N (default: every core)] [--out results/jpeg.json]
 
 Benchmarks assert no speed: they measure on whatever machine they run and say which.
 """
@@ -34,10 +34,10 @@ from fastres import distributed, log
 from fastres.config import DataCfg, ModelCfg, RunCfg
 from fastres.data.folder import load_folder
 from fastres.data.loaders import build_loader
-from fastres.errors import UserError, entry, writing
+from fastres.errors import entry, writing
 from fastres.model import build_model
 from fastres.step import Timer
-from fastres.tools import take_flag, whole_number
+from fastres.tools import Parser, parser, whole_number
 
 CLASSES = 10
 
@@ -134,15 +134,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> list[dict[str, Any]]:
-    argv = list(argv)
+def command_line() -> Parser:
+    p = parser("python -m fastres.tools.jpeg", __doc__)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    args = {k: whole_number(f"--{k}", take_flag(argv, f"--{k}", str(d)), 1) for k, d in (
-        ("images", 2000), ("size", 224), ("batch", 128), ("depth", 50), ("width", 64), ("steps", 30), ("epochs", 2),
-        ("workers", cores))}
-    out = Path(take_flag(argv, "--out", "results/jpeg.json"))
-    if argv:
-        raise UserError(f"unknown arguments {' '.join(argv)}: see python -m fastres.tools.jpeg --help")
+    for flag, default, what in (("images", 2000, "JPEGs written to train/ (a tenth as many to val/)"),
+                                ("size", 224, "the side random-resized-crop makes"), ("batch", 128, "images a batch"),
+                                ("depth", 50, "ResNet depth of the training measurement"),
+                                ("width", 64, "ResNet width (channels of the first stage)"),
+                                ("steps", 30, "timed training steps (after 3 untimed)"),
+                                ("epochs", 2, "timed epochs of the loader alone (after a warm-up epoch)"),
+                                ("workers", cores, "loader processes: every core this process may use")):
+        p.add_argument(f"--{flag}", type=whole_number(1), default=default, metavar="N", help=what)
+    p.add_argument("--out", type=Path, default="results/jpeg.json", metavar="FILE", help="the rows, appended")
+    return p
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    args = vars(command_line().parse_args(argv))
+    out = args.pop("out")
     rows = measure(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with writing(out), open(out, "a") as f:
@@ -154,7 +163,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 def cli(argv: list[str] | None = None) -> int:
     def body(args: list[str]) -> None:
         main(args)
-    return entry(body, argv, __doc__)
+    return entry(body, argv, command_line().format_help())
 
 
 if __name__ == "__main__":

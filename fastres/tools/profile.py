@@ -1,4 +1,4 @@
-"""Where a training step's time goes: ``python -m fastres.tools.bench --what profile [--config X] [--label L]``.
+"""Where a training step's time goes: ``python -m fastres.tools.bench profile [--config X] [--label L]``.
 
 Builds the run as training does (fastres.build; ``data.source = "synthetic"`` needs no data set), then:
   A  ``--steps`` steps of the step alone on one fixed batch (CUDA events)          -> the step's own cost

@@ -1,4 +1,4 @@
-"""The speed/accuracy table, from run summaries only: ``python -m fastres.tools.report [--runs=DIR] [--out=DIR]``.
+"""The speed/accuracy table, from run summaries only: ``python -m fastres.tools.report [--runs DIR] [--out DIR]``.
 
 Reads the stack manifest (``<runs>/stack.json``, written by fastres.tools.stack) for the rows and their run
 directories, then each run's summary.json and metrics.jsonl, and writes to ``--out``:
@@ -28,7 +28,7 @@ from typing import Any
 
 from fastres.errors import UserError, entry, read_json, writing
 from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics, short_sha
-from fastres.tools import take_flag, take_switch
+from fastres.tools import Parser, parser
 
 MANIFEST = "stack.json"  # in a stack's runs directory: its rows, as fastres.tools.stack last wrote them
 _WORD = {"test": "test", "val": "validation"}
@@ -338,17 +338,22 @@ def pick(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, lis
     return best["combination"], flags
 
 
+def command_line() -> Parser:
+    p = parser("python -m fastres.tools.report", __doc__)
+    p.add_argument("--runs", default="runs/stack", metavar="DIR", help="a stack's runs folder (its stack.json)")
+    p.add_argument("--out", default="results", metavar="DIR", help="where the report goes")
+    p.add_argument("--pick", action="store_true", help="print the --pick rule's row as override flags instead")
+    return p
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return entry(_main, argv, __doc__)
+    return entry(_main, argv, command_line().format_help())
 
 
 def _main(argv: list[str]) -> int | None:
-    runs = take_flag(argv, "--runs", "runs/stack")
-    out = take_flag(argv, "--out", "results")
-    want_pick = take_switch(argv, "--pick")
-    if argv:
-        raise UserError(f"unexpected argument(s) {' '.join(argv)}: use --runs=DIR --out=DIR [--pick]")
-    if want_pick:
+    args = command_line().parse_args(argv)
+    runs, out = args.runs, args.out
+    if args.pick:
         name, flags = pick(*collect(runs))
         print(f"report: picked {name!r} on the validation split", file=sys.stderr)
         print(" ".join(flags))

@@ -1,4 +1,4 @@
-"""The multi-GPU scaling model: ``python -m fastres.tools.bench --what scaling [--config configs/fast.toml]``.
+"""The multi-GPU scaling model: ``python -m fastres.tools.bench scaling [--config configs/fast.toml] [...]``.
 
 Data-parallel training of a global batch B on N GPUs takes, per step,
 

@@ -13,8 +13,8 @@ and an interrupted run continues from its checkpoint: a ladder can be finished o
 bounded by ``--budget-s``. A row needing more GPUs than the machine has is listed as "needs N GPUs" and never
 run or estimated. At the end the report (fastres.tools.report) is rebuilt from the runs' summaries and metrics.
 
-    python -m fastres.tools.stack --config configs/stack.toml [--data.dir=DIR] [--out=DIR] [--runs=DIR]
-        [--budget-s=SECONDS] [--only=ROW,ROW] [--seeds=N] [--device=cpu|cuda] [--dry-run] [--section.key=value ...]
+    python -m fastres.tools.stack --config configs/stack.toml [--out DIR] [--runs DIR] [--budget-s SECONDS]
+        [--only ROW,ROW] [--seeds N] [--device cpu|cuda] [--dry-run] [--section.key=value ...]
 
 ``--device`` replaces the stack file's device (``cpu``: every row on the CPU, e.g. to rehearse a GPU ladder).
 """
@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from fastres import config, log
-from fastres.config import RESUME_MAY_DIFFER, ConfigError, parse_args
+from fastres.config import RESUME_MAY_DIFFER, ConfigError
 from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import SUMMARY
-from fastres.tools import take_flag, take_switch, whole_number
+from fastres.tools import Parser, config_overrides, names, parser, whole_number
 from fastres.tools.report import MANIFEST, MANIFEST_ROW_KEYS, build_report
 
 RUN_CONFIG = "stack-config.toml"
@@ -271,37 +271,47 @@ def run_stack(stack: Stack, overrides: list[str], *, budget_s: float | None = No
     return ok
 
 
+def command_line() -> Parser:
+    p = parser("python -m fastres.tools.stack", __doc__, overrides=True)
+    p.add_argument("--config", "-c", required=True, metavar="FILE",
+                   help="the stack file (required), e.g. configs/stack.toml")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the report goes (default: the stack file's [stack] out, else results)")
+    p.add_argument("--runs", type=Path, metavar="DIR",
+                   help="the runs' folder (default: the stack file's [stack] runs_dir, else runs/<its name>)")
+    p.add_argument("--budget-s", type=whole_number(1), metavar="SECONDS",
+                   help="this sitting's time: a run still going then stops and resumes next time (default: no limit)")
+    p.add_argument("--only", type=names(), default=[], metavar="ROW,ROW",
+                   help="the rows to run, by name or directory name (default: every row)")
+    p.add_argument("--seeds", type=whole_number(1), metavar="N",
+                   help="seeds of every row (default: each row's seeds, else the stack file's, else 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="the device of every row (default: the stack file's device, else cuda)")
+    p.add_argument("--dry-run", action="store_true", help="say what would run and run nothing; the report is rebuilt")
+    return p
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return entry(_main, argv, __doc__)
+    return entry(_main, argv, command_line().format_help())
 
 
 def _main(argv: list[str]) -> int | None:
-    out = take_flag(argv, "--out", "")
-    runs = take_flag(argv, "--runs", "")
-    budget = take_flag(argv, "--budget-s", "")
-    only = [x for x in take_flag(argv, "--only", "").split(",") if x]
-    seeds = take_flag(argv, "--seeds", "")
-    device = take_flag(argv, "--device", "")
-    if device not in ("", "cpu", "cuda"):
-        raise UserError(f"--device {device!r} is not one of: cpu, cuda")
-    dry_run = take_switch(argv, "--dry-run")
-    path, overrides = parse_args(argv)
-    if path is None:
-        raise UserError("--config is required, e.g. --config configs/stack.toml")
-    budget_s = whole_number("--budget-s", budget, 1) if budget else None
+    p = command_line()
+    args, rest = p.parse_known_args(argv)
+    overrides = config_overrides(p, rest)
     config.load(None, overrides)  # bad overrides fail here, before anything runs
-    stack = load_stack(path, seeds=whole_number("--seeds", seeds, 1) if seeds else None)
-    if device:
-        stack.device = device
-    if runs:
-        stack.runs_dir = Path(runs)
-    if out:
-        stack.out = Path(out)
-    if only:
-        unknown = [o for o in only if o not in {r.name for r in stack.rows} | {r.slug for r in stack.rows}]
+    stack = load_stack(args.config, seeds=args.seeds)
+    if args.device:
+        stack.device = args.device
+    if args.runs:
+        stack.runs_dir = args.runs
+    if args.out:
+        stack.out = args.out
+    if args.only:
+        unknown = [o for o in args.only if o not in {r.name for r in stack.rows} | {r.slug for r in stack.rows}]
         if unknown:
             raise UserError(f"--only: no row named {', '.join(unknown)}")
-    ok = run_stack(stack, overrides, budget_s=budget_s, only=only, dry_run=dry_run)
+    ok = run_stack(stack, overrides, budget_s=args.budget_s, only=args.only, dry_run=args.dry_run)
     paths = build_report(stack.runs_dir, stack.out)
     print(f"stack: report -> {', '.join(str(p) for p in paths)}")
     left = [r.name for r in stack.rows if r.status in ("pending", "incomplete")]
