@@ -71,12 +71,12 @@ def writing(path: str | os.PathLike, needs: int | None = None, kept: str = "") -
 def write_text(path: str | os.PathLike, text: str) -> None:
     """``Path(path).write_text(text)``, a failure being :func:`write_failed`'s one line; SIGINT and SIGTERM wait
     until the file is whole (a signal during start-up stops the run at once)."""
-    with writing(path, needs=len(text.encode())), _signals_held():
+    with writing(path, needs=len(text.encode())), signals_held():
         Path(path).write_text(text)
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Inside, SIGINT and SIGTERM are held back (delivered on leaving), in the main thread; elsewhere nothing."""
     held = {signal.SIGINT, signal.SIGTERM}
     before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
@@ -124,13 +124,19 @@ def entry(body: Callable[[list[str]], int | None], argv: list[str] | None, usage
     try:
         return body(argv) or 0
     except UserError as e:
-        rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
-        what = "" if isinstance(e, Interrupted) else "error: "
-        line = f"fastres: {what}{f'[rank {rank}] ' if rank and e.per_rank else ''}{e}"
-        if rank == 0 or e.per_rank:
-            print(line, file=sys.stderr, flush=True)
-        _to_torchrun(line)
-        return getattr(e, "exit_code", 2)
+        return say(e)
+
+
+def say(e: UserError) -> int:
+    """``e`` as the command line reports it: one line on stderr (rank 0's under torchrun, every rank's for a
+    per-rank error) and in torchrun's error file; the exit code (2, or 128 + the signal for an interruption)."""
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 speaks for all, see UserError
+    what = "" if isinstance(e, Interrupted) else "error: "
+    line = f"fastres: {what}{f'[rank {rank}] ' if rank and e.per_rank else ''}{e}"
+    if rank == 0 or e.per_rank:
+        print(line, file=sys.stderr, flush=True)
+    _to_torchrun(line)
+    return getattr(e, "exit_code", 2)
 
 
 def _stdout_to_devnull() -> None:

@@ -32,7 +32,7 @@ from fastres import checkpoint, config, distributed, rng
 from fastres.build import Parts, build
 from fastres.checkpoint import Progress
 from fastres.config import Config, parse_args
-from fastres.errors import Interrupted, UserError, entry, write_text, writing
+from fastres.errors import Interrupted, UserError, entry, say, write_text, writing
 from fastres.evaluate import target_split
 from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha
 from fastres.model import count_params
@@ -53,6 +53,11 @@ def main(cfg: Config) -> dict[str, Any]:
                 return train(cfg, dist, pauses)
         finally:
             distributed.teardown()
+    except BaseException as e:
+        # the library the start-up signal interrupted (inductor, DALI) may have wrapped the handler's exception
+        if pauses.startup_signum is not None and not isinstance(e, Interrupted):
+            raise pauses.startup_interrupted(pauses.startup_signum) from None
+        raise
     finally:
         pauses.close()
 
@@ -360,16 +365,20 @@ def _summary(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, 
 
 # ---------------------------------------------------------------------------------------------------- signals
 # SIGINT and SIGTERM (Ctrl-C; SLURM, Kubernetes and torchrun's agent stop jobs with SIGTERM): during start-up
-# (staging, LSUV, compile) there is nothing to save, so the run stops at once with one line. In the loop a signal
-# sets a flag: the loop finishes its step, writes a checkpoint at that step and exits 128 + the signal. A second
-# Ctrl-C exits at once (the previous checkpoint is whole: saves are atomic); a second SIGTERM changes nothing: SLURM
-# signals every process of a step, torchrun's agent among them, which sends its workers SIGTERM again. With one
+# (indexing, download, staging, LSUV, compile, a DALI pipeline's build) there is nothing to save, so the run stops
+# at once with one line: the handler raises, and whatever a library makes of that exception (inductor wraps it, or
+# catches it and compiles on) the run ends with the same line and 128 + the signal, GRACE_S later at the latest (a
+# thread hears the signal through signal.set_wakeup_fd, even while the main thread sits in C code). In the loop a
+# signal sets a flag: the loop finishes its step, writes a checkpoint at that step and exits 128 + the signal. A
+# second Ctrl-C exits at once (the previous checkpoint is whole: saves are atomic); a second SIGTERM changes nothing:
+# SLURM signals every process of a step, torchrun's agent among them, which sends its workers SIGTERM again. With one
 # rank the loop reads the flags every step, a host value; with several, every CHECK_EVERY steps the ranks agree
 # on them in one small all-reduce (a host sync every CHECK_EVERY steps, the only one in the loop), so every rank
 # stops after the same step.
 
 CHECK_EVERY = 16  # steps between the ranks' agreements (world > 1)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GRACE_S = 5.0  # a start-up signal: how long the run may take to unwind before it is ended at once
 
 
 class Pauses:
@@ -379,21 +388,50 @@ class Pauses:
         self.every_s, self.world, self.device, self.is_main = 0.0, 1, torch.device("cpu"), True
         self.training = False  # until start(): start-up, where a signal ends the run at once
         self.signum: int | None = None  # the first signal received in the loop
+        self.startup_signum: int | None = None  # ... or during start-up
         self.last_save = time.monotonic()
-        self.old = {}
+        self.old, self.wakeup = {}, None
+        self.closed = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self.old[s] = signal.signal(s, self._received)
+            self._watch_startup()
 
     def start(self, every_s: float, world: int, device: torch.device, is_main: bool) -> None:
         """The loop begins: from now on a signal is a flag read between steps."""
+        if self.startup_signum is not None:  # a library caught the handler's exception and went on
+            raise self.startup_interrupted(self.startup_signum)
         self.every_s, self.world, self.device, self.is_main = every_s, world, device, is_main
         self.last_save, self.training = time.monotonic(), True
 
+    @staticmethod
+    def startup_interrupted(signum: int) -> Interrupted:
+        return Interrupted(f"interrupted during start-up ({signal.Signals(signum).name}), before any training "
+                           "step: nothing was saved or changed; run the same command to start again", signum)
+
+    def _watch_startup(self) -> None:
+        """A thread that hears every signal at once (the wakeup fd gets its number from the C-level handler) and,
+        for one during start-up, ends the process GRACE_S later unless the run has unwound by then (close())."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self.wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
+        threading.Thread(target=self._watch, args=(read_fd,), name="fastres-startup-signals", daemon=True).start()
+
+    def _watch(self, read_fd: int) -> None:
+        try:
+            while not self.closed.is_set():
+                heard = [s for s in os.read(read_fd, 64) if s in SIGNALS]
+                if heard and not self.training and not self.closed.wait(GRACE_S):
+                    os._exit(say(self.startup_interrupted(heard[0])))  # still starting up: a library held on
+        finally:
+            os.close(read_fd)
+
     def _received(self, signum: int, frame) -> None:
         if not self.training:
-            raise Interrupted(f"interrupted during start-up ({signal.Signals(signum).name}), before any training "
-                              "step: nothing was saved or changed; run the same command to start again", signum)
+            if self.startup_signum is not None:  # a second one while unwinding: at once
+                os._exit(say(self.startup_interrupted(self.startup_signum)))
+            self.startup_signum = signum
+            raise self.startup_interrupted(signum)
         if self.signum is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # a second Ctrl-C: at once
         self.signum = self.signum or signum  # SIGTERM again: the same stop (from SLURM, then from torchrun's agent)
@@ -429,6 +467,17 @@ class Pauses:
     def close(self) -> None:
         for s, handler in self.old.items():
             signal.signal(s, handler)
+        if self.wakeup is not None:
+            _, write_fd, before = self.wakeup
+            signal.set_wakeup_fd(before)  # first: no signal writes to the pipe once the thread may close it
+            self.closed.set()
+            try:
+                os.write(write_fd, b"\0")  # the watching thread wakes, sees closed, and ends
+            except OSError:  # it has ended already
+                pass
+            os.close(write_fd)
+            self.wakeup = None
+        self.closed.set()
 
 
 def cli(argv: list[str] | None = None) -> int:

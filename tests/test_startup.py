@@ -120,3 +120,112 @@ def test_resume_never_does_not_count_the_lock_as_a_run(tmp_path):
     os.close(train.lock_run_dir(out))  # what a run interrupted during start-up leaves
     cfg = config.load(None, [*CLI, f"--run.out_dir={out}", "--run.epochs=1", "--run.resume=never"])
     assert train.main(cfg)["epochs_trained"] == 1
+
+
+LIBRARY = '''
+import sys, time
+from fastres import train
+
+def build(cfg, dist, state=None):  # a start-up phase inside a library that {how} the handler's exception
+    try:
+        time.sleep(120)
+    except BaseException as e:
+        {then}
+
+train.build = build
+sys.exit(train.cli(sys.argv[1:]))
+'''
+WAYS = {"wraps": "raise RuntimeError('the library failed') from e", "swallows": "time.sleep(120)"}
+
+
+@pytest.mark.parametrize("how", sorted(WAYS))
+def test_a_start_up_signal_ends_the_run_in_one_line_whatever_a_library_does_with_it(tmp_path, how):
+    """The handler's exception comes back wrapped by the library it interrupted (inductor's InductorError), or the
+    library catches it and goes on: the run still ends with the one line and 130, within train.GRACE_S."""
+    script, out = tmp_path / "run.py", tmp_path / "run"
+    script.write_text(LIBRARY.format(how=how, then=WAYS[how]))
+    proc = subprocess.Popen([sys.executable, str(script), *CLI, f"--run.out_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    wait_until(lambda: held(out), proc)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < train.GRACE_S + 10, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
+        "run the same command to start again"], err[-2000:]
+    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_the_compile_warm_up_is_one_line_and_leaves_nothing(tmp_path):
+    """SIGINT while inductor generates and compiles code for the compile warm-up (a fresh cache: it compiles)."""
+    out, cache = tmp_path / "run", tmp_path / "inductor"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "fastres.train", *CLI, f"--run.out_dir={out}",
+                             "--precision.compile=true"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    wait_until(lambda: cache.exists() and any(p.suffix in (".py", ".cpp") for p in cache.rglob("*")), proc, 300)
+    time.sleep(1.0)  # inside code generation
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "InductorError" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
+        "run the same command to start again"], err[-3000:]
+    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]
+
+
+PHASE = '''
+import io, sys, time, urllib.request
+from fastres import train
+from fastres.data import folder
+
+def slow_header(path):  # a slow disk: a header a second, 16 at a time
+    time.sleep(1.0)
+    return real_header(path)
+
+class SlowArchive(io.RawIOBase):  # a slow server: a chunk a second, endless
+    def read(self, n=-1):
+        time.sleep(1.0)
+        return b"x" * 1024
+    def __enter__(self):
+        return self
+    def __exit__(self, *a):
+        return False
+
+real_header = folder._header
+folder._header = slow_header
+urllib.request.urlopen = lambda url, timeout: SlowArchive()
+sys.exit(train.cli(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("phase", ["indexing", "download"])
+def test_a_signal_while_indexing_a_folder_or_downloading_stops_at_once_and_leaves_nothing(tmp_path, phase):
+    """A folder of 400 images whose headers take a second each (25 s with 16 threads), or an archive that never ends:
+    SIGINT stops the run within seconds with the one line, no half-written index, no partial download."""
+    from test_folder import make_folder
+    data = make_folder(tmp_path / "imgs", per_class=100) if phase == "indexing" else tmp_path / "cifar"
+    source = ["--data.source=folder", "--data.loader=workers", "--model.num_classes=4", "--data.image_size=32"] \
+        if phase == "indexing" else ["--data.source=cifar10"]
+    script, out = tmp_path / "run.py", tmp_path / "run"
+    script.write_text(PHASE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), *CLI, *source, f"--data.dir={data}", f"--run.out_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_until(lambda: held(out), proc)
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 5.0, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
+        "run the same command to start again"], err[-2000:]
+    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]  # no index, whole or partial
+    if phase == "download":
+        assert not data.exists()  # the folders the download made, and its .part file, are gone

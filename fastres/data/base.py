@@ -69,8 +69,8 @@ def resolved(root: str | os.PathLike) -> Path:
     try:
         return Path(root).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: pathlib's "Symlink loop from ..."
-        raise DataError(f"data.dir {root} cannot be followed ({one_line(e, 120)}): point --data.dir at the data "
-                        "folder itself, not at a link that leads back to itself") from None
+        raise DataError(f"data.dir {root} cannot be followed ({one_line(e, 120)}): point --data.dir at the folder "
+                        "holding the data, not at a link that leads back to itself") from None
 
 
 # ----------------------------------------------------------------------------------------------------

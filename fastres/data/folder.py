@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastres.config import DataCfg
 from fastres.data.base import DataError, Files, RunData, Split, resolved
-from fastres.errors import one_line, writing
+from fastres.errors import one_line, signals_held, writing
 
 # ImageNet's channel statistics, as torchvision's references normalize every folder of photographs.
 MEAN_IMAGENET = (0.485, 0.456, 0.406)
@@ -114,8 +114,11 @@ def _build_index(root: Path) -> dict:
     index: dict = {"classes": classes, "bad": []}
     for sub in ("train", "val"):
         paths, labels, bad = _list_split(root, sub, classes)
-        with ThreadPoolExecutor(16) as pool:
-            heads = list(pool.map(_header, (root / rel for rel in paths), chunksize=64))
+        pool = ThreadPoolExecutor(16)
+        try:
+            heads = list(pool.map(_header, (root / rel for rel in paths)))
+        finally:  # a signal (or an error) cancels the headers not yet read: a stop does not wait for a million
+            pool.shutdown(cancel_futures=True)
         good = [i for i, h in enumerate(heads) if not h[3]]
         bad += [[paths[i], heads[i][3]] for i, h in enumerate(heads) if h[3]]
         index[sub] = dict(paths=[paths[i] for i in good], labels=[labels[i] for i in good],
@@ -135,9 +138,12 @@ def _write_index(path: Path, key: dict, index: dict) -> None:
         arrays[f"{sub}_sizes"] = np.asarray(part["sizes"], np.int64).reshape(-1, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part.npz")
-    with writing(path):
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+    with writing(path), signals_held():  # a signal waits until the index is whole (a few MB); a failure leaves none
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _read_index(path: Path, key: dict) -> dict | None:
