@@ -39,7 +39,7 @@ from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraw
 TOP5_SOURCES = ("cifar100", "folder")  # where top-5 accuracy is logged: not CIFAR-10, whose rows stay as they were
 # torch 2.13 deprecates broadcast_buffers (a FutureWarning on every rank) for forward_sync_buffers, which still syncs
 # buffers once at init: a no-op here, every rank starts from equal ones (BN's constants, or the same checkpoint);
-# older torch (the GPU image's 2.11) has only the old name. Source: torch/nn/parallel/distributed.py
+# older torch (2.11, for one) has only the old name. Source: torch/nn/parallel/distributed.py
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
 

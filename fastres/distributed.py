@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 
 from fastres.config import RunCfg
 from fastres.errors import UserError, one_line
@@ -29,11 +29,13 @@ from fastres.errors import UserError, one_line
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place in the run (its rank among ``world``, its device). Everywhere in fastres ``dist`` names
+    one of these; torch's module is spelled torch.distributed."""
     rank: int
     local_rank: int
     world: int
     device: torch.device
-    store: Any = None  # the attempt's rendezvous store (a dist.Store; None without a process group)
+    store: Any = None  # the attempt's rendezvous store (a torch.distributed.Store; None without a process group)
     timeout_s: float = 0.0  # the process group's collective timeout
 
     @property
@@ -95,12 +97,12 @@ def setup(run: RunCfg) -> Dist:
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = _device(run.device, local_rank)
     store = None
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not torch.distributed.is_initialized():
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         store = _store(rank, world)
         # torch's default is 30 min (10 for nccl); gloo applies it to every send/recv of a collective, nccl's
         # watchdog to each collective (and then ends the process)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank,
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timedelta(seconds=run.collective_timeout_s), **kw)
     return Dist(rank=rank, local_rank=local_rank, world=world, device=dev, store=store,
                 timeout_s=run.collective_timeout_s)
@@ -111,7 +113,7 @@ def single(device: torch.device) -> Dist:
     return Dist(rank=0, local_rank=0, world=1, device=device)
 
 
-def _store(rank: int, world: int) -> dist.Store:
+def _store(rank: int, world: int) -> torch.distributed.Store:
     """The rendezvous store, with keys private to this restart attempt where the store outlives attempts.
 
     When torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE, its default), the new process group after
@@ -122,60 +124,61 @@ def _store(rank: int, world: int) -> dist.Store:
     counts its restarts from 0 while the others do not (pytorch/pytorch#135712), and the ranks would never meet.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
-                          world_size=world, is_master=not agent_store and rank == 0,
-                          timeout=timedelta(minutes=10))
+    store = torch.distributed.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                       int(os.environ.get("MASTER_PORT", "29500")), world_size=world,
+                                       is_master=not agent_store and rank == 0, timeout=timedelta(minutes=10))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "0"
-    return dist.PrefixStore(f"fastres/attempt-{attempt}", store)
+    return torch.distributed.PrefixStore(f"fastres/attempt-{attempt}", store)
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max) when distributed; a no-op otherwise."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    if torch.distributed.is_initialized():
+        reduce_op = torch.distributed.ReduceOp
+        torch.distributed.all_reduce(t, op=reduce_op.SUM if op == "sum" else reduce_op.MAX)
     return t
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order ([obj] without a process group)."""
-    if not dist.is_initialized():
+    if not torch.distributed.is_initialized():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
     return out
 
 
 def agree(flags: list[int], device: torch.device) -> list[int]:
     """Each flag's maximum over the ranks (a host sync: call it rarely); ``flags`` itself without a group."""
-    if not dist.is_initialized():
+    if not torch.distributed.is_initialized():
         return flags
     t = torch.tensor(flags, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BN running statistics) so all evaluate the same network."""
-    if dist.is_initialized():
+    if torch.distributed.is_initialized():
         for b in model.buffers():
-            dist.broadcast(b, src=0)
+            torch.distributed.broadcast(b, src=0)
 
 
 def broadcast_state(model: torch.nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers (after an init computed on rank 0 alone)."""
-    if dist.is_initialized():
+    if torch.distributed.is_initialized():
         for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
+            torch.distributed.broadcast(t.data, src=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,56 +191,56 @@ SHARED_TOKEN = ".fastres-shared"  # written by rank 0 in run.out_dir at start, r
 def _collective_failure(e: BaseException) -> bool:
     """Is ``e`` a failed collective: torch's DistError (nccl, the store), or gloo's plain RuntimeError (a recv timed
     out, a peer's connection reset or closed), whose message names a gloo source file?"""
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))
 
 
-def silent_ranks(d: Dist, wait_s: float = ROLL_CALL_S) -> list[int] | None:
+def silent_ranks(dist: Dist, wait_s: float = ROLL_CALL_S) -> list[int] | None:
     """After a failed collective: the ranks that do not say within ``wait_s`` that theirs failed too (stopped, hung,
     or gone), through the attempt's store; None when the store itself is gone (its node died)."""
     try:
-        d.store.set(f"failed/{d.rank}", "1")
-        missing, end = [r for r in range(d.world) if r != d.rank], time.monotonic() + wait_s
+        dist.store.set(f"failed/{dist.rank}", "1")
+        missing, end = [r for r in range(dist.world) if r != dist.rank], time.monotonic() + wait_s
         while missing and time.monotonic() < end:
             time.sleep(0.1)
-            missing = [r for r in missing if not d.store.check([f"failed/{r}"])]
+            missing = [r for r in missing if not dist.store.check([f"failed/{r}"])]
         return missing
     except Exception:  # any store error: it is only a roll call
         return None
 
 
 @contextmanager
-def failures_named(d: Dist) -> Iterator[None]:
+def failures_named(dist: Dist) -> Iterator[None]:
     """Inside, a failed collective becomes one line naming the ranks that stopped answering (a UserError of this
     rank: each rank says what it saw), so torchrun's --max-restarts restarts the group from the last checkpoint."""
     try:
         yield
     except Exception as e:
-        if d.world == 1 or d.store is None or not _collective_failure(e):
+        if dist.world == 1 or dist.store is None or not _collective_failure(e):
             raise
-        silent = silent_ranks(d)
+        silent = silent_ranks(dist)
         who = (f"rank {', '.join(map(str, silent))} stopped answering (hung, stopped or gone: its node's log says "
                "which)" if silent else "another rank failed")
-        raise UserError(f"a collective failed or waited over run.collective_timeout_s = {d.timeout_s:g} s on "
+        raise UserError(f"a collective failed or waited over run.collective_timeout_s = {dist.timeout_s:g} s on "
                         f"{socket.gethostname()}: {who}; torchrun --max-restarts=N restarts the group from the last "
                         f"checkpoint (docs/multinode.md) [{one_line(e, 160)}]", per_rank=True) from None
 
 
-def check_shared_dir(out: Path, d: Dist) -> None:
+def check_shared_dir(out: Path, dist: Dist) -> None:
     """With several ranks, check every rank sees the run directory rank 0 writes: rank 0 writes a random token
     there, every rank reads it back. A rank that cannot raises a UserError of its own naming the directory (and the
     others one naming that rank), rather than training from another directory or waiting on a checkpoint it never
     sees."""
-    if d.world == 1 or not dist.is_initialized():
+    if dist.world == 1 or not torch.distributed.is_initialized():
         return
     token, problem = uuid.uuid4().hex, None
-    if d.is_main:
+    if dist.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / SHARED_TOKEN).write_text(token)
         except OSError as e:
             problem = f"cannot write to run.out_dir {out} ({e.strerror}): choose another --run.out_dir"
     box = [token, problem]
-    dist.broadcast_object_list(box, src=0)  # rank 0's token, or why it could not write one
+    torch.distributed.broadcast_object_list(box, src=0)  # rank 0's token, or why it could not write one
     if box[1]:
         raise UserError(box[1])
     try:
@@ -245,7 +248,7 @@ def check_shared_dir(out: Path, d: Dist) -> None:
     except OSError:
         seen = False
     blind = [r for r, ok in enumerate(all_gather_object(seen)) if not ok]  # after every rank has read it
-    if d.is_main:
+    if dist.is_main:
         (out / SHARED_TOKEN).unlink(missing_ok=True)
     if not seen:
         raise UserError(f"run.out_dir {out} on {socket.gethostname()} is not the directory rank 0 writes (its "

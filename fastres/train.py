@@ -1,8 +1,12 @@
-"""Train a CIFAR ResNet: ``python -m fastres.train`` or ``torchrun --nproc_per_node=N -m fastres.train``.
+"""Train a ResNet: ``python -m fastres.train`` or ``torchrun --nproc_per_node=N -m fastres.train``.
 
     python -m fastres.train --config configs/smoke.toml     # the whole path in about a minute on 2 CPU cores
     python -m fastres.train                                 # He et al. 2015's ResNet-20 recipe (configs/baseline.toml)
     torchrun --nproc_per_node=4 -m fastres.train --optim.batch_size=1024 --optim.warmup_epochs=5 --data.loader=gpu
+    torchrun --nproc_per_node=8 -m fastres.train --config configs/imagenet-resnet50.toml --data.dir=/data/imagenet
+
+The network is a CIFAR ResNet (6n+2 layers, He 2015 sec. 4.2) or torchvision's ResNet-18..152 (model.family); the
+data CIFAR-10/100 or an ImageNet-style folder of images (data.source).
 
 Setup, build (fastres.build), one flat loop, summary (nanoGPT's shape). What is timed (train_time_s): from the
 first batch request of an epoch to the end of its last optimizer step, device-synchronized (CUDA events on a GPU),

@@ -22,7 +22,6 @@ from fastres.data import cifar
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
 
 
 # ------------------------------------------------------------------------------------------- pytest -m quick
@@ -115,7 +114,7 @@ def small_cifar(tmp_path, monkeypatch) -> Path:
 
 
 def real_dir() -> Path | None:
-    for cand in (os.environ.get("FASTRES_DATA"), SHARED, ROOT / "data" / "cifar10"):
+    for cand in (os.environ.get("FASTRES_DATA"), ROOT / "data" / "cifar10"):
         if cand and cifar.find(cand) is not None:
             return cifar.find(cand)
     return None
@@ -125,7 +124,7 @@ def real_dir() -> Path | None:
 def real_cifar() -> Path:
     d = real_dir()
     if d is None:
-        pytest.skip(f"the real CIFAR-10 set is not here: set FASTRES_DATA or put it at {SHARED}")
+        pytest.skip("the real CIFAR-10 set is not here: set FASTRES_DATA to the folder holding cifar-10-batches-py")
     return d
 
 

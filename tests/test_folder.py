@@ -287,7 +287,7 @@ def test_dali_cpu_agrees_with_workers_within_the_decoder_tolerance(folder, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG (DALI's mixed decoder) needs a GPU")
 def test_dali_mixed_on_a_gpu_agrees_with_workers(folder, tmp_path):
     """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's: this prints the measured gap.
-    TODO(issue26): the bound is provisional until a GPU run measures it (launch/device.sh's jpeg item)."""
+    FIXME: the bound is provisional until a GPU run measures it (launch/device.sh's jpeg item)."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     d = load_folder(cfg_for(folder), tmp_path / "run")
     cuda = torch.device("cuda")

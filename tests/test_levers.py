@@ -1,4 +1,4 @@
-"""The levers of issue 25, each against its reference: one-cycle (torch's OneCycleLR), the linear triangle (a
+"""The optimizer levers, each against its reference: one-cycle (torch's OneCycleLR), the linear triangle (a
 hand-written schedule), Lookahead (a plain-Python loop), no weight decay on BN and biases (the groups' members);
 each off leaves the baseline as it was, and a run with them on resumes exactly."""
 

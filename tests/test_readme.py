@@ -20,9 +20,10 @@ def test_readme_starts_with_exactly_two_commands():
     assert "launch/install.sh test" in tests and "pytest" in tests
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_and_the_lint():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+    assert ci.index("python3 -m ruff check .") > ci.index(readme_commands()[1])  # ruff is in the test extra
 
 
 def test_install_pins_torch_before_the_project():

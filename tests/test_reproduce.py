@@ -83,16 +83,15 @@ def test_precise_bn_pooled_variance_is_not_the_mean_of_batch_variances():
 
 def _precise_bn_rank(rank, world, folder, images):
     """One gloo rank of the test below: precise BN on its share of ``images``; its BN buffers to a file."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", store=dist.FileStore(str(folder / "store"), world), rank=rank,
-                            world_size=world)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(folder / "store"), world),
+                                         rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = build_model(ModelCfg(depth=8))
         precise_bn_(model, images, micro_batch=16, batches=2, rank=rank, world=world)
         torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, folder / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 def test_precise_bn_pools_exactly_over_ranks(tmp_path):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 import torch.multiprocessing as mp
 
 from fastres import config, distributed, log
@@ -80,12 +80,13 @@ def exposed_comm_s(n: int, t_comp: float, bucket_bytes: list[int], alpha: float,
     return max(0.0, end - t_bwd)
 
 
-def compute_step_s(cfg: Config, batch: int, device: torch.device, steps: int, warmup: int) -> float:
-    """Measured seconds of one training step at per-GPU ``batch``, built as training builds it (fastres.build),
-    on one fixed batch of synthetic images (step time does not depend on pixel values), one micro-batch a step."""
-    one_step = config.with_values(cfg, {"optim.batch_size": batch, "optim.accum_steps": 1, "data.source": "synthetic",
-                                        "data.loader": "gpu", "data.subset": 0, "data.val_size": 0,
-                                        "eval.on_test": True, "eval.precise_bn": False})
+def compute_step_s(cfg: Config, batch_per_rank: int, device: torch.device, steps: int, warmup: int) -> float:
+    """Measured seconds of one training step at ``batch_per_rank`` images a GPU, built as training builds it
+    (fastres.build), on one fixed batch of synthetic images (step time does not depend on pixel values), one
+    micro-batch a step."""
+    one_step = config.with_values(cfg, {"optim.batch_size": batch_per_rank, "optim.accum_steps": 1,
+                                        "data.source": "synthetic", "data.loader": "gpu", "data.subset": 0,
+                                        "data.val_size": 0, "eval.on_test": True, "eval.precise_bn": False})
     p = build(one_step, distributed.single(device))
     x, y = next(iter(p.loader))
     lr = p.optimizer.param_groups[0]["lr"]
@@ -108,24 +109,24 @@ def _free_port() -> int:
 def _gloo_worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         times = []
         for nbytes in sizes:
             t = torch.ones(nbytes // 4)
             for _ in range(3):
-                dist.all_reduce(t)
+                torch.distributed.all_reduce(t)
             each = []
             for _ in range(repeats):
-                dist.barrier()  # start together: time the all-reduce, not the wait for a late rank
+                torch.distributed.barrier()  # start together: time the all-reduce, not the wait for a late rank
                 start = time.perf_counter()
-                dist.all_reduce(t)
+                torch.distributed.all_reduce(t)
                 each.append(time.perf_counter() - start)
             times.append(statistics.median(each))  # a shared 2-core CPU preempts: the median resists it
         if rank == 0:
             Path(out).write_text(" ".join(map(repr, times)))
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 def gloo_allreduce_s(world: int, sizes: list[int], repeats: int = 50) -> list[float]:
