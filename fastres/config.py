@@ -39,7 +39,7 @@ def _opt(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None
     return field(default=default, metadata=meta)
 
 
-FLIPS = ("random", "alternate")  # data.flip: the loaders draw by these (fastres/data/loaders.py)
+FLIPS = ("random", "alternate")  # data.flip: the loaders draw by these (fastres/data/draws.py)
 TTA = ("off", "flip", "flip-translate")  # eval.tta, in order of the views each adds (fastres/evaluate.py)
 MAX_SEED = 2**32 - 1  # numpy's global seed takes at most 32 bits
 MAX_EPOCHS = 1_000_000  # the step counts made from epochs stay exact integers and floats
@@ -216,8 +216,9 @@ class OptimCfg:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
     ema_decay: float = _opt(0.0, "score an exponential moving average of the weights and BN statistics at every "
                             "evaluation, updated after each step with decay min(d, (1+t)/(10+t)) (Polyak "
-                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/optim.py); the trained weights' own "
-                            "accuracy (their running BN statistics) is logged beside it as <split>_acc_no_ema; 0 = off",
+                            "averaging; hlb-cifar10, timm's ModelEmaV2; fastres/techniques.py); the trained weights' "
+                            "own accuracy (their running BN statistics) is logged beside it as <split>_acc_no_ema; "
+                            "0 = off",
                             ge=0.0, lt=1.0)
 
 
