@@ -181,16 +181,7 @@ class Lookahead(Technique):
         return {"steps": self.steps, "slow": dict(zip(self.names, self.slow))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        steps, slow = state["steps"], state["slow"]
-        if not isinstance(steps, int) or steps < 0 or not isinstance(slow, dict):
-            raise TypeError(f"lookahead.steps is {steps!r:.40}" if not isinstance(steps, int) or steps < 0
-                            else "lookahead.slow is not a dict")
-        if sorted(slow) != sorted(self.names):
-            raise ValueError(f"lookahead.slow holds {len(slow)} tensors where the model has {len(self.names)}")
-        with torch.no_grad():
-            for name, t in zip(self.names, self.slow):
-                t.copy_(slow[name])  # RuntimeError on another shape
-        self.steps = steps
+        self.steps = _copied_in(state, "lookahead", "steps", "slow", self.names, self.slow)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,13 +265,20 @@ class WeightEMA(Technique):
         return {"updates": self.updates, "avg": dict(zip(self.names, self.avg))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        updates, avg = state["updates"], state["avg"]
-        if not isinstance(updates, int) or updates < 0 or not isinstance(avg, dict):
-            raise TypeError(f"ema.updates is {updates!r:.40}" if not isinstance(updates, int) or updates < 0
-                            else "ema.avg is not a dict")
-        if sorted(avg) != sorted(self.names):
-            raise ValueError(f"ema.avg holds {len(avg)} tensors where the model has {len(self.names)}")
-        with torch.no_grad():
-            for name, t in zip(self.names, self.avg):
-                t.copy_(avg[name])  # RuntimeError on another shape
-        self.updates = updates
+        self.updates = _copied_in(state, "ema", "updates", "avg", self.names, self.avg)
+
+
+def _copied_in(state: dict[str, Any], part: str, count: str, saved: str, names: list[str],
+               tensors: list[torch.Tensor]) -> int:
+    """Copy ``state[saved]`` (tensors by name) into ``tensors`` and return the step count ``state[count]``; a
+    TypeError, ValueError or RuntimeError (another shape) naming ``part`` where they do not fit the model."""
+    n, by_name = state[count], state[saved]
+    if not isinstance(n, int) or n < 0 or not isinstance(by_name, dict):
+        raise TypeError(f"{part}.{count} is {n!r:.40}" if not isinstance(n, int) or n < 0
+                        else f"{part}.{saved} is not a dict")
+    if sorted(by_name) != sorted(names):
+        raise ValueError(f"{part}.{saved} holds {len(by_name)} tensors where the model has {len(names)}")
+    with torch.no_grad():
+        for name, t in zip(names, tensors):
+            t.copy_(by_name[name])  # RuntimeError on another shape
+    return n
