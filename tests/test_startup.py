@@ -173,9 +173,11 @@ def test_ctrl_c_inside_the_compile_warm_up_is_one_line_and_leaves_nothing(tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "InductorError" not in err, err[-3000:]
-    assert [line for line in err.splitlines() if line.strip()] == [
-        "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
-        "run the same command to start again"], err[-3000:]
+    # torch's own log lines may precede it (a CUDA build without a GPU warns about CUDA_HOME when inductor compiles)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == ("fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved "
+                         "or changed; run the same command to start again"), err[-3000:]
+    assert sum(line.startswith("fastres:") for line in lines) == 1, err[-3000:]
     assert sorted(f.name for f in out.iterdir()) == [train.LOCK]
 
 
