@@ -26,8 +26,8 @@ def test_ci_runs_the_readme_test_command_and_the_lint():
     assert ci.index("python3 -m ruff check .") > ci.index(readme_commands()[1])  # ruff is in the test extra
 
 
-def test_install_pins_torch_before_the_project():
+def test_install_pins_the_standard_pair_before_the_project():
     lines = (ROOT / "launch" / "install.sh").read_text().splitlines()
-    torch_line = next(i for i, line in enumerate(lines) if '"torch==2.13.*"' in line)
+    torch_line = next(i for i, line in enumerate(lines) if '"torch==2.14.*" "torchvision==0.29.*"' in line)
     project_line = next(i for i, line in enumerate(lines) if "install -q -e" in line)
     assert torch_line < project_line
