@@ -31,7 +31,7 @@ from fastres.data.loaders import Loader, build_loader
 from fastres.distributed import Dist
 from fastres.errors import UserError
 from fastres.evaluate import Sets, evaluate_all
-from fastres.model import ResNet, build_model, lsuv_
+from fastres.model import ResNet, build_model, load_weights, lsuv_
 from fastres.optim import Schedule, build_optimizer, build_schedule
 from fastres.step import Precision, TrainStep, build_train_step, precision, random_batch
 from fastres.techniques import Lookahead, ScheduledMomentum, StochasticDepthDraws, Technique, WeightEMA, find
@@ -76,7 +76,10 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     if note := checkpoint.world_note(state, world):  # the same global batch, split over another number of ranks
         notes.append(note)
 
-    model = build_model(cfg.model).to(dev, memory_format=prec.memory_format)
+    model = build_model(replace(cfg.model, num_classes=data.num_classes))  # model.num_classes: 0 or the data's
+    if state is None and cfg.model.weights:  # a fresh run from a file's weights (a resumed one has its own)
+        notes += load_weights(model, cfg.model.weights)
+    model = model.to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
     schedule = build_schedule(cfg.optim, len(loader), cfg.run.epochs)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
@@ -133,7 +136,7 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
         fetch(cfg.data, cfg.run.out_dir)  # downloads (or indexes a folder) once, on rank 0
     distributed.barrier()
     data = load(cfg.data, cfg.run.out_dir)
-    _check_labels(data, cfg.model.num_classes)
+    _check_classes(data, cfg.model.num_classes)
     data_cfg, notes = _workers_that_fit(cfg.data)
     if data.skipped:  # data.skip_bad: what was left out, named in the log once
         notes.append(f"data.skip_bad: left out {len(data.skipped)} file(s): " + "; ".join(data.skipped[:5])
@@ -148,11 +151,12 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     return data, loader, evals, notes, time.perf_counter() - t_staging
 
 
-def _check_labels(data: RunData, num_classes: int) -> None:
-    top = max([int(s.y.max()) for s in (data.train, data.test) if len(s)] + [data.num_classes - 1])
-    if top >= num_classes:
-        raise UserError(f"model.num_classes = {num_classes} but the data's labels go up to {top}: set "
-                        f"model.num_classes to at least {top + 1}")
+def _check_classes(data: RunData, num_classes: int) -> None:
+    """model.num_classes, when set, equals the data's class count (a folder's is known only now)."""
+    if num_classes and num_classes != data.num_classes:
+        raise UserError(f"model.num_classes = {num_classes} but the data's labels go up to {data.num_classes - 1} "
+                        f"({data.num_classes} classes): remove it (the model follows the data) or set "
+                        f"model.num_classes = {data.num_classes}")
 
 
 def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:

@@ -164,8 +164,14 @@ class ModelCfg:
                           "(as Wide ResNets place it); 0 = off", ge=0.0, lt=1.0)
     dropout_kind: str = _opt("standard", "standard: inverted dropout of single activations; spatial: of whole "
                              "channels (SpatialDropout, Tompson et al. 2015)", choices=("standard", "spatial"))
-    num_classes: int = _opt(10, "output classes (at least the data's labels: checked when the data is read)",
-                            ge=2, le=1_000_000)
+    num_classes: int = _opt(0, "output classes; 0 = the data's (CIFAR-10: 10, CIFAR-100: 100, a folder: its class "
+                            "folders), as torchvision's references take it from the data set; set, it must equal the "
+                            "data's", ge=0, le=1_000_000, check=lambda n: "must be 0 (the data's) or at least 2"
+                            if n == 1 else None)
+    weights: str = _opt("", "start a fresh run from the weights in this file: a state dict saved from torchvision "
+                        "(torch.save(torchvision.models.resnet50().state_dict(), PATH)) or from fastres (a "
+                        "checkpoint.pt, or a model's state_dict()); the classifier keeps its own init where the file's "
+                        "has another class count; empty = the init model.init names")
 
 
 @dataclass
@@ -271,7 +277,9 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
 # run.out_dir: where it lives, moved or not; run.collective_timeout_s: how long a rank waits for the others.
 RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "run.out_dir",
-                     "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps")
+                     "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps", "model.weights")
+# Keys whose 0 means "the data's": a run that set the value the data gives is the same run (checked when built).
+FROM_DATA = ("model.num_classes",)
 
 
 def _hints(section_cls: type) -> dict[str, Any]:
@@ -470,9 +478,13 @@ def _check_data_model(cfg: Config) -> None:
                           "32x32): remove it or set data.source = folder")
     if m.family == "cifar" and m.width != ModelCfg().width:
         raise ConfigError(f"model.width = {m.width} applies to model.family = imagenet only: remove it")
-    if d.source == "cifar100" and m.num_classes < 100:
-        raise ConfigError(f"data.source = cifar100 has 100 classes but model.num_classes = {m.num_classes}: "
-                          "set model.num_classes = 100")
+    classes = {"cifar10": 10, "synthetic": 10, "cifar100": 100}.get(d.source)  # a folder's are known once indexed
+    if m.num_classes and classes and m.num_classes != classes:
+        raise ConfigError(f"model.num_classes = {m.num_classes} but the data's labels go up to {classes - 1} "
+                          f"(data.source = {d.source} has {classes} classes): remove it (the model follows the data) "
+                          f"or set model.num_classes = {classes}")
+    if m.weights and m.init == "lsuv":
+        raise ConfigError("model.weights and model.init = lsuv both make the starting weights: remove one")
     if d.source == "folder" and d.loader == "gpu":
         raise ConfigError("data.loader = gpu keeps the whole uint8 set on the device, which a folder of "
                           "variable-size files cannot be: use data.loader = dali (or workers)")
@@ -613,7 +625,8 @@ def diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> 
 
     A key one side lacks counts as its default: a checkpoint or summary written before the key existed comes
     from a run that behaved as the default does (each technique's off setting is the old behaviour), so
-    resuming it after an upgrade continues the same run. A key the code no longer knows differs.
+    resuming it after an upgrade continues the same run. A key the code no longer knows differs. A key of
+    :data:`FROM_DATA` set on one side and 0 (the data's) on the other does not differ here: the build checks it.
     """
     defaults = to_dict(Config())
     keys = []
@@ -621,6 +634,7 @@ def diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> 
         sa, sb, sd = a.get(section, {}), b.get(section, {}), defaults.get(section, {})
         for key in sorted(set(sa) | set(sb)):
             dotted = f"{section}.{key}"
-            if dotted not in ignore and sa.get(key, sd.get(key)) != sb.get(key, sd.get(key)):
+            va, vb = sa.get(key, sd.get(key)), sb.get(key, sd.get(key))
+            if dotted not in ignore and va != vb and not (dotted in FROM_DATA and 0 in (va, vb)):
                 keys.append(dotted)
     return keys

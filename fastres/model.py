@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.config import ModelCfg
+from fastres.errors import UserError, one_line
 
 WIDTHS = (16, 32, 64)
 
@@ -268,19 +269,63 @@ class ResNetImageNet(ResNet):
                 blocks.append(blk)
                 cin = mid * (4 if bottleneck else 1)
         super().__init__(stem, blocks, pre=pre, channels=cin, num_classes=num_classes)
+        self.tv_names = _torchvision_names(self, counts)
+        self.register_state_dict_post_hook(_keys_to_torchvision)
+        self.register_load_state_dict_pre_hook(_keys_from_torchvision)
+
+
+# The ImageNet family's state dict carries torchvision's keys (conv1, bn1, layerS.I.convK / bnK, downsample.0/1, fc),
+# so a file saved from torchvision.models.resnet50() loads as it is, and ours load into torchvision. The modules
+# keep fastres's layout (stem, blocks, each block's branch and shortcut), which stochastic depth and the
+# pre-activation blocks need; the two hooks below rename at the boundary. Pre-activation nets, which torchvision
+# lacks, are named in the same pattern (their final BN stays head_bn).
+
+def _torchvision_names(model: ResNet, counts: tuple[int, ...]) -> dict[str, str]:
+    """Each module's name in fastres's layout -> its name in torchvision's."""
+    names = {"stem.conv": "conv1", "stem.bn": "bn1", "fc": "fc", "head_bn": "head_bn"}
+    places = [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    for k, blk in enumerate(model.blocks):
+        layer = f"layer{places[k][0] + 1}.{places[k][1]}"
+        for name, _ in blk.named_modules():
+            if name:  # branch.conv1 -> conv1, shortcut.conv -> downsample.0, a pre-act block's bn1 -> bn1
+                part = name.removeprefix("branch.").replace("shortcut.conv", "downsample.0").replace(
+                    "shortcut.bn", "downsample.1")
+                names[f"blocks.{k}.{name}"] = f"{layer}.{part}"
+    return names
+
+
+def _rename(state_dict: dict, prefix: str, names: dict[str, str]) -> None:
+    """Rename ``state_dict``'s keys under ``prefix`` by module (``names``), in place, keeping their order."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        if key.startswith(prefix):
+            module, _, leaf = key[len(prefix):].rpartition(".")
+            key = prefix + f"{names.get(module, module)}.{leaf}"
+        state_dict[key] = value
+
+
+def _keys_to_torchvision(model: ResNetImageNet, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _rename(state_dict, prefix, model.tv_names)
+
+
+def _keys_from_torchvision(model: ResNetImageNet, state_dict: dict, prefix: str, *args) -> None:
+    # fastres's own names (a checkpoint written before the renaming) pass through: they are in no torchvision name
+    _rename(state_dict, prefix, {tv: ours for ours, tv in model.tv_names.items()})
 
 
 def build_model(cfg: ModelCfg) -> ResNet:
     """The network ``cfg`` describes, initialized with the global torch RNG (seed it first).
 
-    With ``init = "lsuv"`` the weights are orthonormal; :func:`lsuv_` then scales them on data.
+    With ``init = "lsuv"`` the weights are orthonormal; :func:`lsuv_` then scales them on data. num_classes = 0 (the
+    data's, which fastres.build puts in) is the family's own data set's here: CIFAR-10's 10, ImageNet's 1000.
     """
     if cfg.family == "imagenet":
-        model = ResNetImageNet(cfg.depth, cfg.block, cfg.stochastic_depth, cfg.sd_mode, cfg.num_classes, cfg.dropout,
-                               cfg.dropout_kind, cfg.width)
+        model = ResNetImageNet(cfg.depth, cfg.block, cfg.stochastic_depth, cfg.sd_mode, cfg.num_classes or 1000,
+                               cfg.dropout, cfg.dropout_kind, cfg.width)
     else:
         model = ResNetCifar(cfg.depth, cfg.block, cfg.shortcut, cfg.stochastic_depth, cfg.sd_mode,
-                            cfg.num_classes, cfg.dropout, cfg.dropout_kind)
+                            cfg.num_classes or 10, cfg.dropout, cfg.dropout_kind)
     if cfg.init == "lsuv":  # orthonormal now; the data-driven scaling needs batches: init.lsuv_ (train.py)
         orthonormal_init(model)
     else:
@@ -289,6 +334,41 @@ def build_model(cfg: ModelCfg) -> ResNet:
         for blk in model.blocks:
             blk.zero_init()
     return model
+
+
+def load_weights(model: ResNet, path: str) -> list[str]:
+    """Load the state dict in ``path`` into ``model``: torchvision's keys or fastres's, or a fastres checkpoint's
+    model part. A classifier of another shape (another class count) is left at its init. Notes for the log; a
+    UserError naming the file and what does not fit."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"model.weights = {path}: no such file: give a file saved with "
+                        "torch.save(model.state_dict(), PATH)") from None
+    except Exception as e:  # not a torch file, truncated, pickled code that weights_only refuses
+        raise UserError(f"model.weights = {path} cannot be read ({one_line(e, 120)}): give a file saved with "
+                        "torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a fastres checkpoint.pt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.weights = {path} holds no state dict (a dict of tensors by name)")
+    notes, own = [], model.state_dict()
+    if "fc.weight" in state and state["fc.weight"].shape != own["fc.weight"].shape:  # another class count
+        notes.append(f"model.weights: the file's classifier has {state['fc.weight'].shape[0]} classes and the "
+                     f"model's {own['fc.weight'].shape[0]}: the classifier starts from its own init")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    dropped = [k for k in own if k.startswith("fc.") and k not in state]
+    missing, unexpected = (sorted(set(own) - set(state) - set(dropped)), sorted(set(state) - set(own)))
+    if missing or unexpected:
+        raise UserError(f"model.weights = {path} does not fit the model ({len(missing)} of its keys missing"
+                        + (f", e.g. {missing[0]}" if missing else "") + f"; {len(unexpected)} unexpected"
+                        + (f", e.g. {unexpected[0]}" if unexpected else "") + "): check model.family, depth and block")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise UserError(f"model.weights = {path} does not fit the model ({one_line(e, 160)}): check model.width "
+                        "and depth") from None
+    return notes + [f"model.weights: started from {path} ({len(state)} tensors)"]
 
 
 def count_params(model: nn.Module) -> int:

@@ -67,6 +67,11 @@ def pytest_configure(config):
     """Under pytest-xdist (-n N) each worker gets its share of the cores for torch's threads, and so do the
     processes its tests start (OMP_NUM_THREADS): N workers at the default thread count each oversubscribe the
     machine, and OpenMP's spinning threads then make the suite slower than one worker."""
+    if os.environ.get("CI"):  # CI installs torchvision beside torch (launch/install.sh): no test skips for want of it
+        try:
+            import torchvision  # noqa: F401
+        except Exception as e:  # absent, or built for another torch
+            raise pytest.UsageError(f"CI: torchvision does not import ({e}): launch/install.sh installs the pair") from e
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "maxschedchunk", 0) is None:
         config.option.maxschedchunk = 1  # tests handed out one at a time: no worker gets a batch of slow ones
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))

@@ -355,8 +355,9 @@ def test_cifar100_reads_the_official_layout(tmp_path, monkeypatch):
     assert d.train.x.shape == (100, 3, 32, 32) and len(d.val) == 20 and d.test.x.shape == (40, 3, 32, 32)
     assert d.num_classes == 100 and d.mean == cifar.MEAN_100 and d.std == cifar.STD_100
     np.testing.assert_array_equal(np.sort(np.concatenate([d.train.y, d.val.y])), np.sort(raw[b"fine_labels"]))
-    with pytest.raises(ConfigError) as e:
-        config.load(None, ["--data.source=cifar100"])
+    assert config.load(None, ["--data.source=cifar100"]).model.num_classes == 0  # the model follows the data
+    with pytest.raises(ConfigError) as e:  # an explicit count that is not the data's is one line
+        config.load(None, ["--data.source=cifar100", "--model.num_classes=10"])
     assert "set model.num_classes = 100" in _one_line(e)
     raw[b"fine_labels"][3] = 100
     pickle.dump(raw, open(folder / "train", "wb"), protocol=2)
@@ -408,16 +409,57 @@ def test_depth_check_depends_on_family():
     assert config.load(None, ["--model.family=imagenet", "--model.depth=50"]).model.depth == 50
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_torchvision_weights_give_the_same_logits(depth):
+@pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMS))
+def test_torchvisions_state_dicts_load_as_they_are_and_give_the_same_logits(depth):
+    """The ImageNet family's state dict has torchvision's keys, in torchvision's order: its weights load by name, and
+    ours load into torchvision."""
     models = pytest.importorskip("torchvision.models", reason="torchvision is not installed beside this torch")
     ref = getattr(models, f"resnet{depth}")(num_classes=10).eval()
     ours = ResNetImageNet(depth, num_classes=10).eval()
-    theirs, mine = ref.state_dict(), ours.state_dict()
-    assert [v.shape for v in theirs.values()] == [v.shape for v in mine.values()]
-    ours.load_state_dict(dict(zip(mine, theirs.values())))  # the same modules in the same order
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    with torch.no_grad():
+        for t in ours.parameters():
+            t.mul_(0.9)
+    ref.load_state_dict(ours.state_dict())  # and back
+    torch.testing.assert_close(ref(x), ours(x), rtol=0, atol=0)
+
+
+def weights_run(folder, out, *extra):
+    return config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.loader=workers",
+                              "--data.image_size=32", "--data.num_workers=0", "--model.family=imagenet",
+                              "--model.depth=18", "--optim.batch_size=8", "--run.epochs=1", "--run.device=cpu",
+                              f"--run.out_dir={out}", "--log.every_steps=0", *extra])
+
+
+def test_a_run_starts_from_a_torchvision_file_saved_locally(folder, tmp_path, capsys):
+    """model.weights = a file saved from torchvision.models.resnet18(): the built model holds its tensors (nothing
+    downloaded); one with 1000 classes loads all but the classifier, and says so; one of another depth is one line."""
+    from fastres import build, checkpoint, distributed
+    models = pytest.importorskip("torchvision.models", reason="torchvision is not installed beside this torch")
+    torch.manual_seed(1)
+    for classes in (4, 1000):
+        path = tmp_path / f"resnet18-{classes}.pt"
+        torch.save(models.resnet18(num_classes=classes).state_dict(), path)
+        cfg = weights_run(folder, tmp_path / f"run{classes}", f"--model.weights={path}")
+        p = build.build(cfg, distributed.single(CPU))
+        saved, built = torch.load(path), p.model.state_dict()
+        same = [k for k in saved if torch.equal(saved[k], built[k]) if saved[k].shape == built[k].shape]
+        assert len(same) == len(saved) - 2 * (classes != 4), classes  # all, or all but fc.weight and fc.bias
+        assert any("classifier has 1000 classes and the model's 4" in n for n in p.notes) == (classes == 1000)
+    s = train.main(weights_run(folder, tmp_path / "trained", f"--model.weights={tmp_path / 'resnet18-4.pt'}"))
+    assert s["finished"] and s["config"]["model"]["weights"].endswith("resnet18-4.pt")
+    ref = models.resnet18(num_classes=4)
+    ref.load_state_dict(checkpoint.load(tmp_path / "trained" / checkpoint.NAME)["model"])  # ours load into torchvision
+    torch.save(models.resnet34(num_classes=4).state_dict(), tmp_path / "resnet34.pt")
+    capsys.readouterr()
+    assert train.cli([f"--data.dir={folder}", "--data.source=folder", "--data.loader=workers",
+                      "--model.family=imagenet", "--model.depth=18", "--optim.batch_size=8", "--run.device=cpu",
+                      f"--run.out_dir={tmp_path / 'bad'}", f"--model.weights={tmp_path / 'resnet34.pt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the model" in err[0] and "unexpected, e.g. layer1.2" in err[0], err
 
 
 # ------------------------------------------------------------------------------------------- end to end
