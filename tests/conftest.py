@@ -71,7 +71,7 @@ def pytest_configure(config):
         try:
             import torchvision  # noqa: F401
         except Exception as e:  # absent, or built for another torch
-            raise pytest.UsageError(f"CI: torchvision does not import ({e}): launch/install.sh installs the pair") from e
+            raise pytest.UsageError(f"CI: torchvision does not import ({e}): launch/install.sh pairs it") from e
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "maxschedchunk", 0) is None:
         config.option.maxschedchunk = 1  # tests handed out one at a time: no worker gets a batch of slow ones
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
