@@ -116,9 +116,13 @@ class DataCfg:
                           "summary) instead of stopping; a file that fails to decode while training becomes a grey "
                           "image")
     loader: str = _opt("workers", "workers: torch DataLoader + CPU workers (the baseline's path); "
-                       "gpu: whole uint8 set on the device, augmented with tensor ops; "
+                       "gpu: CIFAR's whole uint8 set on the device, augmented with tensor ops; a folder's files "
+                       "decoded on the device by torchvision's nvJPEG; "
                        "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
                        choices=("workers", "gpu", "dali"))
+    decoder: str = _opt("pil", "folder, workers loader: how a file is decoded, cropped and resized: pil (Pillow, as "
+                        "torchvision's PIL path) or torchvision (torchvision.io's decoder and its antialiased tensor "
+                        "resize)", choices=("pil", "torchvision"))
     dali_source: str = _opt("host", "dali loader: feed uint8 batches from host memory, or gather them from a "
                             "GPU-resident copy and hand them over zero-copy", choices=("host", "device"))
     flip: str = _opt("random", "training flips: random (each image mirrored with p = 1/2 every epoch, He 2015) or "
@@ -485,9 +489,9 @@ def _check_data_model(cfg: Config) -> None:
                           f"or set model.num_classes = {classes}")
     if m.weights and m.init == "lsuv":
         raise ConfigError("model.weights and model.init = lsuv both make the starting weights: remove one")
-    if d.source == "folder" and d.loader == "gpu":
-        raise ConfigError("data.loader = gpu keeps the whole uint8 set on the device, which a folder of "
-                          "variable-size files cannot be: use data.loader = dali (or workers)")
+    if d.decoder != "pil" and (d.source != "folder" or d.loader != "workers"):
+        raise ConfigError(f"data.decoder = {d.decoder} applies to a folder read by the workers loader (the gpu loader "
+                          "decodes with torchvision on the device, dali with DALI): remove it")
     if d.source == "folder" and (cfg.eval.precise_bn or m.init == "lsuv"):
         raise ConfigError("eval.precise_bn and model.init = lsuv read the training images from memory, which "
                           "data.source = folder does not hold: turn them off for folders")

@@ -68,11 +68,24 @@ def cfg_for(folder, loader="workers", **kw) -> DataCfg:
                    **kw)
 
 
-def loader(files, kind="workers", *, rank=0, world=1, b=4, seed=3, **kw):
+def loader(files, kind="workers", *, rank=0, world=1, b=4, seed=3, device=CPU, **kw):
+    """kind: a data.loader, or workers-tv (the workers loader with torchvision's decoder)."""
     data = kw.pop("data", None)
     norm = (data.mean, data.std) if data is not None else (folder_mod.MEAN_IMAGENET, folder_mod.STD_IMAGENET)
+    if kind == "workers-tv":
+        kind, kw = "workers", {**kw, "decoder": "torchvision"}
     return build_loader(cfg_for(files.root, kind, **kw), files, batch_per_rank=b, seed=seed, rank=rank, world=world,
-                        device=CPU, norm=norm)
+                        device=device, norm=norm)
+
+
+KINDS = ["workers", "workers-tv", "gpu", "dali"]  # gpu on a CPU: torchvision's CPU decoder in the same steps
+
+
+def needs(kind: str) -> None:
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    if kind in ("gpu", "workers-tv"):
+        pytest.importorskip("torchvision.io", reason="torchvision is not installed beside this torch")
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +189,9 @@ def _a_jpeg(files: Files) -> int:
     return next(i for i, (p, m) in enumerate(zip(files.paths, files.modes)) if p.endswith(".jpg") and m == "RGB")
 
 
-@pytest.mark.parametrize("kind", ["workers", "dali"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_truncated_file_stops_the_loader_naming_it_or_becomes_grey(folder, tmp_path, kind):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    needs(kind)
     d = load_folder(cfg_for(folder), tmp_path / "run")
     i = _a_jpeg(d.train)
     _truncate(folder / d.train.paths[i])  # index time passes (the header is whole): decode time catches it
@@ -307,10 +319,9 @@ def test_dali_mixed_on_a_gpu_agrees_with_workers(folder, tmp_path):
     assert worst <= 16.0
 
 
-@pytest.mark.parametrize("kind", ["workers", "dali"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_two_ranks_see_every_training_image_once_per_epoch(folder, tmp_path, kind):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    needs(kind)
     make_folder(tmp_path / "more", per_class=7)  # 28 images: 14 per rank, 3 full batches of 4 each
     d = load_folder(cfg_for(tmp_path / "more"), tmp_path / "run")
     files = Files(d.train.root, d.train.paths, np.arange(len(d.train)), d.train.sizes, d.train.modes)  # label = index
@@ -327,10 +338,32 @@ def test_two_ranks_see_every_training_image_once_per_epoch(folder, tmp_path, kin
         assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 28  # every image once, across ranks
 
 
-def test_gpu_loader_is_refused_for_folders(folder):
-    with pytest.raises(ConfigError) as e:
-        config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.loader=gpu"])
-    assert "data.loader = dali (or workers)" in _one_line(e)
+def test_torchvisions_decoder_agrees_with_pillows_and_the_gpu_loader_runs_its_steps(folder, tmp_path):
+    """torchvision.io decodes 8-bit JPEGs and PNGs to Pillow's pixels (its libjpeg-turbo and libpng); its antialiased
+    tensor resize rounds apart from Pillow's by a level or two. The gpu loader over a folder on a CPU runs the same
+    decode and resize in the main process: its batches equal workers-tv's bit for bit."""
+    needs("gpu")
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    pil, tv, gpu = (loader(d.train, k, b=4, workers=1) for k in ("workers", "workers-tv", "gpu"))
+    worst, diffs = 0.0, []
+    for e in range(5):
+        for ld in (pil, tv, gpu):
+            ld.set_epoch(e)
+        for (xa, ya), (xb, yb), (xc, yc) in zip(pil, tv, gpu):
+            assert torch.equal(ya, yb) and torch.equal(yb, yc) and torch.equal(xb, xc)
+            diff = (pixels(xa) - pixels(xb)).abs()
+            worst, diffs = max(worst, diff.max().item()), diffs + [diff.mean().item()]
+    print(f"workers pil vs torchvision: max |diff| {worst:.2f} levels, mean {np.mean(diffs):.3f}")  # 1, 0.003
+    assert worst <= DECODER_TOLERANCE and np.mean(diffs) < 0.6
+
+
+def test_the_torchvision_decoder_is_for_folders_read_by_workers(folder):
+    for extra in (["--data.decoder=torchvision"], [f"--data.dir={folder}", "--data.source=folder",
+                                                   "--data.loader=gpu", "--data.decoder=torchvision"]):
+        with pytest.raises(ConfigError) as e:
+            config.load(None, extra)
+        assert "data.decoder = torchvision applies to a folder read by the workers loader" in _one_line(e)
+    config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.loader=gpu"])  # decodes on the device
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-100
@@ -473,10 +506,9 @@ def folder_run(folder, out, loader_kind, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["workers", "dali"])
+@pytest.mark.parametrize("kind", ["workers", "gpu", "dali"])
 def test_an_epoch_end_to_end_on_a_generated_folder(folder, tmp_path, kind):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    needs(kind)
     s = train.main(folder_run(folder, tmp_path / kind, kind, "--model.stochastic_depth=0.2"))
     assert s["finished"] and s["steps"] == 3 and s["train_images"] == 24 and s["skipped_files"] == 0
     assert 0.0 <= s["final_test_acc"] <= s["final_test_acc_top5"] == 1.0  # 4 classes: top-5 holds them all
@@ -484,10 +516,9 @@ def test_an_epoch_end_to_end_on_a_generated_folder(folder, tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["workers", "dali"])
+@pytest.mark.parametrize("kind", ["workers", "gpu", "dali"])
 def test_a_folder_run_killed_inside_an_epoch_resumes_exactly(folder, tmp_path, monkeypatch, kind):
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    needs(kind)
     from fastres import checkpoint
 
     from conftest import killed_after_first_checkpoint

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fastres.data.base import DataError, Files, Split
 from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
-from fastres.data.folder import GREY, decode_rgb
+from fastres.data.folder import decode_rgb, grey
 from fastres.errors import UserError, one_line
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,13 +200,13 @@ class DaliLoader:
         self.pipe_epoch = self.epoch + 1  # where DALI's own epoch counter now stands
 
 
-def _file_bytes(path: Path, mode: str, grey: tuple[int, int] | None) -> np.ndarray:
+def _file_bytes(path: Path, mode: str, grey_size: tuple[int, int] | None) -> np.ndarray:
     """What the DALI decoder reads for one file: its bytes; re-encoded losslessly by Pillow when its mode is not
     RGB or L (CMYK, palette, alpha: Pillow's conversion, as the workers loader); for a known bad file a grey PNG
-    of its size ``grey`` (so its crop box fits)."""
-    if grey is None and mode in ("RGB", "L"):
+    of its size ``grey_size`` (so its crop box fits)."""
+    if grey_size is None and mode in ("RGB", "L"):
         return np.fromfile(path, dtype=np.uint8)
-    img = decode_rgb(path) if grey is None else Image.new("RGB", (int(grey[0]), int(grey[1])), (GREY,) * 3)
+    img = decode_rgb(path) if grey_size is None else grey(grey_size)
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=1)
     return np.frombuffer(buf.getvalue(), np.uint8)

@@ -234,6 +234,66 @@ def decode_rgb(path: Path, skip_bad: bool = False) -> Image.Image | None:
     return None
 
 
+def grey(size: tuple[int, int]) -> Image.Image:
+    """data.skip_bad's stand-in for a file that does not decode: a grey image of its (width, height)."""
+    return Image.new("RGB", (int(size[0]), int(size[1])), (GREY,) * 3)
+
+
+def crop_resize_pil(img: Image.Image, box: tuple[int, int, int, int], size: int, flip: int) -> torch.Tensor:
+    """The (top, left, height, width) box of ``img`` resized to size x size (Pillow's bilinear with its
+    antialiasing: torchvision's PIL path), mirrored if ``flip``; uint8 (3, size, size)."""
+    top, left, h, w = box
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision's decoders (data.decoder = torchvision in the workers loader; the gpu loader's nvJPEG): imported when
+# one is used, so fastres runs without torchvision otherwise.
+
+TORCHVISION_INSTALL = ("install the torchvision that pairs with your torch (bash launch/install.sh does), or use "
+                       "data.decoder = pil")
+
+
+def import_torchvision():
+    """(torchvision.io, torchvision.transforms.v2.functional); a UserError saying how to install it if it does not
+    import (absent, or built for another torch)."""
+    try:
+        import torchvision.io as tv_io
+        import torchvision.transforms.v2.functional as tv_f
+    except Exception as e:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError at import
+        raise DataError(f"a torchvision decoder was asked for but torchvision does not import ({one_line(e, 100)}): "
+                        f"{TORCHVISION_INSTALL}") from None
+    return tv_io, tv_f
+
+
+def decode_tv(data: torch.Tensor, path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+    """A file's bytes (uint8, 1-D) decoded by torchvision.io (libjpeg-turbo or libpng: Pillow's pixels for 8-bit
+    files) as uint8 RGB (3, H, W), and whether it decoded; 16-bit images through Pillow's conversion, as the other
+    loaders; a file neither decodes is data.skip_bad's grey image of its (width, height) ``size``."""
+    tv_io, _ = import_torchvision()
+    try:
+        x = tv_io.decode_image(data, mode=tv_io.ImageReadMode.RGB)
+        if x.dtype == torch.uint8:
+            return x, True
+    except RuntimeError:
+        pass  # Pillow decides whether the file is bad, as for every loader
+    img = decode_rgb(path, skip_bad=True)
+    return torch.from_numpy(np.asarray(grey(size) if img is None else img, dtype=np.uint8).transpose(2, 0, 1).copy()), \
+        img is not None
+
+
+def crop_resize_tv(x: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: int) -> torch.Tensor:
+    """:func:`crop_resize_pil` for a uint8 (3, H, W) tensor on any device: torchvision's tensor resize (bilinear,
+    antialiased), rounded to uint8."""
+    _, tv_f = import_torchvision()
+    top, left, h, w = box
+    x = tv_f.resize(x[:, top:top + h, left:left + w], [size, size], antialias=True)
+    return x.flip(-1) if flip else x
+
+
 def eval_transform(img: Image.Image, size: int) -> np.ndarray:
     """torchvision's evaluation transform: shorter side to int(size / 0.875), centre crop; uint8 (3, size, size)."""
     w, h = img.size

@@ -1,4 +1,5 @@
-"""The GPU-resident loader (data.loader = gpu): the whole uint8 training set on the device, augmented with tensor ops.
+"""The GPU loaders (data.loader = gpu): CIFAR's whole uint8 training set resident on the device, augmented with tensor
+ops; a folder's files decoded on the device (below).
 
 From cifar10-airbench: the set is zero-padded by 4 pixels once, and at the start of each epoch the whole epoch is
 augmented on the device in a few kernels per chunk of images (an index_select and a gather that takes every image's
@@ -9,12 +10,15 @@ dispatches nothing: its batch is a view the epoch already made. On a CPU device 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastres.data.base import Split, normalize, to_batch
-from fastres.data.draws import PAD, aug_params, epoch_indices, steps_per_epoch
+from fastres.data.base import Files, Split, normalize, to_batch
+from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.folder import crop_resize_tv, decode_rgb, decode_tv, import_torchvision
 
 CHUNK = 4096  # images augmented per kernel group at an epoch's start
 
@@ -66,3 +70,74 @@ class GpuLoader:
                                                      *self.norm), self.dtype, self.channels_last)
         labels = self.labels[order]
         yield from zip(images.view(steps, b, 3, 32, 32).unbind(0), labels.view(steps, b).unbind(0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU loader over a folder: file bytes read by host threads, decoded on the device by torchvision's nvJPEG
+# (torchvision.io.decode_jpeg with device="cuda", a batch at a time), each image's random-resized-crop box cut and
+# resized there (torchvision's tensor resize: bilinear, antialiased), flipped, normalized. Files nvJPEG does not read
+# (PNG, CMYK JPEGs), and every file on a CPU device, go through torchvision's CPU decoder on the host (Pillow's
+# conversion for 16-bit images), then to the device. Boxes, flips and order are the other loaders' (draws.py).
+
+JPEG_MAGIC = (0xFF, 0xD8)  # a JPEG file's first two bytes
+PREFETCH = 2  # batches of file bytes read ahead by the host threads
+
+
+class FolderGpuLoader:
+    def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
+                 channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple, image_size: int,
+                 skip_bad: bool):
+        self.tv_io, _ = import_torchvision()  # here, in one line
+        self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
+        self.rank, self.world = rank, world
+        self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
+        self.size, self.skip_bad, self.skipped = image_size, skip_bad, set()
+        self.image_shape = (3, image_size, image_size)
+        self.pool = ThreadPoolExecutor(max(1, num_threads))  # file reads: I/O
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.n, self.b, self.world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist()
+        boxes = list(zip(*(t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip))))
+        batches = [order[k * self.b:(k + 1) * self.b] for k in range(self.start, len(self))]
+        reads = [self.pool.submit(self._read, idx) for idx in batches[:PREFETCH]]
+        for k, idx in enumerate(batches):
+            if k + PREFETCH < len(batches):
+                reads.append(self.pool.submit(self._read, batches[k + PREFETCH]))
+            images = self._decode(idx, reads.pop(0).result())
+            x = torch.stack([crop_resize_tv(img, boxes[i][:4], self.size, boxes[i][4]) for img, i in zip(images, idx)])
+            yield (to_batch(normalize(x, *self.norm), self.dtype, self.channels_last),
+                   torch.from_numpy(self.files.y[idx]).to(self.device, non_blocking=True))
+
+    def _read(self, idx: list[int]) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.fromfile(self.files.root / self.files.paths[i], dtype=np.uint8)) for i in idx]
+
+    def _decode(self, idx: list[int], data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch's images as uint8 (3, H, W) on the device: nvJPEG's batch for the plain JPEGs on a GPU, the host
+        decoder for the rest; a file neither decodes is named (DataError) or, with data.skip_bad, grey."""
+        out: list[torch.Tensor | None] = [None] * len(idx)
+        gpu = [j for j, i in enumerate(idx) if self.device.type == "cuda" and self.files.modes[i] in ("RGB", "L")
+               and tuple(data[j][:2].tolist()) == JPEG_MAGIC]
+        if gpu:
+            try:
+                decoded = self.tv_io.decode_jpeg([data[j] for j in gpu], mode=self.tv_io.ImageReadMode.RGB,
+                                                 device=self.device)
+                for j, x in zip(gpu, decoded):
+                    out[j] = x
+            except RuntimeError:  # one file nvJPEG refuses fails the batch: those go to the host decoder below
+                pass
+        for j, i in enumerate(idx):
+            if out[j] is None:
+                path = self.files.root / self.files.paths[i]
+                x, ok = decode_tv(data[j], path, self.files.sizes[i])
+                if not ok:
+                    decode_rgb(path, skip_bad=self.skip_bad)  # raises its one line unless data.skip_bad
+                    self.skipped.add(self.files.paths[i])
+                out[j] = x.to(self.device, non_blocking=True)
+        return out

@@ -19,7 +19,7 @@ from fastres.config import DataCfg
 from fastres.data.base import Files, Split, stats
 from fastres.data.cifar import MEAN, STD
 from fastres.data.dali import DaliLoader, FolderDaliLoader
-from fastres.data.gpu import GpuLoader
+from fastres.data.gpu import FolderGpuLoader, GpuLoader
 from fastres.data.workers import FolderWorkersLoader, WorkersLoader
 from fastres.errors import UserError
 
@@ -67,7 +67,6 @@ def _folder_loader(cfg: DataCfg, files: Files, common: dict) -> Loader:
     folder = dict(image_size=cfg.image_size, skip_bad=cfg.skip_bad, **common)
     if cfg.loader == "dali":
         return FolderDaliLoader(files, num_threads=cfg.num_workers, **folder)
-    if cfg.loader == "workers":
-        return FolderWorkersLoader(files, num_workers=cfg.num_workers, **folder)
-    raise UserError(f"data.loader = {cfg.loader!r} cannot read a folder (the gpu loader keeps a uint8 set of one "
-                    "image size on the device): use data.loader = dali or workers")
+    if cfg.loader == "gpu":
+        return FolderGpuLoader(files, num_threads=cfg.num_workers, **folder)
+    return FolderWorkersLoader(files, num_workers=cfg.num_workers, decoder=cfg.decoder, **folder)

@@ -2,9 +2,10 @@
 
 CIFAR arrays: each worker crops, flips and normalizes single images on the CPU, like torchvision's
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize; the main process collates and copies the
-float batch to the device. Folders: each worker decodes a file with Pillow, crops its random-resized-crop box and
-resizes it (bilinear, with Pillow's antialiasing: torchvision's PIL path), flips it, and hands a uint8 image over;
-the main process normalizes the batch on the device. Crop offsets, boxes and flips come from fastres/data/draws.py,
+float batch to the device. Folders: each worker decodes a file (data.decoder: Pillow, or torchvision.io), crops its
+random-resized-crop box and resizes it (bilinear with antialiasing: Pillow's, as torchvision's PIL path, or
+torchvision's tensor resize), flips it, and hands a uint8 image over; the main process normalizes the batch on the
+device. Crop offsets, boxes and flips come from fastres/data/draws.py,
 passed with each index by the sampler, so the batches equal the other loaders' whatever the worker count. A folder
 file that fails to decode stops the run naming it; with data.skip_bad it becomes a grey image (GREY).
 """
@@ -15,12 +16,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastres.data.base import Files, Split, normalize, to_batch
 from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
-from fastres.data.folder import GREY, decode_rgb
+from fastres.data.folder import crop_resize_pil, crop_resize_tv, decode_rgb, decode_tv, grey, import_torchvision
 
 
 class _AugmentedSampler(Sampler):
@@ -104,35 +104,38 @@ class _BoxSampler(Sampler):
 
 
 class _FolderImages(Dataset):
-    def __init__(self, files: Files, size: int, skip_bad: bool):
-        self.files, self.size, self.skip_bad = files, size, skip_bad
+    def __init__(self, files: Files, size: int, decoder: str):
+        self.files, self.size, self.decoder = files, size, decoder
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
         i, top, left, h, w, flip = item
-        img = decode_rgb(self.files.root / self.files.paths[i], skip_bad=True)
+        path, box = self.files.root / self.files.paths[i], (top, left, h, w)
+        if self.decoder == "torchvision":
+            x, ok = decode_tv(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path, self.files.sizes[i])
+            return crop_resize_tv(x, box, self.size, flip), int(self.files.y[i]), i if not ok else -1
+        img = decode_rgb(path, skip_bad=True)
         ok = img is not None
         if not ok:  # data.skip_bad's stand-in (without it the main process stops the run)
-            img = Image.new("RGB", tuple(int(v) for v in self.files.sizes[i]), (GREY,) * 3)
-        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+            img = grey(self.files.sizes[i])
+        x = crop_resize_pil(img, box, self.size, flip)
         return x, int(self.files.y[i]), i if not ok else -1  # the main process names a bad file: no traceback
 
 
 class FolderWorkersLoader:
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype, num_workers: int, flip: str, norm: tuple, image_size: int,
-                 skip_bad: bool):
+                 skip_bad: bool, decoder: str = "pil"):
+        if decoder == "torchvision":
+            import_torchvision()  # here, in one line, rather than in a worker's traceback
         self.sampler = _BoxSampler(files, seed, rank, world, flip)
         self.files, self.n, self.b, self.world = files, len(files), batch_per_rank, world
         self.image_shape = (3, image_size, image_size)
         self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm
         self.skip_bad, self.skipped = skip_bad, set()
-        self.loader = DataLoader(_FolderImages(files, image_size, skip_bad), batch_size=batch_per_rank,
+        self.loader = DataLoader(_FolderImages(files, image_size, decoder), batch_size=batch_per_rank,
                                  sampler=self.sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                                  drop_last=True, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))  # as WorkersLoader: draws nothing
