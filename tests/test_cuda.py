@@ -157,8 +157,9 @@ def test_folder_gpu_loader_decodes_with_nvjpeg_and_agrees_with_pillow(tmp_path):
     differences of libjpeg-turbo's (the measured gap is printed). FIXME: the bound is provisional until a GPU run
     measures it."""
     pytest.importorskip("torchvision.io", reason="torchvision is not installed beside this torch")
-    from fastres.data.folder import load_folder
     from test_folder import cfg_for, make_folder, pixels
+
+    from fastres.data.folder import load_folder
     root = make_folder(tmp_path / "imgs")
     d = load_folder(cfg_for(root), tmp_path / "run")
     norm = (d.mean, d.std)
