@@ -173,6 +173,35 @@ def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
     assert len(cifar.read_cifar10(tmp_path / "good").train) == 500
 
 
+def test_download_unpacks_what_torchvisions_download_and_extract_archive_unpacks(tmp_path, monkeypatch):
+    """The same archive (served over HTTP on this machine's loopback), the same MD5: the same cifar-10-batches-py,
+    file for file and byte for byte. fastres keeps its own: a failure leaves no archive, .part file or folder behind,
+    and says so in one line (torchvision keeps the archive it fetched beside the data, and raises its own errors)."""
+    import functools
+    import http.server
+    import threading
+    utils = pytest.importorskip("torchvision.datasets.utils", reason="torchvision is not installed beside this torch")
+    monkeypatch.setattr(cifar, "PER_FILE", 100)
+    blob = _archive(tmp_path)
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "cifar-10-python.tar.gz").write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, md5 = f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz", hashlib.md5(blob).hexdigest()
+    try:
+        ours = cifar.download(tmp_path / "ours", url=url, md5=md5)
+        utils.download_and_extract_archive(url, str(tmp_path / "theirs"), md5=md5)
+    finally:
+        server.shutdown()
+    theirs = tmp_path / "theirs" / "cifar-10-batches-py"
+    listing = sorted(p.relative_to(ours) for p in ours.rglob("*"))
+    assert listing == sorted(p.relative_to(theirs) for p in theirs.rglob("*")) and len(listing) == 7  # + meta
+    assert all((ours / p).read_bytes() == (theirs / p).read_bytes() for p in listing)
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["cifar-10-batches-py"]  # nothing else kept
+
+
 def test_split_holds_out_a_seeded_validation_set(small_cifar):
     d = cifar.read_cifar10(small_cifar)
     s = cifar.split(d, val_size=50, split_seed=1, subset=400, test_subset=60)

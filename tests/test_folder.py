@@ -108,6 +108,17 @@ def test_index_lists_classes_in_sorted_order_with_sizes_and_modes(folder, tmp_pa
     assert (tmp_path / "run" / folder_mod.INDEX).exists()
 
 
+def test_the_index_is_torchvisions_image_folder(folder, tmp_path):
+    """The classes, their indices and every (file, label) pair, in order, are torchvision.datasets.ImageFolder's."""
+    datasets = pytest.importorskip("torchvision.datasets", reason="torchvision is not installed beside this torch")
+    index = folder_index(folder, tmp_path / "run")
+    for sub in ("train", "val"):
+        ref = datasets.ImageFolder(str(folder / sub))
+        assert ref.classes == index["classes"] and ref.class_to_idx == {c: i for i, c in enumerate(index["classes"])}
+        ours = [(str(folder / rel), int(y)) for rel, y in zip(index[sub]["paths"], index[sub]["labels"])]
+        assert ours == [(path, y) for path, y in ref.samples]
+
+
 def test_index_is_cached_and_rebuilt_when_a_class_folder_changes(folder, tmp_path, monkeypatch):
     run = tmp_path / "run"
     folder_index(folder, run)
@@ -257,6 +268,51 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop():
     assert not torch.equal(crop_boxes(sizes, seed=1, epoch=1)[0], top)
     alt = crop_boxes(sizes, seed=1, epoch=1, flip="alternate")[4]
     assert torch.equal(alt, 1 - flip)
+
+
+class _Scripted:
+    """torch.empty and torch.randint as torchvision's get_params calls them, answering from scripts of uniforms in
+    [0, 1): empty(1).uniform_(a, b) gives a + (b - a) * u from ``tries`` (in float32, as torch's does), randint(0, n)
+    floor(u * n) from ``places``."""
+
+    def __init__(self, tries: list[float], places: list[float]):
+        self.tries, self.places = list(tries), list(places)
+
+    def empty(self, *size, **kw):
+        tries = self.tries
+
+        class Draw:
+            def uniform_(self, a, b):
+                return torch.tensor([a + (b - a) * tries.pop(0)], dtype=torch.float32)
+        return Draw()
+
+    def randint(self, low, high, size=None, **kw):
+        return torch.tensor([low + int(self.places.pop(0) * (high - low))])
+
+
+def test_crop_boxes_are_torchvisions_for_the_same_draws(monkeypatch):
+    """torchvision.transforms.RandomResizedCrop.get_params itself, fed our uniforms: the same boxes, but where its
+    float32 draw puts a side on the other side of a rounding boundary (one pixel apart; 0 of 1,800 here)."""
+    transforms = pytest.importorskip("torchvision.transforms", reason="torchvision is not installed beside this torch")
+    from fastres.data.draws import RRC_TRIES, rrc_boxes
+    g = torch.Generator().manual_seed(0)
+    sizes = np.array([[400, 350], [500, 300], [37, 18], [8, 8], [3000, 40], [64, 640]] * 300)
+    u_area, u_ratio = (torch.rand(len(sizes), RRC_TRIES, generator=g, dtype=torch.float64) for _ in range(2))
+    u_top, u_left = (torch.rand(len(sizes), generator=g, dtype=torch.float64) for _ in range(2))
+    ours = torch.stack(rrc_boxes(sizes, u_area, u_ratio, u_top, u_left), 1)
+    theirs = []
+    for k, (width, height) in enumerate(sizes):
+        script = _Scripted([u for t in range(RRC_TRIES) for u in (u_area[k, t].item(), u_ratio[k, t].item())],
+                           [u_top[k].item(), u_left[k].item()])
+        monkeypatch.setattr(torch, "empty", script.empty)
+        monkeypatch.setattr(torch, "randint", script.randint)
+        theirs.append(transforms.RandomResizedCrop.get_params(torch.zeros(1, int(height), int(width)), [0.08, 1.0],
+                                                              [3 / 4, 4 / 3]))
+        monkeypatch.undo()
+    theirs = torch.tensor(theirs)
+    same = (ours == theirs).all(1)
+    print(f"{int((~same).sum())} of {len(same)} boxes differ")
+    assert same.double().mean() > 0.995 and (ours - theirs).abs().max() <= 1, (ours[~same][:5], theirs[~same][:5])
 
 
 def test_workers_batches_are_pillows_crop_resize_flip(folder, tmp_path):

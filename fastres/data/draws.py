@@ -67,18 +67,30 @@ RRC_TRIES = 10  # torchvision's attempts before its centre-crop fallback
 def crop_boxes(sizes: np.ndarray, seed: int, epoch: int, flip: str = "random") -> tuple[torch.Tensor, ...]:
     """Per image of (width, height) ``sizes``: crop top, left, height, width and flip bit, int64 on the CPU.
 
-    torchvision's RandomResizedCrop.get_params for every image at once: up to 10 tries of an area fraction in
-    RRC_SCALE and a log-uniform ratio in RRC_RATIO, rounded; the first that fits is placed uniformly; none fitting,
-    the largest centred crop of a clamped ratio. ``flip`` as :func:`aug_params` (alternate: epoch 0's bits inverted
-    every other epoch)."""
+    torchvision's RandomResizedCrop.get_params for every image at once (:func:`rrc_boxes`) on uniform draws from
+    (seed, epoch). ``flip`` as :func:`aug_params` (alternate: epoch 0's bits inverted every other epoch)."""
     g = rng.generator(seed, rng.AUGMENT, epoch)
     n = len(sizes)
+    u_area = torch.rand(n, RRC_TRIES, generator=g, dtype=torch.float64)
+    u_ratio = torch.rand(n, RRC_TRIES, generator=g, dtype=torch.float64)
+    u_top, u_left = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    bits = torch.randint(0, 2, (n,), generator=g)
+    if flip == "alternate" and epoch > 0:
+        bits = crop_boxes(sizes, seed, 0)[4] ^ (epoch % 2)
+    return (*rrc_boxes(sizes, u_area, u_ratio, u_top, u_left), bits)
+
+
+def rrc_boxes(sizes: np.ndarray, u_area: torch.Tensor, u_ratio: torch.Tensor, u_top: torch.Tensor,
+              u_left: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(top, left, height, width) of RandomResizedCrop.get_params's box for each image from its uniform draws in
+    [0, 1): up to 10 tries of an area fraction in RRC_SCALE (``u_area``) and a log-uniform ratio in RRC_RATIO
+    (``u_ratio``), rounded half to even as Python's round(); the first that fits is placed at floor(u * (room + 1))
+    (``u_top``, ``u_left``: torch.randint's draw); none fitting, the largest centred crop of a clamped ratio."""
     wi = torch.as_tensor(sizes[:, 0], dtype=torch.float64)[:, None]
     hi = torch.as_tensor(sizes[:, 1], dtype=torch.float64)[:, None]
-    area = wi * hi * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * torch.rand(n, RRC_TRIES, generator=g,
-                                                                               dtype=torch.float64))
+    area = wi * hi * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * u_area)
     lo, hi_r = np.log(RRC_RATIO[0]), np.log(RRC_RATIO[1])
-    ratio = torch.exp(lo + (hi_r - lo) * torch.rand(n, RRC_TRIES, generator=g, dtype=torch.float64))
+    ratio = torch.exp(lo + (hi_r - lo) * u_ratio)
     w, h = torch.round(torch.sqrt(area * ratio)), torch.round(torch.sqrt(area / ratio))
     fits = (w > 0) & (h > 0) & (w <= wi) & (h <= hi)
     first = fits.to(torch.int8).argmax(1, keepdim=True)
@@ -89,10 +101,6 @@ def crop_boxes(sizes: np.ndarray, seed: int, epoch: int, flip: str = "random") -
     fw = torch.where(in_ratio > RRC_RATIO[1], torch.round(hi * RRC_RATIO[1]), wi)
     fh = torch.where(in_ratio < RRC_RATIO[0], torch.round(wi / RRC_RATIO[0]), hi)
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
-    uy, ux = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
-    top = torch.where(found, torch.floor(uy * (hi - h + 1)), torch.floor((hi - h) / 2))
-    left = torch.where(found, torch.floor(ux * (wi - w + 1)), torch.floor((wi - w) / 2))
-    bits = torch.randint(0, 2, (n,), generator=g)
-    if flip == "alternate" and epoch > 0:
-        bits = crop_boxes(sizes, seed, 0)[4] ^ (epoch % 2)
-    return top.long(), left.long(), h.long(), w.long(), bits
+    top = torch.where(found, torch.floor(u_top * (hi - h + 1)), torch.floor((hi - h) / 2))
+    left = torch.where(found, torch.floor(u_left * (wi - w + 1)), torch.floor((wi - w) / 2))
+    return top.long(), left.long(), h.long(), w.long()
