@@ -103,8 +103,11 @@ class RunCfg:
 
 @dataclass
 class DataCfg:
-    dir: str = _opt("", "CIFAR-10 folder (holding, or being, cifar-10-batches-py; cifar-100-python for cifar100; "
-                    "for folder: the folder holding train/ and val/); default: $FASTRES_DATA, else data/cifar10")
+    dir: str = _opt("", "the data root: the folder holding cifar-10-batches-py, cifar-100-python and image folders "
+                    "side by side (a path straight to a CIFAR batch folder, or to an image folder's train/ and val/, "
+                    "works too); CIFAR is downloaded there when missing; default: $FASTRES_DATA, else data")
+    folder: str = _opt("", "data.source = folder: the image folder in the data root "
+                       "(data.dir/<folder>/train/<class>/*, e.g. imagenet); empty: data.dir holds train/ and val/")
     source: str = _opt("cifar10", "cifar10: the data set in data.dir; cifar100: CIFAR-100 (fine labels) in data.dir; "
                        "folder: ImageNet-style data.dir/train/<class>/* and val/<class>/* (JPEG, PNG; val/ is the "
                        "test split); synthetic: random uint8 images and labels of CIFAR-10's shape and split sizes, "
@@ -489,6 +492,9 @@ def _check_data_model(cfg: Config) -> None:
                           f"or set model.num_classes = {classes}")
     if m.weights and m.init == "lsuv":
         raise ConfigError("model.weights and model.init = lsuv both make the starting weights: remove one")
+    if d.folder and (d.source != "folder" or Path(d.folder).is_absolute() or ".." in Path(d.folder).parts):
+        raise ConfigError(f"data.folder = {d.folder!r} names an image folder inside data.dir for data.source = "
+                          "folder: give its name (e.g. imagenet), or put a path in data.dir")
     if d.decoder != "pil" and (d.source != "folder" or d.loader != "workers"):
         raise ConfigError(f"data.decoder = {d.decoder} applies to a folder read by the workers loader (the gpu loader "
                           "decodes with torchvision on the device, dali with DALI): remove it")
@@ -523,7 +529,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     for ``world`` ranks.
 
     Resolves the defaults that depend on the environment: ``data.dir`` ($FASTRES_DATA, else
-    data/cifar10) and ``run.out_dir`` (runs/<name>).
+    data) and ``run.out_dir`` (runs/<name>).
     """
     cfg = Config()
     if path is not None:
@@ -531,7 +537,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     _apply_overrides(cfg, overrides or [])
     validate(cfg, world)
     if not cfg.data.dir:
-        cfg.data.dir = os.environ.get("FASTRES_DATA") or "data/cifar10"
+        cfg.data.dir = os.environ.get("FASTRES_DATA") or "data"
     if not cfg.run.out_dir:
         cfg.run.out_dir = str(Path("runs") / cfg.run.name)
     return cfg

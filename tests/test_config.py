@@ -89,7 +89,7 @@ def test_data_dir_from_env_then_default(monkeypatch):
     assert config.load(None).data.dir == "/somewhere/cifar"
     assert config.load(None, ["--data.dir=/x"]).data.dir == "/x"
     monkeypatch.delenv("FASTRES_DATA")
-    assert config.load(None).data.dir == "data/cifar10"
+    assert config.load(None).data.dir == "data"  # the data root, holding cifar-10-batches-py and the rest
 
 
 @pytest.mark.parametrize("override, words", [

@@ -202,6 +202,55 @@ def test_download_unpacks_what_torchvisions_download_and_extract_archive_unpacks
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["cifar-10-batches-py"]  # nothing else kept
 
 
+def test_a_data_root_holds_cifar10_cifar100_and_image_folders_side_by_side(tmp_path, monkeypatch):
+    """data.dir names a root: CIFAR-10, CIFAR-100 and an image folder (data.folder) are found in it side by side;
+    a path straight to cifar-10-batches-py still works, and CIFAR-100 is then looked for (and downloaded) beside it,
+    not inside it; the layout fastres wrote before data roots (data/cifar10/cifar-10-batches-py) is found too."""
+    from test_folder import make_folder, write_cifar100
+    monkeypatch.setattr(cifar, "PER_FILE", 100)
+    monkeypatch.setattr(cifar, "SIZES_100", {"train": 120, "test": 40})
+    root = tmp_path / "data"
+    write_cifar(root / "cifar-10-batches-py", per_file=100)
+    write_cifar100(root / "cifar-100-python")
+    make_folder(root / "pets")
+    assert fdata.load(DataCfg(source="cifar10", dir=str(root))).num_classes == 10
+    assert fdata.load(DataCfg(source="cifar100", dir=str(root))).num_classes == 100
+    pets = fdata.load(DataCfg(source="folder", dir=str(root), folder="pets", image_size=32), tmp_path / "run")
+    assert pets.num_classes == 4 and len(pets.train) == 24
+    straight = root / "cifar-10-batches-py"
+    assert len(fdata.load(DataCfg(source="cifar10", dir=str(straight))).train) == 500
+    assert fdata.load(DataCfg(source="cifar100", dir=str(straight))).num_classes == 100  # found beside it
+    assert cifar.data_root(straight) == root.resolve() and cifar.data_root(root) == root.resolve()
+    old = tmp_path / "old"
+    write_cifar(old / "cifar10" / "cifar-10-batches-py", per_file=100)
+    assert cifar.find(old) == (old / "cifar10" / "cifar-10-batches-py").resolve()
+
+
+def test_a_failed_download_leaves_the_users_folder_untouched(tmp_path, monkeypatch):
+    """The archive goes to a temporary folder: the user's data folder gets no .part file while it downloads, and is as
+    it was after a connection that drops or an archive whose MD5 is wrong."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    seen = []
+
+    class Dropping(io.BytesIO):
+        def read(self, n=-1):
+            seen.append(sorted(p.name for p in mine.iterdir()))
+            if len(seen) == 3:
+                raise OSError("connection reset")
+            return b"x" * 1024
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", lambda url, timeout: Dropping())
+    with pytest.raises(DataError, match="connection reset"):
+        cifar.download(mine)
+    assert seen == [["notes.txt"]] * 3 and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    blob = _archive(tmp_path)
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
+    with pytest.raises(DataError, match="MD5"):
+        cifar.download(mine, md5="0" * 32)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 def test_split_holds_out_a_seeded_validation_set(small_cifar):
     d = cifar.read_cifar10(small_cifar)
     s = cifar.split(d, val_size=50, split_seed=1, subset=400, test_subset=60)

@@ -18,9 +18,9 @@ def fetch(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> None:
     if cfg.source == "cifar10":
         cifar.ensure(cfg.dir)
     elif cfg.source == "cifar100" and cifar.find(cfg.dir, cifar.CIFAR100_FOLDER) is None:
-        cifar.download(cfg.dir, cifar.URL_100, cifar.MD5_100, folder=cifar.CIFAR100_FOLDER)
+        cifar.download(cifar.data_root(cfg.dir), cifar.URL_100, cifar.MD5_100, folder=cifar.CIFAR100_FOLDER)
     elif cfg.source == "folder":
-        folder.folder_index(cfg.dir, cache_dir)
+        folder.folder_index(folder.folder_root(cfg), cache_dir)
 
 
 def load(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> RunData:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fastres.data.base import DataError, RunData, Split, resolved
-from fastres.errors import one_line
+from fastres.errors import one_line, writing
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -112,26 +112,71 @@ def read_batch(path: Path, per_file: int | None = None, label_key: str = "labels
 
 
 def find(root: str | os.PathLike, folder: str = CIFAR10_FOLDER) -> Path | None:
-    """The folder holding the batch files: ``root`` itself or ``root/cifar-10-batches-py`` (``folder``); None if
-    neither."""
-    root = resolved(root)
+    """The folder holding ``folder``'s batch files (cifar-10-batches-py, or cifar-100-python) in the data root
+    ``root``: ``root`` itself (a path straight to the batch folder), ``folder`` in the root (:func:`data_root`: beside
+    a batch folder given straight), or ``cifar10/folder`` there (where fastres put CIFAR-10 before data roots);
+    None if none."""
+    root, base = resolved(root), data_root(root)
     first = (TRAIN_FILES[0], TEST_FILE) if folder == CIFAR10_FOLDER else tuple(SIZES_100)
-    for cand in (root, root / folder):
+    for cand in (root, base / folder, base / "cifar10" / folder):
         if any((cand / name).exists() for name in first):
             return cand
     return None
 
 
+def data_root(root: str | os.PathLike) -> Path:
+    """Where a download goes: ``root``, or its parent when ``root`` is itself a CIFAR batch folder (data.dir given
+    straight to cifar-10-batches-py), so CIFAR-100 lands beside CIFAR-10, not inside it."""
+    root = resolved(root)
+    inside = root.name in (CIFAR10_FOLDER, CIFAR100_FOLDER) or (root / TRAIN_FILES[0]).exists()
+    return root.parent if inside else root
+
+
 def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s: float = 30.0,
              folder: str = CIFAR10_FOLDER) -> Path:
-    """Fetch and unpack the official archive into ``root``; verify its MD5 first. Returns the batch folder.
-    On failure the file system is as it was: the partial archive, the staging folder and the folders made for
-    ``root`` are gone."""
+    """Fetch the official archive into a temporary folder ($TMPDIR), verify its MD5, unpack it there, and only then
+    move the batch folder into ``root`` (made if needed). Returns the batch folder. A failure leaves the file system
+    as it was: ``root`` untouched (not even made), the temporary folder gone."""
     root = resolved(root)
-    made = [p for p in (root, *root.parents) if not p.exists()]  # what mkdir(parents=True) makes, deepest first
+    where = f"put the {folder} folder in {root} (or point --data.dir / $FASTRES_DATA at the folder holding it)"
+    with tempfile.TemporaryDirectory(prefix="fastres-download-") as work:
+        archive, unpacked = Path(work) / "archive.tar.gz", Path(work) / "unpacked"
+        try:
+            h = hashlib.md5()
+            with urllib.request.urlopen(url, timeout=timeout_s) as r, open(archive, "wb") as out:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise DataError(f"{folder} is not in {root} and downloading {url} to {work} failed ({reason}): "
+                            f"{where}") from None
+        if h.hexdigest() != md5:
+            raise DataError(f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}: {where}")
+        with tarfile.open(archive) as tar:
+            # The 'data' filter refuses absolute paths, links out of root and device files.
+            tar.extractall(unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        if not (unpacked / folder).is_dir():
+            raise DataError(f"{url} holds no {folder} folder: {where}")
+        return _moved_in(unpacked / folder, root / folder)
+
+
+def _moved_in(src: Path, dest: Path) -> Path:
+    """``src`` moved to ``dest`` as a whole: copied beside it under a temporary name, then renamed (atomic on its
+    file system); on a failure nothing of it stays, nor the folders made for it."""
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
+    part = dest.with_name(f".{dest.name}.part")
     try:
-        return _fetch_into(root, url, md5, timeout_s, folder)
+        with writing(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(src, part)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(part, dest)
+        return dest
     except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
         for made_dir in made:
             try:
                 made_dir.rmdir()
@@ -140,45 +185,10 @@ def download(root: str | os.PathLike, url: str = URL, md5: str = MD5, timeout_s:
         raise
 
 
-def _fetch_into(root: Path, url: str, md5: str, timeout_s: float, folder: str) -> Path:
-    """:func:`download`'s work: ``root`` made, the archive to a .part file in it, checked, unpacked beside."""
-    where = f"put the {folder} folder in {root} (or point --data.dir / $FASTRES_DATA at it)"
-    tmp, staging = None, None
-    try:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=root, suffix=".tar.gz.part", delete=False) as tmp:
-                h = hashlib.md5()
-                with urllib.request.urlopen(url, timeout=timeout_s) as r:
-                    while chunk := r.read(1 << 20):
-                        h.update(chunk)
-                        tmp.write(chunk)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            reason = getattr(e, "reason", e)
-            raise DataError(f"{folder} is not in {root} and downloading {url} failed ({reason}): {where}") from None
-        if h.hexdigest() != md5:
-            raise DataError(f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}: {where}")
-        with tarfile.open(tmp.name) as tar:
-            # The 'data' filter refuses absolute paths, links out of root and device files.
-            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            staging = Path(tempfile.mkdtemp(dir=root))
-            tar.extractall(staging, **kw)
-        dest = root / folder
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging / folder, dest)
-        return dest
-    finally:
-        if tmp is not None:
-            Path(tmp.name).unlink(missing_ok=True)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def ensure(root: str | os.PathLike) -> Path:
-    """The batch folder under ``root``, downloading the archive first if there is none."""
+    """CIFAR-10's batch folder in the data root ``root``, downloading the archive first if there is none."""
     found = find(root)
-    return found if found is not None else download(root)
+    return found if found is not None else download(data_root(root))
 
 
 def read_cifar10(root: str | os.PathLike, per_file: int | None = None, *, train_images: int = 0) -> RunData:
@@ -186,7 +196,7 @@ def read_cifar10(root: str | os.PathLike, per_file: int | None = None, *, train_
     validated (no download: call :func:`ensure` first)."""
     folder = find(root)
     if folder is None:
-        raise DataError(f"CIFAR-10 not found in {resolved(root)}: put the {CIFAR10_FOLDER} folder there "
+        raise DataError(f"CIFAR-10 not found in {data_root(root)}: put the {CIFAR10_FOLDER} folder there "
                         f"(or point --data.dir / $FASTRES_DATA at it)")
     files = len(TRAIN_FILES)
     if train_images:  # a subset reads only the files it takes images from (a smoke run starts a second sooner)
@@ -201,8 +211,8 @@ def read_cifar100(root: str | os.PathLike) -> RunData:
     """CIFAR-100's 50k training and 10k test images with their fine labels (0..99), validated."""
     folder = find(root, CIFAR100_FOLDER)
     if folder is None:
-        raise DataError(f"CIFAR-100 not found in {resolved(root)}: put the {CIFAR100_FOLDER} folder (files train, "
-                        "test) there (or point --data.dir at it)")
+        raise DataError(f"CIFAR-100 not found in {data_root(root)}: put the {CIFAR100_FOLDER} folder (files train, "
+                        "test) there (or point --data.dir at the folder holding it)")
     train, test = (read_batch(folder / name, SIZES_100[name], "fine_labels", NUM_CLASSES_100) for name in SIZES_100)
     return RunData(train=train, test=test, num_classes=NUM_CLASSES_100, mean=MEAN_100, std=STD_100)
 

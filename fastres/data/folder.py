@@ -190,10 +190,15 @@ def _files(root: Path, part: dict) -> Files:
                  np.asarray(part["sizes"], np.int64).reshape(-1, 2), list(part["modes"]))
 
 
+def folder_root(cfg: DataCfg) -> Path:
+    """The image folder: data.dir, or data.dir/data.folder."""
+    return resolved(Path(cfg.dir) / cfg.folder)
+
+
 def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> RunData:
     """A folder's training files and its decoded evaluation splits (val/ as "test"; data.val_size held out of
     train/ as "val"); files with problems stop the run, or with data.skip_bad are left out and listed."""
-    root = resolved(cfg.dir)
+    root = folder_root(cfg)
     index = folder_index(root, cache_dir)
     bad = [f"{root / rel}: {why}" for rel, why in index["bad"]]
     if bad and not cfg.skip_bad:
@@ -260,6 +265,10 @@ TORCHVISION_INSTALL = ("install the torchvision that pairs with your torch (bash
 def import_torchvision():
     """(torchvision.io, torchvision.transforms.v2.functional); a UserError saying how to install it if it does not
     import (absent, or built for another torch)."""
+    # FIXME: torchvision 0.29 deprecates its image decoders for TorchCodec's; they stay until torchvision drops them,
+    # said once in docs/layout.md rather than on every call
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are "
+                            "deprecated", category=DeprecationWarning)
     try:
         import torchvision.io as tv_io
         import torchvision.transforms.v2.functional as tv_f
