@@ -12,7 +12,7 @@
 #   bash launch/device.sh prepare                # in your checkout, before copying the tree to a machine that
 #                                                # gets no .git: record HEAD in .device/ (copy .device/ along)
 #
-# CIFAR-10 comes from --data=DIR, else $FASTRES_DATA, else data/cifar10 (DIR holds cifar-10-batches-py);
+# CIFAR-10 comes from --data=DIR, else $FASTRES_DATA, else data (the data root: DIR holds cifar-10-batches-py);
 # without it the items marked [data] wait, said in one line, and the others run.
 # The queue, in priority order (an item is done when results/device/<item>.json exists: commit it with results/):
 #   check      120 s  tests/test_cuda.py: the step graph's capture, the fast loop without host syncs
@@ -36,7 +36,7 @@ DRY=${FASTRES_DEVICE_DRYRUN:-}
 R=results  # where results and the done marks go; a dry run keeps its own apart from the real ones
 [ -z "$DRY" ] || R=runs/device-dryrun/results
 OUT_DIR=${OUT:-${TMPDIR:-/tmp}/fastres-queue}
-DATA=${FASTRES_DATA:-data/cifar10}
+DATA=${FASTRES_DATA:-data}
 CALL_BUDGET=${FASTRES_QUEUE_BUDGET_S:-0}  # 0: no limit for the call
 
 prepare() {  # .device/git_sha and .device/code_hash: what fastres records as the code version where .git is absent
@@ -93,7 +93,7 @@ item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs 
 
 item_done() { [ -f "$R/device/$1.json" ]; }
 
-have_data() { [ -d "$DATA/cifar-10-batches-py" ] || [ -f "$DATA/data_batch_1" ]; }
+have_data() { [ -d "$DATA/cifar-10-batches-py" ] || [ -f "$DATA/data_batch_1" ] || [ -d "$DATA/cifar10/cifar-10-batches-py" ]; }
 
 # The step forms throughput and profile measure: label|flags on top of configs/fast.toml.
 VARIANTS=("b512-reduce-overhead|" "b512-step-graph|--precision.step_graph=true --precision.compile_mode=default"

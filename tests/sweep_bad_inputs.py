@@ -141,6 +141,6 @@ def run(data: Path, tmp: Path, names: list[str] | None = None) -> list[str]:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as t:
-        found = run(Path(sys.argv[1] if len(sys.argv) > 1 else "data/cifar10"), Path(t))
+        found = run(Path(sys.argv[1] if len(sys.argv) > 1 else "data"), Path(t))
     print("\n".join(found) or f"all {len(CASES)} bad inputs ended in one line")
     sys.exit(1 if found else 0)
