@@ -105,9 +105,10 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
                                  prec=prec, norm=(data.mean, data.std), top5=cfg.data.source in TOP5_SOURCES)
     # the compile warm-up also evaluates blank images of each split's shape, so evaluations compile nothing later
     blank = {name: (torch.zeros_like(xs), torch.zeros_like(ys)) for name, (xs, ys) in evals.items()}
-    # what the warm-ups train on, made only when one runs: a batch of the loader's shape, the data's classes
-    example = functools.partial(random_batch, batch_per_rank, loader.image_shape, data.num_classes, prec, dev)
-    train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, example=example,
+    # what the warm-ups train on, made only when one runs: a batch of each shape the loader yields, the data's classes
+    examples = lambda: [random_batch(batch_per_rank, shape, data.num_classes, prec, dev)  # noqa: E731
+                        for shape in loader.image_shapes]
+    train_step, compile_s = build_train_step(net, model, opt, scaler, cfg.precision, cfg.optim, examples=examples,
                                              techniques=techniques, evaluate=lambda: evaluate(blank))
     return Parts(data=data, loader=loader, evals=evals, model=model, net=net, optimizer=opt, schedule=schedule,
                  scaler=scaler, techniques=techniques, evaluate=evaluate, train_step=train_step, prec=prec,
@@ -135,7 +136,7 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     if dist.is_main:
         fetch(cfg.data, cfg.run.out_dir)  # downloads (or indexes a folder) once, on rank 0
     distributed.barrier()
-    data = load(cfg.data, cfg.run.out_dir)
+    data = load(cfg.data, cfg.run.out_dir, eval_side=cfg.eval.image_size, eval_ratio=cfg.eval.resize_ratio)
     _check_classes(data, cfg.model.num_classes)
     data_cfg, notes = _workers_that_fit(cfg.data)
     if data.skipped:  # data.skip_bad: what was left out, named in the log once

@@ -114,7 +114,15 @@ class DataCfg:
                        "made in memory (for throughput and profiling, where pixel values do not matter; its "
                        "accuracies mean nothing)", choices=("cifar10", "synthetic", "cifar100", "folder"))
     image_size: int = _opt(224, "folder: training crop side (random-resized-crop) and evaluation side (resize to "
-                           "size / 0.875, centre crop), pixels; CIFAR sources are 32", ge=8, le=4096)
+                           "size / 0.875, centre crop; eval.image_size sets it apart), pixels; CIFAR sources are 32",
+                           ge=8, le=4096)
+    min_res: int = _opt(0, "folder, progressive resizing (FFCV's ImageNet recipes): the training side until "
+                        "data.start_ramp; 0 = off (data.image_size every epoch)", ge=0, le=4096)
+    max_res: int = _opt(0, "progressive resizing: the training side from data.end_ramp on", ge=0, le=4096)
+    start_ramp: int = _opt(0, "progressive resizing: the last epoch (0-based) at data.min_res; the side then rises in "
+                           "a straight line, rounded to a multiple of 32, to data.max_res at data.end_ramp",
+                           ge=0, le=MAX_EPOCHS)
+    end_ramp: int = _opt(0, "progressive resizing: the first epoch (0-based) at data.max_res", ge=0, le=MAX_EPOCHS)
     skip_bad: bool = _opt(False, "folder: leave out files that fail a check (listed in the log, counted in the "
                           "summary) instead of stopping; a file that fails to decode while training becomes a grey "
                           "image")
@@ -161,6 +169,9 @@ class ModelCfg:
     sd_mode: str = _opt("linear", "linear: p_l = p_L * l / L (Huang 2016); uniform: p_l = p_L",
                         choices=("uniform", "linear"))
     zero_init_residual: bool = _opt(False, "start every residual branch at zero (Goyal et al. 2017)")
+    blurpool: bool = _opt(False, "anti-aliased downsampling (BlurPool, Zhang 2019; FFCV's and Composer's ImageNet "
+                          "recipes): a binomial low-pass filter before every strided convolution with 16 or more "
+                          "inputs and in every max-pool")
     init: str = _opt("kaiming", "kaiming: He et al. 2015 normal init; lsuv: orthonormal, then each layer scaled "
                      "to unit output variance on real batches (Mishkin & Matas 2016)", choices=("kaiming", "lsuv"))
     lsuv_tol_var: float = _opt(0.1, "LSUV: stop scaling a layer once |output variance - 1| < this", gt=0.0,
@@ -226,6 +237,12 @@ class OptimCfg:
     impl: str = _opt("default", "SGD implementation: default (torch's choice), foreach (one kernel per op "
                      "over all tensors) or fused (one kernel for the whole update)",
                      choices=("default", "foreach", "fused"))
+    name: str = _opt("sgd", "the optimizer: sgd (momentum SGD), or lars (layer-wise adaptive rate scaling, You et "
+                     "al. 2017, as MLPerf's ResNet-50 uses it for large batches: each tensor's step scaled by "
+                     "optim.lars_trust x |w| / (|g| + wd |w|); BatchNorm parameters and biases excluded, without "
+                     "weight decay)", choices=("sgd", "lars"))
+    lars_trust: float = _opt(0.001, "lars: the trust coefficient (You et al. 2017's eta; MLPerf: 0.001)", gt=0.0,
+                             le=1.0)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", ge=0.0, lt=1.0)
     ema_decay: float = _opt(0.0, "score an exponential moving average of the weights and BN statistics at every "
                             "evaluation, updated after each step with decay min(d, (1+t)/(10+t)) (Polyak "
@@ -260,6 +277,10 @@ class EvalCfg:
                     "as <split>_acc_no_tta", choices=TTA)
     on_test: bool = _opt(True, "evaluate on the test set; false (for tuning) never touches it and measures "
                          "time to target on the validation split")
+    image_size: int = _opt(0, "folder: the evaluation side, apart from the training one (FixRes, Touvron et al. "
+                           "2019; FFCV trains at 160-192 and evaluates at 256); 0 = data.image_size", ge=0, le=4096)
+    resize_ratio: float = _opt(0.875, "folder: evaluation resizes the shorter side to image_size / this, then takes "
+                               "the centre crop (torchvision's references: 224 of 256)", gt=0.1, le=1.0)
 
 
 @dataclass
@@ -444,7 +465,7 @@ def _check_step_graph(cfg: Config, world: int) -> None:
     if cfg.precision.amp == "fp16":
         raise ConfigError(f"{pre} cannot capture fp16's GradScaler (it decides on the host whether to step): "
                           "use precision.amp = bf16 or off")
-    if cfg.optim.impl != "fused":
+    if cfg.optim.name == "sgd" and cfg.optim.impl != "fused":
         raise ConfigError(f"{pre} needs optim.impl = fused (the SGD that reads its learning rate on the device), "
                           f"not {cfg.optim.impl!r}")
     if cfg.precision.compile and cfg.precision.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -457,6 +478,12 @@ def _check_step_graph(cfg: Config, world: int) -> None:
 
 def _check_optim(cfg: OptimCfg) -> None:
     """The [optim] section's own combinations."""
+    if cfg.name == "lars" and cfg.schedule == "onecycle":
+        raise ConfigError("optim.name = lars keeps its own momentum, which one-cycle's scheduled momentum would "
+                          "replace: use optim.schedule = step, cosine or linear with LARS")
+    if cfg.name == "lars" and cfg.impl != "default":
+        raise ConfigError(f"optim.impl = {cfg.impl} chooses torch's SGD kernels; LARS is fastres's own (foreach "
+                          "ops, graph-safe): remove optim.impl")
     if cfg.nesterov and cfg.momentum == 0 and cfg.schedule != "onecycle":
         raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
     if cfg.schedule == "onecycle":
@@ -475,6 +502,23 @@ def _check_onecycle(cfg: OptimCfg) -> None:
         raise ConfigError("optim.nesterov = true needs optim.momentum_min > 0 with optim.schedule = onecycle")
 
 
+def _check_resolution(cfg: Config) -> None:
+    """Progressive resizing and the evaluation side: folders only, the ramp's ends in order."""
+    d, e = cfg.data, cfg.eval
+    if (d.min_res or d.max_res or d.start_ramp or d.end_ramp or e.image_size) and d.source != "folder":
+        raise ConfigError("data.min_res / max_res / start_ramp / end_ramp and eval.image_size apply to data.source = "
+                          "folder only (CIFAR images are 32x32): remove them")
+    if e.resize_ratio != EvalCfg().resize_ratio and d.source != "folder":
+        raise ConfigError("eval.resize_ratio applies to data.source = folder only: remove it")
+    if bool(d.min_res) != bool(d.max_res) or (not d.max_res and (d.start_ramp or d.end_ramp)):
+        raise ConfigError("progressive resizing needs data.min_res and data.max_res both (and the ramp's "
+                          "data.start_ramp and data.end_ramp), or none of them")
+    if d.min_res > d.max_res or d.start_ramp > d.end_ramp:
+        raise ConfigError(f"progressive resizing runs from data.min_res = {d.min_res} at epoch data.start_ramp = "
+                          f"{d.start_ramp} up to data.max_res = {d.max_res} at data.end_ramp = {d.end_ramp}: give the "
+                          "smaller side and the earlier epoch first")
+
+
 def _check_data_model(cfg: Config) -> None:
     """The model and data keys that only make sense together."""
     m, d = cfg.model, cfg.data
@@ -485,6 +529,7 @@ def _check_data_model(cfg: Config) -> None:
                           "32x32): remove it or set data.source = folder")
     if m.family == "cifar" and m.width != ModelCfg().width:
         raise ConfigError(f"model.width = {m.width} applies to model.family = imagenet only: remove it")
+    _check_resolution(cfg)
     classes = {"cifar10": 10, "synthetic": 10, "cifar100": 100}.get(d.source)  # a folder's are known once indexed
     if m.num_classes and classes and m.num_classes != classes:
         raise ConfigError(f"model.num_classes = {m.num_classes} but the data's labels go up to {classes - 1} "

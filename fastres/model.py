@@ -333,7 +333,61 @@ def build_model(cfg: ModelCfg) -> ResNet:
     if cfg.zero_init_residual:  # Goyal et al. 2017, sec. 5.1: each block starts as the identity
         for blk in model.blocks:
             blk.zero_init()
+    if cfg.blurpool:
+        blurpool_(model)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# BlurPool (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"; FFCV's and Composer's ImageNet
+# recipes): low-pass filter an input before subsampling it. model.blurpool = true puts it in every strided
+# convolution with at least BLUR_MIN_CHANNELS inputs (the 3-channel stem conv excepted, as FFCV and Composer do) and
+# every max-pool. The parameters and their names stay the plain model's (torchvision's weights still load).
+
+BLUR_SIZE = 3  # the binomial filter [1, 2, 1] (x) [1, 2, 1] / 16: FFCV's and Composer's
+BLUR_MIN_CHANNELS = 16
+
+
+class BlurPool2d(nn.Module):
+    """antialiased-cnns' BlurPool (Zhang 2019): reflect-pad, then the depthwise binomial filter at ``stride``."""
+
+    def __init__(self, channels: int, stride: int = 2, size: int = BLUR_SIZE):
+        super().__init__()
+        row = torch.tensor([math.comb(size - 1, k) for k in range(size)], dtype=torch.float32)
+        filt = row[:, None] * row[None, :]
+        self.register_buffer("filt", (filt / filt.sum()).expand(channels, 1, size, size).clone(), persistent=False)
+        self.stride, self.pads = stride, [(size - 1) // 2, size // 2] * 2  # left, right, top, bottom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, self.pads, mode="reflect"), self.filt.to(x.dtype), stride=self.stride,
+                        groups=x.shape[1])
+
+
+class BlurConv2d(nn.Conv2d):
+    """A strided convolution whose input is blurred first (BlurPool at stride 1; FFCV's BlurPoolConv2d, Composer's
+    BlurConv2d with blur_first), with the plain convolution's parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.blur(x))
+
+
+def blurpool_(model: nn.Module) -> None:
+    """Put BlurPool in ``model`` in place (see above): a strided convolution becomes a :class:`BlurConv2d` holding the
+    same parameters, a max-pool a max-pool at stride 1 followed by BlurPool at its stride (Composer's
+    MaxBlurPool2d)."""
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if isinstance(m, nn.Conv2d) and max(m.stride) > 1 and m.in_channels >= BLUR_MIN_CHANNELS:
+                conv = torch.nn.utils.skip_init(BlurConv2d, m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                                                m.padding, m.dilation, m.groups, m.bias is not None,
+                                                device=m.weight.device)
+                conv.weight, conv.bias, conv.blur = m.weight, m.bias, BlurPool2d(m.in_channels, stride=1)
+                setattr(parent, name, conv)
+            elif isinstance(m, nn.MaxPool2d):  # the ImageNet stem's: its channels are those of the BN before it
+                before = list(parent.children())[:list(parent.children()).index(m)]
+                channels = next(c.num_features for c in reversed(before) if isinstance(c, nn.BatchNorm2d))
+                setattr(parent, name, nn.Sequential(nn.MaxPool2d(m.kernel_size, 1, m.padding),
+                                                    BlurPool2d(channels, stride=m.stride)))
 
 
 def load_weights(model: ResNet, path: str) -> list[str]:

@@ -20,7 +20,7 @@ The one-cycle momentum, Lookahead and the weight average are techniques with per
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -122,8 +122,14 @@ def decay_groups(model: torch.nn.Module, cfg: OptimCfg) -> list[dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
-    """SGD over every trainable parameter, weight decay as :func:`decay_groups` says (``cfg`` validated at load)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.Optimizer:
+    """SGD over every trainable parameter, weight decay as :func:`decay_groups` says, or :class:`LARS` (``cfg``
+    validated at load)."""
+    if cfg.name == "lars":
+        groups = decay_groups(model, replace(cfg, wd_bn_bias=False))  # MLPerf: BN and biases, no decay, no trust
+        groups[1]["lars"] = False
+        return LARS(groups, lr=scaled_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    nesterov=cfg.nesterov, trust=cfg.lars_trust)
     groups = decay_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.impl]
@@ -137,3 +143,49 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimCfg) -> torch.optim.SGD:
         for p in params:
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return opt
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You et al. 2017) with momentum, as MLPerf's ResNet-50 reference steps it
+    (TensorFlow's LARSOptimizer): per parameter tensor of a group with ``lars`` (the default),
+
+        trust = trust_coefficient * |w| / (|g| + wd * |w|)   (1 where |w| or |g| is 0)
+        v = momentum * v + lr * trust * (g + wd * w);   w -= v   (Nesterov: w -= momentum * v + lr * trust * (...))
+
+    and in a group with ``lars = False`` (BatchNorm parameters and biases) the same with trust 1 and that group's
+    weight decay (0). The norms, the trust ratios and the update are foreach ops over the group on the device, and
+    ``lr`` may be a 0-dim device tensor, so a step graph captures it. Momentum buffers are made up front."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+                 trust: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      trust=trust, lars=True))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+            wd, m, lr = group["weight_decay"], group["momentum"], group["lr"]
+            steps = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
+            if group["lars"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust"] * w_norm / (g_norm + wd * w_norm),
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(steps, list((lr * trust).unbind()))  # lr * trust * (g + wd * w)
+            else:
+                torch._foreach_mul_(steps, lr)
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, steps)
+            if group["nesterov"]:
+                torch._foreach_add_(steps, torch._foreach_mul(bufs, m))
+                torch._foreach_sub_(params, steps)
+            else:
+                torch._foreach_sub_(params, bufs)
+

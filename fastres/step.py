@@ -137,21 +137,22 @@ def compile_net(net: torch.nn.Module, model: torch.nn.Module, cfg: PrecisionCfg)
 
 
 def precompile(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, *, example: Batch, accum: int, amp_dtype: torch.dtype | None,
+               scaler: torch.amp.GradScaler, *, examples: Sequence[Batch], accum: int, amp_dtype: torch.dtype | None,
                evaluate: Callable[[], Any] | None = None, steps: int = PRECOMPILE_STEPS) -> None:
-    """The compile warm-up: train ``steps`` steps on ``example`` (a batch of the loader's shape, dtype and memory
-    format: :func:`random_batch`), then ``evaluate()`` (so the evaluation's eval-mode graphs, batch shapes and TTA
-    views compile here, not in the first evaluation), then put weights, optimizer and scaler state back: only the
-    compiled code remains (cifar10-airbench warms up before its timer too). Every stochastic-depth branch is kept
-    meanwhile, so each is compiled."""
+    """The compile warm-up: train ``steps`` steps on each of ``examples`` (a batch of every shape the loader yields,
+    in its dtype and memory format: :func:`random_batch`; progressive resizing has several), then ``evaluate()`` (so
+    the evaluation's eval-mode graphs, batch shapes and TTA views compile here, not in the first evaluation), then
+    put weights, optimizer and scaler state back: only the compiled code remains (cifar10-airbench warms up before
+    its timer too). Every stochastic-depth branch is kept meanwhile, so each is compiled."""
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
     rates, model.death_rates = model.death_rates, [0.0] * len(model.death_rates)
     # dropout's draws must not move the run's streams (a run resumed inside an epoch continues them from the
     # checkpoint)
-    with _streams_kept(example[0].device):
+    with _streams_kept(examples[0][0].device):
         model.train()
-        for _ in range(steps):
-            train_on_batch(net, opt, scaler, *example, accum=accum, amp_dtype=amp_dtype)
+        for example in examples:
+            for _ in range(steps):
+                train_on_batch(net, opt, scaler, *example, accum=accum, amp_dtype=amp_dtype)
         model.death_rates = rates
         if evaluate is not None:
             evaluate()
@@ -165,23 +166,23 @@ class CapturedStep:
     """``fn(x, y)`` (one optimizer step; metrics on the device) captured once, called as ``captured(x, y, lr)``.
 
     Its static input buffers take ``example``'s shape, dtype and memory format (the loader's batches), and the
-    capture warm-up trains on the example itself. The optimizer's lr becomes a device tensor here (float32 on
-    CUDA, which fused SGD reads as a float; float64 on a CPU, whose kernel reads a double, so the CPU run equals
-    one with a Python float lr). The model's parameters, buffers and momentum buffers, and ``state`` (tensors the
-    step also changes: the techniques' graph state, the epoch's sums), are the graph's state: they keep their
-    storage (updated in place) and are put back after the capture warm-up, so training starts where it would have
-    without a graph. The tensors a call returns are the graph's outputs, overwritten by the next call: use them
-    before that.
+    capture warm-up trains on the example itself. The optimizer's lr becomes a device tensor (float32 on CUDA, which
+    fused SGD reads as a float; float64 on a CPU, whose kernel reads a double, so the CPU run equals one with a
+    Python float lr): ``lr``, shared by the graphs of every shape of a run, or made here. Graphs of one run share
+    ``pool``, their memory (they never replay at once). The model's parameters, buffers and momentum buffers, and
+    ``state`` (tensors the step also changes: the techniques' graph state, the epoch's sums), are the graph's state:
+    they keep their storage (updated in place) and are put back after the capture warm-up, so training starts where
+    it would have without a graph. The tensors a call returns are the graph's outputs, overwritten by the next call:
+    use them before that.
     """
 
     def __init__(self, fn: StepFn, model: torch.nn.Module, opt: torch.optim.Optimizer, *, example: Batch,
-                 warmup: int = CAPTURE_WARMUP_STEPS, state: Sequence[torch.Tensor] = ()):
+                 warmup: int = CAPTURE_WARMUP_STEPS, state: Sequence[torch.Tensor] = (),
+                 lr: torch.Tensor | None = None, pool: Any = None):
         self.fn = fn  # one optimizer step on (x, y); metrics on the device
-        self.state = list(state)
+        self.state, self.pool = list(state), pool
         self.x, self.y = example[0].clone(), example[1].clone()  # clone keeps the memory format
-        device = self.x.device
-        lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
-        self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=lr_dtype, device=device)
+        self.lr = lr if lr is not None else lr_tensor(opt, self.x.device)
         for group in opt.param_groups:
             group["lr"] = self.lr
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -206,7 +207,7 @@ class CapturedStep:
         opt.zero_grad(set_to_none=True)  # backward in the capture then writes fresh gradients, no accumulate
         if cuda and not remade:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=self.pool):
                 self.out = self.fn(self.x, self.y)
         with torch.no_grad():  # capturing ran nothing; the warm-up steps are undone
             for t, s in zip(state, saved):
@@ -225,6 +226,12 @@ class CapturedStep:
             return self.fn(self.x, self.y)
         self.graph.replay()
         return self.out
+
+
+def lr_tensor(opt: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """The optimizer's lr as the 0-dim device tensor a step graph reads (see :class:`CapturedStep`)."""
+    lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
+    return torch.tensor(float(opt.param_groups[0]["lr"]), dtype=lr_dtype, device=device)
 
 
 def _streams_kept(device: torch.device):
@@ -273,7 +280,7 @@ class TrainStep:
                  techniques: Sequence[Technique] = ()):
         self.net, self.model, self.opt, self.scaler, self.techniques = net, model, opt, scaler, list(techniques)
         self.kw = dict(accum=accum, amp_dtype=amp_dtype, label_smoothing=label_smoothing)
-        self.captured: CapturedStep | None = None
+        self.captured: dict[tuple[int, ...], CapturedStep] | None = None  # the graph form: one graph a shape
         device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -298,15 +305,18 @@ class TrainStep:
         self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.count, self.bad_step))
         self.count += 1
 
-    def capture(self, example: Batch) -> None:
-        """Make this the graph form: capture the step (the techniques' apply(), the sums) as one CUDA graph, its
-        input buffers shaped like ``example``."""
+    def capture(self, examples: Sequence[Batch]) -> None:
+        """Make this the graph form: capture the step (the techniques' apply(), the sums) as one CUDA graph for each
+        of ``examples``' shapes (progressive resizing has several), sharing the lr tensor and the graphs' memory."""
         held = [t.name for t in self.techniques if not t.graphable]
         if held:
             raise ValueError(f"a captured step cannot hold {', '.join(held)}")
         state = [t for tech in self.techniques for t in tech.graph_state()]
         sums = [self.loss_sum, self.correct, self.bad_step, self.count]
-        self.captured = CapturedStep(self._whole_step, self.model, self.opt, example=example, state=state + sums)
+        lr = lr_tensor(self.opt, examples[0][0].device)
+        pool = torch.cuda.graph_pool_handle() if examples[0][0].device.type == "cuda" else None
+        self.captured = {tuple(x.shape): CapturedStep(self._whole_step, self.model, self.opt, example=(x, y),
+                                                      state=state + sums, lr=lr, pool=pool) for x, y in examples}
 
     def _whole_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
@@ -323,7 +333,11 @@ class TrainStep:
         self.next_step += 1
         due = [t for t in self.techniques if t.prepare(global_step)]  # host: fills only, no sync
         if self.captured is not None:
-            return self.captured(x, y, lr)
+            graph = self.captured.get(tuple(x.shape))
+            if graph is None:
+                raise ValueError(f"the step graphs take batches of {', '.join(map(str, self.captured))}, got "
+                                 f"{tuple(x.shape)}")
+            return graph(x, y, lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
         out = train_on_batch(self.net, self.opt, self.scaler, x, y, **self.kw)
@@ -335,21 +349,21 @@ class TrainStep:
 
 def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, cfg: PrecisionCfg, optim: OptimCfg, *,
-                     example: Callable[[], Batch], techniques: Sequence[Technique] = (),
+                     examples: Callable[[], list[Batch]], techniques: Sequence[Technique] = (),
                      evaluate: Callable[[], Any] | None = None) -> tuple[TrainStep, float]:
-    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled on ``example()`` (a batch of the
-    loader's shape, made only here; running ``evaluate()`` in the compile warm-up) if precision.compile, captured if
-    precision.step_graph."""
+    """(the step ``cfg`` asks for, seconds it took to make): compiled and precompiled on ``examples()`` (a batch of
+    each shape the loader yields, made only here; running ``evaluate()`` in the compile warm-up) if precision.compile,
+    captured (a graph a shape) if precision.step_graph."""
     amp_dtype = precision(cfg).amp_dtype
     timer = Timer(next(model.parameters()).device)
     timer.start()
     skips = 0
-    batch = example() if cfg.compile or cfg.step_graph else None
+    batches = examples() if cfg.compile or cfg.step_graph else []
     if cfg.compile:
         from torch._dynamo.utils import counters  # here, not at the top: 2 s of every start-up without compile
         before = counters["inductor"]["cudagraph_skips"]
         compile_net(net, model, cfg)
-        precompile(net, model, opt, scaler, example=batch, accum=optim.accum_steps, amp_dtype=amp_dtype,
+        precompile(net, model, opt, scaler, examples=batches, accum=optim.accum_steps, amp_dtype=amp_dtype,
                    evaluate=evaluate)
         # reduce-overhead runs what it cannot graph eagerly, saying so only in a log (BatchNorm under DDP:
         # pytorch#139207); inductor counts each skip, and the run reports them
@@ -358,7 +372,7 @@ def build_train_step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.op
                            label_smoothing=optim.label_smoothing, techniques=techniques)
     train_step.cudagraph_skips = skips
     if cfg.step_graph:
-        train_step.capture(batch)
+        train_step.capture(batches)
     return train_step, timer.stop()
 
 

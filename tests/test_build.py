@@ -153,7 +153,7 @@ def test_the_step_graph_form_refuses_stochastic_depth_instead_of_ignoring_the_st
     s = step.TrainStep(model, model, build_optimizer(model, cfg.optim), torch.amp.GradScaler("cpu", enabled=False),
                        accum=1, amp_dtype=None, label_smoothing=0.0, techniques=[StochasticDepthDraws(model, 0)])
     with pytest.raises(ValueError, match="stochastic depth"):
-        s.capture(step.random_batch(4, (3, 32, 32), 10, step.precision(cfg.precision), CPU))
+        s.capture([step.random_batch(4, (3, 32, 32), 10, step.precision(cfg.precision), CPU)])
 
 
 # ------------------------------------------------------------------------------------------- synthetic source

@@ -642,3 +642,129 @@ def test_a_folder_run_at_its_own_size_takes_the_step_graph(folder, tmp_path):
     a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("plain", "graph"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert plain["final_test_acc"] == graphed["final_test_acc"] and graphed["steps"] == 6
+
+
+# ------------------------------------------------------------------------------------------- progressive resizing
+
+def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
+    """FFCV's train_imagenet.py ImageNetTrainer.get_resolution, as written there (the reference)."""
+    assert min_res <= max_res
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
+    final_res = int(np.round(interp[0] / 32)) * 32
+    return final_res
+
+
+@pytest.mark.parametrize("ramp", [(160, 192, 11, 13), (160, 192, 65, 76), (128, 224, 0, 10), (64, 256, 3, 40),
+                                  (160, 160, 5, 5), (96, 200, 7, 9)])
+def test_resolution_is_ffcvs_get_resolution(ramp):
+    from fastres.data.draws import Resolution
+    lo, hi, start, end = ramp
+    r = Resolution(224, lo, hi, start, end)
+    assert [r.at(e) for e in range(100)] == [ffcv_get_resolution(e, lo, hi, end, start) for e in range(100)]
+    assert r.sides() == sorted(set(r.at(e) for e in range(100)))
+    assert Resolution(224).at(7) == 224 and Resolution(224).sides() == [224]
+
+
+RAMP = ["--data.min_res=32", "--data.max_res=64", "--data.start_ramp=0", "--data.end_ramp=2"]  # 32, 32 or 64, 64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_folder_loader_trains_at_the_epochs_side(folder, tmp_path, kind):
+    """Progressive resizing: each epoch's batches are at Resolution.at(epoch) in every loader (persistent workers
+    too: the side travels with each index), with the same images, labels and boxes as the workers loader."""
+    needs(kind)
+    from fastres.data.draws import Resolution
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    res = dict(min_res=32, max_res=96, start_ramp=1, end_ramp=3)  # sides the 8-40 px images are upscaled to
+    sides = Resolution(32, **res)
+    assert [sides.at(e) for e in range(5)] == [32, 32, 64, 96, 96] and sides.sides() == [32, 64, 96]
+    a, b = loader(d.train, "workers", b=4, workers=1, **res), loader(d.train, kind, b=4, workers=1, **res)
+    assert a.image_shapes == b.image_shapes == [(3, 32, 32), (3, 64, 64), (3, 96, 96)]
+    for e in range(5):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert xb.shape[-2:] == (sides.at(e),) * 2 and torch.equal(ya, yb)
+            assert (pixels(xa) - pixels(xb)).abs().max() <= DECODER_TOLERANCE + 1e-3  # + the normalize's rounding
+
+
+@pytest.mark.parametrize("kind,side,worst,mean", [("workers-tv", 16, 1.0, 0.05), ("workers-tv", 8, 1.0, 0.05),
+                                                  ("dali", 16, 6.0, 0.25), ("dali", 8, 24.0, 0.5)])
+def test_how_far_the_loaders_resizers_part_when_shrinking(folder, tmp_path, kind, side, worst, mean):
+    """Crops shrunk 2-5x (the 8-40 px images to 16 or 8 px): torchvision's antialiased resize stays within a level of
+    Pillow's; DALI's parts further (measured over 5 epochs: max 5 and 20 levels, mean 0.15 and 0.30; the bounds
+    here leave room). Upscaled, all three agree within DECODER_TOLERANCE (the tests above)."""
+    needs(kind)
+    d = load_folder(cfg_for(folder), tmp_path / "run")
+    res = dict(min_res=side, max_res=side)
+    a, b = loader(d.train, "workers", b=4, workers=1, **res), loader(d.train, kind, b=4, workers=1, **res)
+    most, means = 0.0, []
+    for e in range(5):
+        a.set_epoch(e)
+        b.set_epoch(e)
+        for (xa, _), (xb, _) in zip(a, b):
+            diff = (pixels(xa) - pixels(xb)).abs()
+            most, means = max(most, diff.max().item()), means + [diff.mean().item()]
+    print(f"workers vs {kind} at {side} px: max |diff| {most:.2f} levels, mean {np.mean(means):.3f}")
+    assert most <= worst + 1e-3 and np.mean(means) < mean
+
+
+def test_the_evaluation_side_and_resize_are_set_apart_from_training(folder, tmp_path):
+    """eval.image_size (FixRes): the evaluation splits at their own side, from a resize to side / eval.resize_ratio."""
+    base = [f"--data.dir={folder}", "--data.source=folder", "--data.image_size=32", "--data.val_size=4"]
+    cfg = config.load(None, [*base, "--eval.image_size=40", "--eval.resize_ratio=0.5"])
+    d = fdata.load(cfg.data, tmp_path / "run", eval_side=cfg.eval.image_size, eval_ratio=cfg.eval.resize_ratio)
+    assert d.test.x.shape[1:] == (3, 40, 40) and d.val.x.shape[1:] == (3, 40, 40)
+    img = Image.open(folder / "val" / "apple" / sorted(p.name for p in (folder / "val" / "apple").iterdir())[0])
+    assert np.array_equal(d.test.x[0], folder_mod.eval_transform(img.convert("RGB"), 40, 0.5))
+    plain = fdata.load(config.load(None, base).data, tmp_path / "run")
+    assert plain.test.x.shape[1:] == (3, 32, 32)
+    for bad in (["--eval.image_size=40"], ["--data.min_res=32"], ["--data.min_res=64", "--data.max_res=32"],
+                ["--data.source=folder", "--data.min_res=32", "--data.max_res=64", "--data.start_ramp=5",
+                 "--data.end_ramp=2"]):
+        with pytest.raises(ConfigError):
+            config.load(None, bad)
+
+
+@pytest.mark.slow
+def test_a_ramp_run_compiles_every_side_before_the_loop_and_resumes_inside_the_ramp(folder, tmp_path, monkeypatch):
+    """precision.compile with progressive resizing: the warm-up covers every side, so the loop compiles nothing;
+    killed inside the ramp and resumed, the run trains on at the right sides and ends as the uninterrupted one."""
+    from torch._dynamo.utils import counters
+
+    from fastres import checkpoint
+
+    from conftest import killed_after_first_checkpoint
+    seen, real_loop = {}, train.train_loop
+
+    def loop(*a, **kw):
+        seen.setdefault("before", counters["frames"]["ok"])
+        real_loop(*a, **kw)
+        seen["after"] = counters["frames"]["ok"]
+    monkeypatch.setattr(train, "train_loop", loop)
+    extra = [*RAMP, "--run.epochs=3", "--precision.compile=true"]
+    whole = train.main(sized_run(folder, tmp_path / "whole", *extra))
+    assert seen["before"] > 0 and seen["after"] == seen["before"], seen
+    monkeypatch.setattr(train, "train_loop", real_loop)
+    cut = sized_run(folder, tmp_path / "cut", *extra, "--run.checkpoint_every_s=1e-9")
+    killed_after_first_checkpoint(monkeypatch, lambda: train.main(cut))
+    resumed = train.main(sized_run(folder, tmp_path / "cut", *extra))
+    a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("whole", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert resumed["steps"] == whole["steps"] == 9
+
+
+def test_a_ramp_run_takes_a_step_graph_for_every_side(folder, tmp_path):
+    """precision.step_graph with progressive resizing: a graph a side (on a CPU the step runs eagerly on each
+    graph's buffers), and the run equals the one without, bit for bit."""
+    from fastres import checkpoint
+    extra = [*RAMP, "--run.epochs=3"]
+    plain = train.main(sized_run(folder, tmp_path / "plain", *extra))
+    graphed = train.main(sized_run(folder, tmp_path / "graph", *extra, "--precision.step_graph=true"))
+    a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("plain", "graph"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain["final_test_acc"] == graphed["final_test_acc"]

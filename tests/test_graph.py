@@ -33,8 +33,9 @@ def state(out) -> dict:
 
 @pytest.mark.parametrize("extra", [[], ["--optim.accum_steps=2", "--model.dropout=0.2", "--optim.label_smoothing=0.1"],
                                    ["--optim.schedule=onecycle", "--optim.warmup_epochs=0", "--optim.lookahead_k=4",
-                                    "--optim.wd_bn_bias=false"]],
-                         ids=["plain", "accum-dropout-smoothing", "onecycle-lookahead-wd-groups"])
+                                    "--optim.wd_bn_bias=false"],
+                                   ["--optim.name=lars", "--optim.impl=default", "--optim.lars_trust=0.01"]],
+                         ids=["plain", "accum-dropout-smoothing", "onecycle-lookahead-wd-groups", "lars"])
 def test_step_graph_run_equals_the_plain_run_on_cpu(small_cifar, tmp_path, extra):
     plain = train.main(tiny(small_cifar, tmp_path / "plain", *extra))
     graphed = train.main(tiny(small_cifar, tmp_path / "graph", *extra, "--precision.step_graph=true"))

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastres import config
 from fastres.config import ModelCfg
 from fastres.model import PostActBlock, PreActBlock, build_model, count_params, death_rates
 
@@ -171,3 +173,68 @@ def test_channels_last_gives_the_same_output():
     ref = m(x)
     m = m.to(memory_format=torch.channels_last)
     torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- BlurPool
+
+class ReferenceBlurPool(nn.Module):
+    """antialiased-cnns' BlurPool (Zhang 2019, antialiased_cnns/blurpool.py), as published: the reference."""
+
+    def __init__(self, channels, pad_type="reflect", filt_size=4, stride=2, pad_off=0):
+        super().__init__()
+        self.filt_size, self.pad_off = filt_size, pad_off
+        self.pad_sizes = [int(1. * (filt_size - 1) / 2), int(np.ceil(1. * (filt_size - 1) / 2)),
+                          int(1. * (filt_size - 1) / 2), int(np.ceil(1. * (filt_size - 1) / 2))]
+        self.pad_sizes = [pad_size + pad_off for pad_size in self.pad_sizes]
+        self.stride, self.channels = stride, channels
+        self.off = int((self.stride - 1) / 2.)
+        a = {1: [1.], 2: [1., 1.], 3: [1., 2., 1.], 4: [1., 3., 3., 1.], 5: [1., 4., 6., 4., 1.]}[filt_size]
+        a = np.array(a)
+        filt = torch.Tensor(a[:, None] * a[None, :])
+        filt = filt / torch.sum(filt)
+        self.register_buffer("filt", filt[None, None, :, :].repeat((self.channels, 1, 1, 1)))
+        self.pad = {"reflect": nn.ReflectionPad2d, "zero": nn.ZeroPad2d}[pad_type](self.pad_sizes)
+
+    def forward(self, inp):
+        if self.filt_size == 1:
+            return inp[:, :, ::self.stride, ::self.stride] if self.pad_off == 0 else \
+                self.pad(inp)[:, :, ::self.stride, ::self.stride]
+        return F.conv2d(self.pad(inp), self.filt, stride=self.stride, groups=inp.shape[1])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("side", [7, 8, 33])
+def test_blurpool_is_antialiased_cnns_blurpool(stride, side):
+    from fastres.model import BLUR_SIZE, BlurPool2d
+    x = torch.randn(2, 5, side, side)
+    torch.testing.assert_close(BlurPool2d(5, stride)(x), ReferenceBlurPool(5, filt_size=BLUR_SIZE, stride=stride)(x),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", [["--model.depth=20"], ["--model.family=imagenet", "--model.depth=50",
+                                                            "--model.width=16", "--model.num_classes=10"]])
+def test_blurpool_filters_before_every_strided_conv_and_max_pool_and_keeps_the_weights(family):
+    """model.blurpool: the same parameters, names and init as without; each strided convolution (16 or more inputs)
+    convolves antialiased-cnns' blur (stride 1) of its input, the max-pool is max at stride 1 then BlurPool at 2."""
+    from fastres.model import BLUR_SIZE, BlurConv2d
+    torch.manual_seed(0)
+    plain = build_model(config.load(None, family).model)
+    torch.manual_seed(0)
+    blurred = build_model(config.load(None, [*family, "--model.blurpool=true"]).model)
+    a, b = plain.state_dict(), blurred.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    convs = {n: m for n, m in blurred.named_modules() if isinstance(m, BlurConv2d)}
+    strided = {n: m for n, m in plain.named_modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1
+               and m.in_channels >= 16}
+    assert convs and set(convs) == set(strided)
+    for name, conv in convs.items():
+        x = torch.randn(2, conv.in_channels, 16, 16)
+        ref = F.conv2d(ReferenceBlurPool(conv.in_channels, filt_size=BLUR_SIZE, stride=1)(x), strided[name].weight,
+                       stride=conv.stride, padding=conv.padding)
+        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+    if family[0].endswith("imagenet"):
+        x = torch.randn(2, 16, 20, 20)
+        ref = ReferenceBlurPool(16, filt_size=BLUR_SIZE, stride=2)(F.max_pool2d(x, 3, 1, 1))
+        torch.testing.assert_close(blurred.stem.pool(x), ref, rtol=0, atol=1e-6)
+    x = torch.randn(4, 3, 64, 64)
+    assert blurred(x).shape == plain(x).shape and not torch.allclose(blurred(x), plain(x))

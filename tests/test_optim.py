@@ -123,3 +123,52 @@ def test_a_parameter_without_gradient_on_the_first_step_trains_later(impl):
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------- LARS
+
+def reference_lars_step(params, grads, bufs, *, lr, momentum, wd, trust_coefficient, nesterov, lars):
+    """TensorFlow's LARSOptimizer (tf.contrib.opt, MLPerf's ResNet-50 reference) for one step, tensor by tensor in
+    float64: the reference."""
+    for w, g, v in zip(params, grads, bufs):
+        w_norm, g_norm = float(w.norm()), float(g.norm())
+        trust = trust_coefficient * w_norm / (g_norm + wd * w_norm) if lars and w_norm > 0 and g_norm > 0 else 1.0
+        scaled_lr = lr * trust
+        d = g + wd * w
+        v.mul_(momentum).add_(scaled_lr * d)
+        w.sub_(momentum * v + scaled_lr * d if nesterov else v)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["float-lr", "device-lr"])
+def test_lars_steps_as_tensorflows_lars_optimizer(nesterov, lr_tensor):
+    """optim.name = lars over a net with BatchNorm and biases: the excluded group (BN, biases) steps as momentum SGD
+    without weight decay; the rest with the trust ratio; a tensor whose gradient is zero keeps trust 1; the lr as a
+    device tensor (the step graph's) gives the same steps."""
+    from fastres.optim import LARS
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 5), torch.nn.Linear(5, 3, bias=False))
+    cfg = OptimCfg(name="lars", nesterov=nesterov, weight_decay=5e-4, momentum=0.9, lars_trust=0.02,
+                   batch_size=256)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, LARS) and [g["lars"] for g in opt.param_groups] == [True, False]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for n, p in model.named_parameters()
+                                                            if n.startswith("1.") or n.endswith("bias")}
+    ref = [[p.detach().double().clone() for p in g["params"]] for g in opt.param_groups]
+    ref_bufs = [[torch.zeros_like(p) for p in g] for g in ref]
+    for t in range(6):
+        lr = 0.1 * (t + 1) / 6
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(lr, dtype=torch.float64) if lr_tensor else lr
+        x = torch.randn(8, 3, 8, 8)
+        model(x).square().mean().backward()
+        model[4].weight.grad.zero_() if t == 2 else None  # a zero gradient: trust 1
+        for g, rp, rb in zip(opt.param_groups, ref, ref_bufs):
+            reference_lars_step(rp, [p.grad.double() for p in g["params"]], rb, lr=lr, momentum=0.9,
+                                wd=g["weight_decay"], trust_coefficient=0.02, nesterov=nesterov, lars=g["lars"])
+        opt.step()
+        opt.zero_grad()
+    for g, rp in zip(opt.param_groups, ref):
+        for p, r in zip(g["params"], rp):
+            torch.testing.assert_close(p.double(), r, rtol=1e-5, atol=1e-6)

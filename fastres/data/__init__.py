@@ -23,10 +23,12 @@ def fetch(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> None:
         folder.folder_index(folder.folder_root(cfg), cache_dir)
 
 
-def load(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> RunData:
-    """The splits ``cfg`` names (train, test, and val when data.val_size); :func:`fetch` first."""
+def load(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eval_side: int = 0,
+         eval_ratio: float = folder.EVAL_RESIZE) -> RunData:
+    """The splits ``cfg`` names (train, test, and val when data.val_size); :func:`fetch` first. A folder's evaluation
+    splits are decoded at ``eval_side`` (0: data.image_size) from a resize to side / ``eval_ratio``."""
     if cfg.source == "folder":
-        return folder.load_folder(cfg, cache_dir)
+        return folder.load_folder(cfg, cache_dir, eval_side=eval_side, eval_ratio=eval_ratio)
     if cfg.source == "synthetic":
         data = cifar.synthetic(cfg.split_seed, train_images=cfg.subset, test_images=cfg.test_subset)
     elif cfg.source == "cifar100":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastres.data.base import DataError, Files, Split
-from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
 from fastres.data.folder import decode_rgb, grey
 from fastres.errors import UserError, one_line
 
@@ -121,7 +121,7 @@ class DaliLoader:
         self._setup_dali()
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype, self.flip = device, channels_last, dtype, flip
-        self.num_threads, self.norm, self.image_shape = max(1, num_threads), norm, tuple(split.x.shape[1:])
+        self.num_threads, self.norm, self.image_shapes = max(1, num_threads), norm, [tuple(split.x.shape[1:])]
         self.gpu = device.type == "cuda"
         padded = np.pad(split.x, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD))).transpose(0, 2, 3, 1)  # N,40,40,3
         padded = np.ascontiguousarray(padded)
@@ -213,7 +213,8 @@ def _file_bytes(path: Path, mode: str, grey_size: tuple[int, int] | None) -> np.
 
 
 class _FolderEpochSource(_EpochSource):
-    """external_source callbacks of the folder DALI loader: file bytes, then boxes (relative), mirror and labels."""
+    """external_source callbacks of the folder DALI loader: file bytes, then boxes (pixels), mirror, labels and the
+    epoch's training side (progressive resizing: DALI's epoch counter picks it, prefetched batches included)."""
 
     def _epoch(self, epoch: int):
         if self.cached is None or self.cached[0] != epoch:
@@ -222,7 +223,8 @@ class _FolderEpochSource(_EpochSource):
             top, left, h, w, flip = (t.numpy() for t in crop_boxes(ld.files.sizes, ld.seed, epoch, ld.flip))
             anchor = np.stack([top, left], 1).astype(np.float32)  # pixels, (y, x): axis_names = "HW"
             shape = np.stack([h, w], 1).astype(np.float32)
-            self.cached = (epoch, order, anchor, shape, flip.astype(np.int32))
+            side = np.full(2, ld.resolution.at(epoch), np.float32)
+            self.cached = (epoch, order, anchor, shape, flip.astype(np.int32), side)
         return self.cached
 
     def images(self, info):
@@ -233,9 +235,9 @@ class _FolderEpochSource(_EpochSource):
         return list(ld.pool.map(lambda a: _file_bytes(*a), args))
 
     def params(self, info):
-        (_, order, anchor, shape, mirror), sl = self._slice(info)
+        (_, order, anchor, shape, mirror, side), sl = self._slice(info)
         idx = order[sl]
-        return anchor[idx], shape[idx], mirror[idx], self.loader.files.y[idx]
+        return anchor[idx], shape[idx], mirror[idx], self.loader.files.y[idx], np.tile(side, (len(idx), 1))
 
 
 def _dali_reason(e: Exception) -> str:
@@ -249,14 +251,15 @@ class FolderDaliLoader(DaliLoader):
     """The DALI loader over files (see the section's comment); set_epoch / __iter__ / resume as DaliLoader's."""
 
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple, image_size: int,
-                 skip_bad: bool):
+                 channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple,
+                 resolution: Resolution, skip_bad: bool):
         self._setup_dali()
         self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
-        self.num_threads, self.size, self.skip_bad, self.skipped = max(1, num_threads), image_size, skip_bad, set()
-        self.image_shape = (3, image_size, image_size)
+        self.num_threads, self.resolution = max(1, num_threads), resolution
+        self.skip_bad, self.skipped = skip_bad, set()
+        self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.gpu = device.type == "cuda"
         self.pool = ThreadPoolExecutor(self.num_threads)  # file reads: I/O, outside DALI's own threads
         self.epoch, self.start = 0, 0
@@ -270,15 +273,14 @@ class FolderDaliLoader(DaliLoader):
         @self._pipeline_def()
         def pipeline():
             data = fn.external_source(source=src.images, batch=True, batch_info=True, dtype=types.UINT8)
-            anchor, shape, mirror, labels = fn.external_source(source=src.params, num_outputs=4, batch=True,
-                                                               batch_info=True)
+            anchor, shape, mirror, labels, side = fn.external_source(source=src.params, num_outputs=5, batch=True,
+                                                                     batch_info=True)
             # decode the box alone (nvJPEG's ROI decode on a GPU), then resize all of it: a resize of a region of
             # the whole image would read pixels outside the box at its edges, where Pillow's crop-then-resize does not
             images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", normalized_anchor=False,
                                              normalized_shape=False, device="mixed" if gpu else "cpu",
                                              output_type=types.RGB)
-            images = fn.resize(images, size=[self.size, self.size], interp_type=types.INTERP_LINEAR, antialias=True,
-                               dtype=types.UINT8)
+            images = fn.resize(images, size=side, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
             return self._normalized(images, mirror), labels.gpu() if gpu else labels
 
         self._start(pipeline(), base_epoch)

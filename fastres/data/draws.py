@@ -11,11 +11,13 @@ Batches are full: the epoch has floor(floor(N / W) / per_rank_batch) = floor(N /
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from fastres import rng
-from fastres.config import FLIPS
+from fastres.config import FLIPS, DataCfg
 
 PAD = 4  # pixels of zero padding before the random 32x32 crop (He 2015, sec. 4.2)
 
@@ -62,6 +64,39 @@ def aug_params(n: int, seed: int, epoch: int, flip: str = "random") -> tuple[tor
 RRC_SCALE = (0.08, 1.0)  # fraction of the image's area (torchvision's RandomResizedCrop defaults; Szegedy 2015)
 RRC_RATIO = (3 / 4, 4 / 3)  # aspect ratio w / h, drawn log-uniformly
 RRC_TRIES = 10  # torchvision's attempts before its centre-crop fallback
+
+
+# The training side of a folder's images per epoch: data.image_size, or progressive resizing (FFCV's ImageNet
+# recipes: low resolution early, when the weights are far from trained, full resolution at the end).
+
+@dataclass(frozen=True)
+class Resolution:
+    """The side (pixels) of epoch e's training images: :meth:`at`. With ``max_res`` set: ``min_res`` through epoch
+    ``start_ramp``, ``max_res`` from ``end_ramp`` on, between them the straight line rounded to a multiple of 32
+    (FFCV's train_imagenet.py get_resolution); else ``size`` every epoch."""
+    size: int
+    min_res: int = 0
+    max_res: int = 0
+    start_ramp: int = 0
+    end_ramp: int = 0
+
+    @classmethod
+    def of(cls, cfg: DataCfg) -> Resolution:
+        return cls(cfg.image_size, cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp)
+
+    def at(self, epoch: int) -> int:
+        if not self.max_res:
+            return self.size
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        line = np.interp([epoch], [self.start_ramp, self.end_ramp], [self.min_res, self.max_res])[0]
+        return int(np.round(line / 32)) * 32
+
+    def sides(self) -> list[int]:
+        """Every side a run may train at, smallest first (what the step's warm-ups cover)."""
+        return sorted({self.at(e) for e in range(self.end_ramp + 2)})
 
 
 def crop_boxes(sizes: np.ndarray, seed: int, epoch: int, flip: str = "random") -> tuple[torch.Tensor, ...]:

@@ -195,7 +195,8 @@ def folder_root(cfg: DataCfg) -> Path:
     return resolved(Path(cfg.dir) / cfg.folder)
 
 
-def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> RunData:
+def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eval_side: int = 0,
+                eval_ratio: float = EVAL_RESIZE) -> RunData:
     """A folder's training files and its decoded evaluation splits (val/ as "test"; data.val_size held out of
     train/ as "val"); files with problems stop the run, or with data.skip_bad are left out and listed."""
     root = folder_root(cfg)
@@ -221,8 +222,9 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None) -> Run
     if cfg.test_subset:
         test = test.take(np.sort(np.random.default_rng(cfg.split_seed).permutation(len(test))[:cfg.test_subset]))
     skipped = list(bad)
-    val = decode_split(train.take(np.flatnonzero(held)), cfg, skipped) if cfg.val_size else None
-    return RunData(train=train.take(np.flatnonzero(~held)), test=decode_split(test, cfg, skipped), val=val,
+    view = (eval_side or cfg.image_size, eval_ratio)  # eval.image_size and eval.resize_ratio: FixRes
+    val = decode_split(train.take(np.flatnonzero(held)), cfg, skipped, *view) if cfg.val_size else None
+    return RunData(train=train.take(np.flatnonzero(~held)), test=decode_split(test, cfg, skipped, *view), val=val,
                    num_classes=len(index["classes"]), mean=MEAN_IMAGENET, std=STD_IMAGENET, skipped=skipped)
 
 
@@ -303,10 +305,11 @@ def crop_resize_tv(x: torch.Tensor, box: tuple[int, int, int, int], size: int, f
     return x.flip(-1) if flip else x
 
 
-def eval_transform(img: Image.Image, size: int) -> np.ndarray:
-    """torchvision's evaluation transform: shorter side to int(size / 0.875), centre crop; uint8 (3, size, size)."""
+def eval_transform(img: Image.Image, size: int, ratio: float = EVAL_RESIZE) -> np.ndarray:
+    """torchvision's evaluation transform: shorter side to int(size / ratio) (256 for 224 at 0.875), centre crop;
+    uint8 (3, size, size)."""
     w, h = img.size
-    short = int(size / EVAL_RESIZE)
+    short = int(size / ratio)
     nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     img = img.resize((nw, nh), Image.BILINEAR)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
@@ -315,8 +318,8 @@ def eval_transform(img: Image.Image, size: int) -> np.ndarray:
 
 
 class _EvalImages(Dataset):
-    def __init__(self, files: Files, size: int):
-        self.files, self.size = files, size
+    def __init__(self, files: Files, size: int, ratio: float):
+        self.files, self.size, self.ratio = files, size, ratio
 
     def __len__(self) -> int:
         return len(self.files)
@@ -325,13 +328,13 @@ class _EvalImages(Dataset):
         img = decode_rgb(self.files.root / self.files.paths[i], skip_bad=True)
         if img is None:  # the main process names it (or skips it): an error raised here would be a traceback
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
-        return torch.from_numpy(eval_transform(img, self.size)), True
+        return torch.from_numpy(eval_transform(img, self.size, self.ratio)), True
 
 
-def decode_split(files: Files, cfg: DataCfg, skipped: list[str]) -> Split:
-    """Evaluation images decoded once (data.num_workers processes): uint8 (N, 3, S, S). A file that does not decode
-    stops with its name, or with data.skip_bad is left out and appended to ``skipped``."""
-    loader = DataLoader(_EvalImages(files, cfg.image_size), batch_size=64,
+def decode_split(files: Files, cfg: DataCfg, skipped: list[str], side: int, ratio: float) -> Split:
+    """Evaluation images decoded once (data.num_workers processes): uint8 (N, 3, side, side), :func:`eval_transform`.
+    A file that does not decode stops with its name, or with data.skip_bad is left out and appended to ``skipped``."""
+    loader = DataLoader(_EvalImages(files, side, ratio), batch_size=64,
                                          num_workers=min(cfg.num_workers, os.cpu_count() or 1))
     parts = list(loader)
     x = torch.cat([p[0] for p in parts]).numpy()

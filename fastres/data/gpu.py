@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.data.base import Files, Split, normalize, to_batch
-from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
 from fastres.data.folder import crop_resize_tv, decode_rgb, decode_tv, import_torchvision
 
 CHUNK = 4096  # images augmented per kernel group at an epoch's start
@@ -47,7 +47,7 @@ class GpuLoader:
         self.n, self.b, self.seed, self.rank, self.world = len(split), batch_per_rank, seed, rank, world
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.epoch, self.start, self.flip, self.norm = 0, 0, flip, norm
-        self.image_shape = tuple(split.x.shape[1:])
+        self.image_shapes = [tuple(split.x.shape[1:])]
 
     def __len__(self) -> int:
         return steps_per_epoch(self.n, self.b, self.world)
@@ -85,14 +85,14 @@ PREFETCH = 2  # batches of file bytes read ahead by the host threads
 
 class FolderGpuLoader:
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple, image_size: int,
-                 skip_bad: bool):
+                 channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple,
+                 resolution: Resolution, skip_bad: bool):
         self.tv_io, _ = import_torchvision()  # here, in one line
         self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
-        self.size, self.skip_bad, self.skipped = image_size, skip_bad, set()
-        self.image_shape = (3, image_size, image_size)
+        self.resolution, self.skip_bad, self.skipped = resolution, skip_bad, set()
+        self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.pool = ThreadPoolExecutor(max(1, num_threads))  # file reads: I/O
         self.epoch, self.start = 0, 0
 
@@ -105,13 +105,14 @@ class FolderGpuLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist()
         boxes = list(zip(*(t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip))))
+        side = self.resolution.at(self.epoch)
         batches = [order[k * self.b:(k + 1) * self.b] for k in range(self.start, len(self))]
         reads = [self.pool.submit(self._read, idx) for idx in batches[:PREFETCH]]
         for k, idx in enumerate(batches):
             if k + PREFETCH < len(batches):
                 reads.append(self.pool.submit(self._read, batches[k + PREFETCH]))
             images = self._decode(idx, reads.pop(0).result())
-            x = torch.stack([crop_resize_tv(img, boxes[i][:4], self.size, boxes[i][4]) for img, i in zip(images, idx)])
+            x = torch.stack([crop_resize_tv(img, boxes[i][:4], side, boxes[i][4]) for img, i in zip(images, idx)])
             yield (to_batch(normalize(x, *self.norm), self.dtype, self.channels_last),
                    torch.from_numpy(self.files.y[idx]).to(self.device, non_blocking=True))
 

@@ -1,11 +1,12 @@
 """The training loaders: ``build_loader(cfg.data, split, ...)`` -> this rank's batches, one contract for all.
 
-Every loader keeps one contract (NVIDIA ConvNets' data backends do the same): per rank, ``len(loader)``
-full batches per epoch of ``(images, labels)`` where images are normalized float (NCHW shape ``image_shape``;
-channels_last memory format when asked; dtype as asked) and labels int64, both on ``device``. ``set_epoch(e, start)``
-picks the epoch's order and augmentation (fastres/data/draws.py), so loaders agree image for image; the next
-iteration then yields the epoch's batches from batch ``start`` on (a run resumed inside an epoch). The loader
-families, a file each: gpu (fastres/data/gpu.py), workers (fastres/data/workers.py), dali (fastres/data/dali.py).
+Every loader keeps one contract (NVIDIA ConvNets' data backends do the same): per rank, ``len(loader)`` full
+batches per epoch of ``(images, labels)`` where images are normalized float (NCHW, of a shape in ``image_shapes``:
+one, or one per side of progressive resizing; channels_last memory format when asked; dtype as asked) and labels
+int64, both on ``device``. ``set_epoch(e, start)`` picks the epoch's order, augmentation and side
+(fastres/data/draws.py), so loaders agree image for image; the next iteration then yields the epoch's batches from
+batch ``start`` on (a run resumed inside an epoch). The loader families, a file each: gpu (fastres/data/gpu.py),
+workers (fastres/data/workers.py), dali (fastres/data/dali.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from fastres.config import DataCfg
 from fastres.data.base import Files, Split, stats
 from fastres.data.cifar import MEAN, STD
 from fastres.data.dali import DaliLoader, FolderDaliLoader
+from fastres.data.draws import Resolution
 from fastres.data.gpu import FolderGpuLoader, GpuLoader
 from fastres.data.workers import FolderWorkersLoader, WorkersLoader
 from fastres.errors import UserError
 
 
 class Loader(Protocol):
-    image_shape: tuple[int, int, int]  # (C, H, W) of the images it yields: what the step's warm-ups train on
+    image_shapes: list[tuple[int, int, int]]  # every (C, H, W) its images may have: what the step's warm-ups cover
 
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, start: int = 0) -> None: ...
@@ -64,7 +66,7 @@ def build_loader(cfg: DataCfg, split: Split | Files, *, batch_per_rank: int, see
 
 
 def _folder_loader(cfg: DataCfg, files: Files, common: dict) -> Loader:
-    folder = dict(image_size=cfg.image_size, skip_bad=cfg.skip_bad, **common)
+    folder = dict(resolution=Resolution.of(cfg), skip_bad=cfg.skip_bad, **common)
     if cfg.loader == "dali":
         return FolderDaliLoader(files, num_threads=cfg.num_workers, **folder)
     if cfg.loader == "gpu":

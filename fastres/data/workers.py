@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastres.data.base import Files, Split, normalize, to_batch
-from fastres.data.draws import PAD, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
 from fastres.data.folder import crop_resize_pil, crop_resize_tv, decode_rgb, decode_tv, grey, import_torchvision
 
 
@@ -63,7 +63,7 @@ class WorkersLoader:
                  device: torch.device, channels_last: bool, dtype: torch.dtype, num_workers: int,
                  flip: str = "random", norm: tuple):
         self.sampler = _AugmentedSampler(len(split), seed, rank, world, flip)
-        self.n, self.b, self.world, self.image_shape = len(split), batch_per_rank, world, tuple(split.x.shape[1:])
+        self.n, self.b, self.world, self.image_shapes = len(split), batch_per_rank, world, [tuple(split.x.shape[1:])]
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.loader = DataLoader(_PaddedImages(split, norm), batch_size=batch_per_rank, sampler=self.sampler,
                                  num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -85,11 +85,12 @@ class WorkersLoader:
 
 
 class _BoxSampler(Sampler):
-    """Yields (index, top, left, height, width, flip) for this rank's share of the epoch."""
+    """Yields (index, top, left, height, width, flip, side) for this rank's share of the epoch: the side of the
+    epoch's images travels with each index, so persistent workers follow progressive resizing."""
 
-    def __init__(self, files: Files, seed: int, rank: int, world: int, flip: str):
+    def __init__(self, files: Files, seed: int, rank: int, world: int, flip: str, resolution: Resolution):
         self.files, self.seed, self.rank, self.world, self.flip = files, seed, rank, world, flip
-        self.epoch, self.skip = 0, 0
+        self.resolution, self.epoch, self.skip = resolution, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -99,43 +100,44 @@ class _BoxSampler(Sampler):
 
     def __iter__(self):
         boxes = [t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip)]
+        side = self.resolution.at(self.epoch)
         for i in epoch_indices(len(self.files), self.seed, self.epoch, self.rank, self.world)[self.skip:].tolist():
-            yield (i, *(b[i] for b in boxes))
+            yield (i, *(b[i] for b in boxes), side)
 
 
 class _FolderImages(Dataset):
-    def __init__(self, files: Files, size: int, decoder: str):
-        self.files, self.size, self.decoder = files, size, decoder
+    def __init__(self, files: Files, decoder: str):
+        self.files, self.decoder = files, decoder
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
-        i, top, left, h, w, flip = item
+        i, top, left, h, w, flip, side = item
         path, box = self.files.root / self.files.paths[i], (top, left, h, w)
         if self.decoder == "torchvision":
             x, ok = decode_tv(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path, self.files.sizes[i])
-            return crop_resize_tv(x, box, self.size, flip), int(self.files.y[i]), i if not ok else -1
+            return crop_resize_tv(x, box, side, flip), int(self.files.y[i]), i if not ok else -1
         img = decode_rgb(path, skip_bad=True)
         ok = img is not None
         if not ok:  # data.skip_bad's stand-in (without it the main process stops the run)
             img = grey(self.files.sizes[i])
-        x = crop_resize_pil(img, box, self.size, flip)
+        x = crop_resize_pil(img, box, side, flip)
         return x, int(self.files.y[i]), i if not ok else -1  # the main process names a bad file: no traceback
 
 
 class FolderWorkersLoader:
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype, num_workers: int, flip: str, norm: tuple, image_size: int,
-                 skip_bad: bool, decoder: str = "pil"):
+                 channels_last: bool, dtype: torch.dtype, num_workers: int, flip: str, norm: tuple,
+                 resolution: Resolution, skip_bad: bool, decoder: str = "pil"):
         if decoder == "torchvision":
             import_torchvision()  # here, in one line, rather than in a worker's traceback
-        self.sampler = _BoxSampler(files, seed, rank, world, flip)
+        self.sampler = _BoxSampler(files, seed, rank, world, flip, resolution)
         self.files, self.n, self.b, self.world = files, len(files), batch_per_rank, world
-        self.image_shape = (3, image_size, image_size)
+        self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm
         self.skip_bad, self.skipped = skip_bad, set()
-        self.loader = DataLoader(_FolderImages(files, image_size, decoder), batch_size=batch_per_rank,
+        self.loader = DataLoader(_FolderImages(files, decoder), batch_size=batch_per_rank,
                                  sampler=self.sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                                  drop_last=True, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))  # as WorkersLoader: draws nothing
