@@ -81,7 +81,7 @@ def load(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> d
 
 
 _NUMBER = (int, float)
-_ADDED = ("epoch_loss_sum", "epoch_correct", "epoch_bad_step")  # progress fields newer checkpoints carry
+_ADDED = ("epoch_loss_sum", "epoch_correct", "epoch_bad_step", "data_wait_s")  # fields newer checkpoints carry
 _LAST_ROW = ("epoch", "train_time_s", "test_acc", "val_acc")  # what a resumed run reads of the last eval row
 
 
@@ -101,6 +101,7 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_correct: int = 0
     epoch_bad_step: int = -1
+    data_wait_s: float = 0.0  # host seconds the loop waited for the loader, summed (this rank's; fastres.train)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,7 +141,9 @@ class RunLog:
         wall, step = self.t0 + row["train_time_s"], row["step"]
         with writing(self.tb_dir):
             for tag, key in (("train/loss", "train_loss"), ("train/lr", "lr"), ("test/acc", "test_acc"),
-                             ("val/acc", "val_acc"), ("perf/img_per_s", "img_per_s")):
+                             ("val/acc", "val_acc"), ("test/acc_top5", "test_acc_top5"),
+                             ("val/acc_top5", "val_acc_top5"), ("perf/img_per_s", "img_per_s"),
+                             ("perf/data_wait_frac", "data_wait_frac")):
                 if tag == "train/lr" and self.every_steps and step % self.every_steps == 0:
                     continue  # batch() wrote this step's lr
                 if row.get(key) is not None:
@@ -151,10 +153,12 @@ class RunLog:
             self.tb.flush()
         done = row["step"] / max(1, self.total_steps)
         eta = row["train_time_s"] * (1 - done) / done if done else 0.0
-        accs = "".join(f"  {name} {row[name + '_acc']:.2%}" for name in ("test", "val")
-                       if row.get(name + "_acc") is not None)
+        accs = "".join(f"  {name} {row[name + '_acc']:.2%}"
+                       + (f" (top-5 {row[name + '_acc_top5']:.2%})" if row.get(name + "_acc_top5") is not None else "")
+                       for name in ("test", "val") if row.get(name + "_acc") is not None)
+        wait = f" ({row['data_wait_frac']:.0%} waiting for data)" if row.get("data_wait_frac") is not None else ""
         self.info(f"epoch {row['epoch']:>3}  step {row['step']}/{self.total_steps}  loss {row['train_loss']:.4f}"
-                  f"{accs}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s"
+                  f"{accs}  lr {row['lr']:.4g}  {row['img_per_s']:,.0f} img/s{wait}"
                   f"  train {fmt_time(row['train_time_s'])}  eta {fmt_time(eta)}")
 
     def curves(self, name: str, *, last: bool) -> None:
@@ -210,8 +214,9 @@ class _WriterThreadHook:
 
 
 def curves_figure(rows: list[dict[str, Any]], name: str):
-    """He et al. 2015's figure (Fig. 6): training, validation and test error (%) against epoch, titled with
-    the run's name (a matplotlib Figure, not drawn through pyplot: no global state)."""
+    """He et al. 2015's figure (Fig. 6): training, validation and test error (%) against epoch (and the top-5 error
+    where the run logs it), titled with the run's name (a matplotlib Figure, not drawn through pyplot: no global
+    state)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -219,7 +224,8 @@ def curves_figure(rows: list[dict[str, Any]], name: str):
     ax = fig.add_subplot()
     epochs = [r["epoch"] for r in rows]
     for key, label, style in (("train_acc", "train (augmented batches)", "--"), ("val_acc", "validation", "-."),
-                              ("test_acc", "test", "-")):
+                              ("test_acc", "test", "-"), ("val_acc_top5", "validation, top-5", ":"),
+                              ("test_acc_top5", "test, top-5", ":")):
         pts = [(e, 100 * (1 - r[key])) for e, r in zip(epochs, rows) if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), style, marker=".", ms=3, label=label)

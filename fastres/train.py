@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def train_loop(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
                      f"{progress.epoch}: stopping (run.stop_at_target)")
             break
         epoch_end = (epoch + 1) * steps_per_epoch
-        batches = _start_epoch(cfg, p, dist, progress, state, epoch, global_step)
+        batches = _waited(_start_epoch(cfg, p, dist, progress, state, epoch, global_step), progress)
         timer.start()
         with forbid_host_sync(dev, cfg.run.sync_debug):  # nothing in the loop waits for the device
             for x, y in batches:
@@ -176,6 +177,18 @@ def _end_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
         raise _interrupted(pauses.signum, epoch, global_step)
 
 
+def _waited(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], progress: Progress):
+    """The batches, each one's wait added to progress.data_wait_s: the host's time blocked on the loader (this
+    rank's), inside the timed epoch. A loader that keeps up costs next to none; one that does not, the difference."""
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        progress.data_wait_s += time.perf_counter() - t
+        if batch is None:
+            return
+        yield batch
+
+
 def _slowest(seconds: float, dev: torch.device) -> float:
     """The slowest rank's time for the same steps (the group waits for it); on dev: nccl needs CUDA tensors."""
     return distributed.all_reduce(torch.tensor(seconds, dtype=torch.float64, device=dev), op="max").item()
@@ -201,9 +214,11 @@ def _evaluation(p: Parts, dist: distributed.Dist, progress: Progress, global_ste
     progress.eval_time_s += eval_s
     last = progress.last or dict(epoch=0, train_time_s=0.0)
     since = max(1e-9, progress.train_time_s - last["train_time_s"])
+    waited = progress.data_wait_s - (last.get("data_wait_s") or 0.0)  # since the last evaluation, as img_per_s
     return dict(epoch=done, step=global_step, train_loss=train_loss, train_acc=train_acc, test_acc=acc.get("test"),
                 val_acc=acc.get("val"), lr=p.schedule(global_step - 1), train_time_s=progress.train_time_s,
-                img_per_s=(done - last["epoch"]) * seen / since, eval_s=eval_s, **extra)
+                img_per_s=(done - last["epoch"]) * seen / since, data_wait_s=progress.data_wait_s,
+                data_wait_frac=min(1.0, waited / since), eval_s=eval_s, **extra)
 
 
 def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, global_step: int, *,

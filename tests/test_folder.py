@@ -768,3 +768,40 @@ def test_a_ramp_run_takes_a_step_graph_for_every_side(folder, tmp_path):
     graphed = train.main(sized_run(folder, tmp_path / "graph", *extra, "--precision.step_graph=true"))
     a, b = (checkpoint.load(tmp_path / r / checkpoint.NAME)["model"] for r in ("plain", "graph"))
     assert all(torch.equal(a[k], b[k]) for k in a) and plain["final_test_acc"] == graphed["final_test_acc"]
+
+
+# ------------------------------------------------------------------------------------------- what the user sees
+
+def test_top5_and_the_wait_for_data_reach_the_console_metrics_tensorboard_and_curves(folder, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """A folder run logs top-5 beside top-1 on the console's evaluation line, in metrics.jsonl, in TensorBoard
+    (read back by TensorBoard itself) and in curves.png; data_wait_frac says how much of the training time the loop
+    waited for the loader: most of it when the loader is made slow, on every rank's loop."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastres.data.workers import FolderWorkersLoader
+    from fastres.log import plot_curves, read_metrics
+    train.main(sized_run(folder, tmp_path / "run", "--data.val_size=4"))
+    rows = read_metrics(tmp_path / "run")
+    assert all(0.0 <= r["test_acc"] <= r["test_acc_top5"] <= 1.0 and r["val_acc_top5"] is not None for r in rows)
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 and r["data_wait_s"] >= 0.0 for r in rows)
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch")][-1]
+    assert "(top-5 " in line and "waiting for data" in line, line
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"))
+    ea.Reload()
+    assert {"test/acc_top5", "val/acc_top5", "perf/data_wait_frac"} <= set(ea.Tags()["scalars"])
+    assert [e.value for e in ea.Scalars("test/acc_top5")] == pytest.approx([r["test_acc_top5"] for r in rows])
+    from fastres.log import curves_figure
+    labels = [ln.get_label() for ln in curves_figure(rows, "run").axes[0].lines]
+    assert "test, top-5" in labels and "validation, top-5" in labels
+    plot_curves(rows, tmp_path / "curves.png", "run")
+
+    real_iter = FolderWorkersLoader.__iter__
+
+    def slow(self):
+        for batch in real_iter(self):
+            time.sleep(0.3)  # a loader that does not keep up
+            yield batch
+    monkeypatch.setattr(FolderWorkersLoader, "__iter__", slow)
+    train.main(sized_run(folder, tmp_path / "slow", "--run.epochs=1"))
+    assert read_metrics(tmp_path / "slow")[-1]["data_wait_frac"] > 0.5
