@@ -3,6 +3,7 @@ both folder loaders (workers with Pillow, DALI on the CPU) image for image, shar
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import time
 
@@ -21,6 +22,8 @@ from fastres.data.draws import crop_boxes, epoch_indices, steps_per_epoch
 from fastres.data.folder import folder_index, load_folder
 from fastres.data.loaders import build_loader
 from fastres.model import ResNetImageNet, build_model, count_params
+
+from conftest import ROOT
 
 CPU = torch.device("cpu")
 CLASSES = ("apple", "bee", "cat", "dog")
@@ -805,3 +808,42 @@ def test_top5_and_the_wait_for_data_reach_the_console_metrics_tensorboard_and_cu
     monkeypatch.setattr(FolderWorkersLoader, "__iter__", slow)
     train.main(sized_run(folder, tmp_path / "slow", "--run.epochs=1"))
     assert read_metrics(tmp_path / "slow")[-1]["data_wait_frac"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------- the ImageNet recipes
+
+RECIPES = sorted(p.name for p in (ROOT / "configs").glob("imagenet-*.toml"))
+CPU_SIZED = ["--model.width=8", "--model.num_classes=0", "--optim.batch_size=8", "--run.device=cpu",
+             "--run.epochs=1", "--data.num_workers=1", "--precision.compile=false", "--precision.amp=off",
+             "--log.every_steps=0"]  # what a CPU test changes: everything else is the recipe's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_imagenet_recipe_loads_and_its_first_steps_run_on_a_cpu(folder, tmp_path, recipe):
+    """Each configs/imagenet-*.toml on the generated folder: its model (at width 8), loader (workers where DALI is
+    not installed), resolution ramp, evaluation side, optimizer and levers, for an epoch of 3 steps."""
+    loader_kind = "dali" if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali") else \
+        "workers"
+    cfg = config.load(ROOT / "configs" / recipe, [f"--data.dir={folder}", "--data.folder=", *CPU_SIZED,
+                                                  f"--data.loader={loader_kind}", f"--run.out_dir={tmp_path / 'run'}"])
+    s = train.main(cfg)
+    assert s["finished"] and s["steps"] == 3 and s["train_images"] == 24
+    assert s["final_test_acc_top5"] is not None and s["config"]["run"]["name"] == cfg.run.name
+
+
+LEVERS = {"label smoothing": ["--optim.label_smoothing=0.1"], "no wd on BN and biases": ["--optim.wd_bn_bias=false"],
+          "EMA": ["--optim.ema_decay=0.9"], "channels_last": ["--precision.channels_last=true"],
+          "bf16": ["--precision.amp=bf16"], "compile": ["--precision.compile=true"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_each_lever_trains_resnet50_on_a_folder_at_224(folder, tmp_path, lever):
+    """The levers that came before folders, each on ResNet-50 (width 8) over image files at 224 on a CPU."""
+    s = train.main(config.load(None, [f"--data.dir={folder}", "--data.source=folder", "--data.image_size=224",
+                                      "--data.loader=workers", "--model.family=imagenet", "--model.depth=50",
+                                      f"--run.out_dir={tmp_path / 'run'}", *CPU_SIZED, *LEVERS[lever]]))
+    assert s["finished"] and s["steps"] == 3 and 0.0 <= s["final_test_acc"] <= 1.0
+    if lever == "EMA":
+        assert s["final_test_acc_no_ema"] is not None
