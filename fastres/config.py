@@ -113,9 +113,11 @@ class DataCfg:
                        "test split); synthetic: random uint8 images and labels of CIFAR-10's shape and split sizes, "
                        "made in memory (for throughput and profiling, where pixel values do not matter; its "
                        "accuracies mean nothing)", choices=("cifar10", "synthetic", "cifar100", "folder"))
-    image_size: int = _opt(224, "folder: training crop side (random-resized-crop) and evaluation side (resize to "
-                           "size / 0.875, centre crop; eval.image_size sets it apart), pixels; CIFAR sources are 32",
-                           ge=8, le=4096)
+    image_size: int = _opt(0, "the images' side, pixels; 0 = the source's: 224 for a folder (its random-resized "
+                           "crop, and its evaluation side: a resize to side / 0.875, centre crop; eval.image_size "
+                           "sets that apart), 32 for CIFAR; synthetic: the side of its random images (ResNet-50 "
+                           "throughput at 224 without a data set)", ge=0, le=4096,
+                           check=lambda n: "must be 0 (the source's) or at least 8" if 0 < n < 8 else None)
     min_res: int = _opt(0, "folder, progressive resizing (FFCV's ImageNet recipes): the training side until "
                         "data.start_ramp; 0 = off (data.image_size every epoch)", ge=0, le=4096)
     max_res: int = _opt(0, "progressive resizing: the training side from data.end_ramp on", ge=0, le=4096)
@@ -149,6 +151,11 @@ class DataCfg:
                             ge=0, le=MAX_IMAGES)
     num_workers: int = _opt(4, "CPU workers per rank: DataLoader processes (workers), DALI threads (dali)",
                             ge=0, le=1024)
+
+    @property
+    def side(self) -> int:
+        """The images' side: data.image_size, or the source's (224 for a folder, 32 for CIFAR and synthetic)."""
+        return self.image_size or (224 if self.source == "folder" else 32)
 
 
 @dataclass
@@ -307,7 +314,7 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its
 RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "run.out_dir",
                      "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps", "model.weights")
 # Keys whose 0 means "the data's": a run that set the value the data gives is the same run (checked when built).
-FROM_DATA = ("model.num_classes",)
+FROM_DATA = ("model.num_classes", "data.image_size")
 
 
 def _hints(section_cls: type) -> dict[str, Any]:
@@ -524,9 +531,9 @@ def _check_data_model(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     if msg := _check_depth(m.depth, m.family):
         raise ConfigError(f"model.depth = {m.depth} {msg}")
-    if d.source != "folder" and d.image_size != DataCfg().image_size:
-        raise ConfigError(f"data.image_size = {d.image_size} applies to data.source = folder only (CIFAR images are "
-                          "32x32): remove it or set data.source = folder")
+    if d.source in ("cifar10", "cifar100") and d.image_size not in (0, 32):
+        raise ConfigError(f"data.image_size = {d.image_size} applies to data.source = folder or synthetic (CIFAR "
+                          "images are 32x32): remove it")
     if m.family == "cifar" and m.width != ModelCfg().width:
         raise ConfigError(f"model.width = {m.width} applies to model.family = imagenet only: remove it")
     _check_resolution(cfg)

@@ -25,7 +25,7 @@ EVAL_BATCH = {"cuda": 1024, "cpu": 256}  # 256: the fastest forward batch measur
 def accuracies(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, rank: int = 0,
                world: int = 1, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                tta: str = "off", norm: tuple = (MEAN, STD), top5: bool = False) -> dict[str, float]:
-    """Top-1 accuracy of ``model`` (in eval mode) on uint8 ``images`` (N, 3, 32, 32) on the model's device.
+    """Top-1 accuracy of ``model`` (in eval mode) on uint8 ``images`` (N, 3, H, W) on the model's device.
 
     Rank r scores images r, r + world, ...; the counts are summed over ranks, so every image counts once.
     ``tta = "flip"``: each image's logits are averaged with those of its mirror image (test-time

@@ -19,6 +19,11 @@
 #   throughput 180 s  fast.toml on synthetic data, with and without precision.step_graph, batch 512 and 1024,
 #                     each beside the same-process baseline and the floor measured there (results/bench.json)
 #   profile    120 s  where a step's time goes, three of those variants (results/profile/*.txt)
+#   imagenet   180 s  ResNet-50 at 224 on synthetic data, batch 256, bf16 + channels_last + compile, with and without
+#                     precision.step_graph, beside the same-process eager fp32 baseline and the public rates
+#                     (results/bench-imagenet.json)
+#   jpeg       180 s  2,000 generated ImageNet-like JPEGs through every folder loader: Pillow workers, torchvision's
+#                     decoder in workers, its nvJPEG (the gpu loader), DALI's mixed decoder (results/jpeg.json)
 #   quick      330 s  [data] configs/stack-quick.toml: the ladder on 10 epochs, each run stopped at 80% test
 #   recipes    400 s  [data] configs/tune-recipe.toml: 8 recipe rows on the validation split
 #   ladder     540 s  [data] configs/stack.toml, resuming          depths  540 s  [data] configs/depths.toml
@@ -31,7 +36,7 @@ cd "$root"
 
 die() { echo "launch/device.sh: $*" >&2; exit 2; }
 
-ITEMS="check throughput profile quick recipes ladder depths"
+ITEMS="check throughput profile imagenet jpeg quick recipes ladder depths"
 DRY=${FASTRES_DEVICE_DRYRUN:-}
 R=results  # where results and the done marks go; a dry run keeps its own apart from the real ones
 [ -z "$DRY" ] || R=runs/device-dryrun/results
@@ -81,6 +86,8 @@ item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs 
     check) budget=120 needs= ;;
     throughput) budget=180 needs= ;;
     profile) budget=120 needs= ;;
+    imagenet) budget=180 needs= ;;
+    jpeg) budget=180 needs= ;;
     quick) budget=330 needs=data ;;
     recipes) budget=400 needs=data ;;
     ladder) budget=540 needs=data ;;
@@ -145,6 +152,29 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
         fi
       done
       return "$rc" ;;
+    imagenet)
+      local imagenet_dry=()
+      [ -z "$DRY" ] || imagenet_dry=(--steps=2 --warmup=1 --run.device=cpu --model.width=8 --data.image_size=64
+                                     --data.subset=64 --data.test_subset=16 --optim.batch_size=16
+                                     --precision.compile=false --precision.amp=off
+                                     --baseline-override=--optim.batch_size=16 --baseline-override=--model.width=8
+                                     --baseline-override=--run.device=cpu)
+      for v in "rn50-b256-compile|" "rn50-b256-step-graph|--precision.step_graph=true"; do
+        label=${v%%|*} flags=${v#*|}
+        # shellcheck disable=SC2086  # flags are several words
+        python3 -m fastres.tools.bench train --config configs/bench-imagenet.toml \
+          --baseline configs/bench-imagenet-baseline.toml --label="imagenet $label" --out="$R/bench-imagenet.json" \
+          --steps=50 --warmup=10 "${imagenet_dry[@]}" $flags || rc=$?
+      done
+      return "$rc" ;;
+    jpeg)
+      if [ -z "$DRY" ]; then
+        python3 -m fastres.tools.jpeg --images=2000 --size=224 --batch=128 --depth=50 --steps=20 --epochs=1 \
+          --out="$R/jpeg.json"
+      else
+        python3 -m fastres.tools.jpeg --images=40 --size=32 --batch=8 --depth=18 --width=8 --steps=2 --epochs=1 \
+          --workers=1 --out="$R/jpeg.json"
+      fi ;;
     quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline ;;
     recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 \
                --data.subset=1280 ;;  # its rows train batches of 1024: one full batch after the 128 held out

@@ -156,7 +156,7 @@ def next_call(script: Path, out: Path, **env: str) -> subprocess.CompletedProces
                                                          "PYTHONPATH": str(script.parent.parent), **env})
 
 
-ITEMS = ("check", "throughput", "profile", "quick", "recipes", "ladder", "depths")
+ITEMS = ("check", "throughput", "profile", "imagenet", "jpeg", "quick", "recipes", "ladder", "depths")
 
 
 @pytest.mark.slow
@@ -180,6 +180,11 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     assert sorted(p.name for p in (res / "profile").iterdir()) == [
         "fast-b512-reduce-overhead.txt", "fast-b512-step-graph.txt"]
     assert "A step alone" in (res / "profile" / "fast-b512-step-graph.txt").read_text()
+    imagenet = json.loads((res / "bench-imagenet.json").read_text())  # ResNet-50 with and without the step graph
+    assert [row["config_name"] for row in imagenet] == ["imagenet rn50-b256-compile", "imagenet rn50-b256-step-graph"]
+    assert all(row["depth"] == 50 and row["baseline_config"]["precision"]["amp"] == "off" for row in imagenet)
+    jpeg = [json.loads(line) for line in (res / "jpeg.json").read_text().splitlines()]
+    assert {row["loader"] for row in jpeg} >= {"workers", "gpu"}
     for stack_out in ("stack-quick", "tune-recipe", "stack"):
         assert (res / stack_out / "stack.md").is_file(), stack_out
     assert (res / "depths" / "resnet-depths.md").is_file()
@@ -210,6 +215,18 @@ def test_every_variant_the_queue_measures_is_a_valid_config():
         cfg = config.load(ROOT / "configs" / "fast.toml", ["--data.source=synthetic", *shlex.split(flags)])
         assert cfg.optim.batch_size == (1024 if label.startswith("b1024") else 512), label
         assert cfg.precision.step_graph == label.endswith("step-graph"), label
+
+
+def test_the_imagenet_items_configs_hold_on_a_gpu():
+    """What the imagenet item runs on a GPU: ResNet-50 at 224, batch 256, bf16 + channels_last + compile, with and
+    without the step graph, and its fp32 eager baseline, each a valid config (the dry run shrinks them)."""
+    from fastres import config
+    fast = config.load(ROOT / "configs" / "bench-imagenet.toml")
+    graph = config.load(ROOT / "configs" / "bench-imagenet.toml", ["--precision.step_graph=true"])
+    base = config.load(ROOT / "configs" / "bench-imagenet-baseline.toml")
+    assert (fast.model.depth, fast.data.side, fast.optim.batch_size, fast.precision.amp) == (50, 224, 256, "bf16")
+    assert graph.precision.step_graph and fast.precision.channels_last and fast.precision.compile
+    assert (base.precision.amp, base.precision.compile, base.data.side) == ("off", False, 224)
 
 
 @pytest.mark.slow

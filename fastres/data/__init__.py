@@ -30,7 +30,7 @@ def load(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eval_side:
     if cfg.source == "folder":
         return folder.load_folder(cfg, cache_dir, eval_side=eval_side, eval_ratio=eval_ratio)
     if cfg.source == "synthetic":
-        data = cifar.synthetic(cfg.split_seed, train_images=cfg.subset, test_images=cfg.test_subset)
+        data = cifar.synthetic(cfg.split_seed, train_images=cfg.subset, test_images=cfg.test_subset, side=cfg.side)
     elif cfg.source == "cifar100":
         data = cifar.read_cifar100(cfg.dir)
     else:

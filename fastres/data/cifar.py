@@ -252,12 +252,13 @@ def split(data: RunData, *, val_size: int = 0, split_seed: int = 0, subset: int 
 # ----------------------------------------------------------------------------------------------------
 # What a run reads: data.source = cifar10 (data.dir) or synthetic (made in memory).
 
-def synthetic(seed: int = 0, *, train_images: int = 0, test_images: int = 0) -> RunData:
-    """Random uint8 images and labels with CIFAR-10's shapes, made in memory: the first ``train_images`` (0: all
-    50k) and ``test_images`` (0: all 10k) of one fixed set, so a subset is the full set's first images."""
+def synthetic(seed: int = 0, *, train_images: int = 0, test_images: int = 0, side: int = 32) -> RunData:
+    """Random uint8 images and labels with CIFAR-10's split sizes and classes, made in memory, ``side`` pixels square
+    (CIFAR's 32, or an ImageNet size for throughput): the first ``train_images`` (0: all 50k) and ``test_images``
+    (0: all 10k) of one fixed set, so a subset is the full set's first images."""
     def part(n: int, stream: int) -> Split:  # images and labels each from a stream of its own: a prefix is a prefix
         images, labels = (np.random.default_rng([seed, stream, k]) for k in (0, 1))
-        return Split(images.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+        return Split(images.integers(0, 256, (n, 3, side, side), dtype=np.uint8),
                      labels.integers(0, NUM_CLASSES, n, dtype=np.int64))
     n_train, n_test = len(TRAIN_FILES) * PER_FILE, PER_FILE  # a larger request gets these, and split() refuses it
     return RunData(num_classes=NUM_CLASSES, mean=MEAN, std=STD, train=part(min(train_images, n_train) or n_train, 0),

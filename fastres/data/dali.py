@@ -87,7 +87,7 @@ class _EpochSource:
             ld = self.loader
             order = epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world).numpy()
             dy, dx, flip = (t.numpy() for t in aug_params(ld.n, ld.seed, epoch, ld.flip))
-            # crop_mirror_normalize puts the window at pos * (40 - 32): pos = offset / 8 is exact in fp32
+            # crop_mirror_normalize puts the window at pos * (side + 8 - side): pos = offset / 8 is exact in fp32
             pos_x = (dx / (2 * PAD)).astype(np.float32)
             pos_y = (dy / (2 * PAD)).astype(np.float32)
             order_dev = torch.from_numpy(order).to(ld.device) if ld.images_dev is not None else None
@@ -151,7 +151,7 @@ class DaliLoader:
                                                               batch_info=True)
             if gpu and not on_device:
                 images = images.gpu()
-            out = self._normalized(images, mirror, crop=(32, 32), crop_pos_x=pos_x, crop_pos_y=pos_y)
+            out = self._normalized(images, mirror, crop=self.image_shapes[0][1:], crop_pos_x=pos_x, crop_pos_y=pos_y)
             return out, labels.gpu() if gpu else labels
 
         self._start(pipeline(), base_epoch)

@@ -82,7 +82,7 @@ class Resolution:
 
     @classmethod
     def of(cls, cfg: DataCfg) -> Resolution:
-        return cls(cfg.image_size, cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp)
+        return cls(cfg.side, cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp)
 
     def at(self, epoch: int) -> int:
         if not self.max_res:

@@ -222,7 +222,7 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eva
     if cfg.test_subset:
         test = test.take(np.sort(np.random.default_rng(cfg.split_seed).permutation(len(test))[:cfg.test_subset]))
     skipped = list(bad)
-    view = (eval_side or cfg.image_size, eval_ratio)  # eval.image_size and eval.resize_ratio: FixRes
+    view = (eval_side or cfg.side, eval_ratio)  # eval.image_size and eval.resize_ratio: FixRes
     val = decode_split(train.take(np.flatnonzero(held)), cfg, skipped, *view) if cfg.val_size else None
     return RunData(train=train.take(np.flatnonzero(~held)), test=decode_split(test, cfg, skipped, *view), val=val,
                    num_classes=len(index["classes"]), mean=MEAN_IMAGENET, std=STD_IMAGENET, skipped=skipped)

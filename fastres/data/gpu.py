@@ -25,7 +25,7 @@ CHUNK = 4096  # images augmented per kernel group at an epoch's start
 
 def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
               flip: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, 32+2P, 32+2P) -> (B, C, 32, 32): image idx[i] cropped at (dy[i], dx[i]), flipped if flip[i]."""
+    """uint8 (N, C, H+2P, W+2P) -> (B, C, H, W): image idx[i] cropped at (dy[i], dx[i]), flipped if flip[i]."""
     n, c, hp, wp = padded.shape
     h, w = hp - 2 * PAD, wp - 2 * PAD
     ar_h = torch.arange(h, device=padded.device)
@@ -63,13 +63,14 @@ class GpuLoader:
         params = aug_params(self.n, self.seed, self.epoch, self.flip)
         dy, dx, flip = (t.to(self.device, non_blocking=True) for t in params)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = torch.empty(steps * b, 3, 32, 32, dtype=self.dtype, device=self.device, memory_format=fmt)
+        shape = self.image_shapes[0]  # (3, 32, 32) for CIFAR
+        images = torch.empty(steps * b, *shape, dtype=self.dtype, device=self.device, memory_format=fmt)
         for i in range(0, steps * b, CHUNK):  # in chunks: the gather's int64 indices are 24 kB an image
             idx = order[i:i + CHUNK]
             images[i:i + CHUNK] = to_batch(normalize(crop_flip(self.padded, idx, dy[idx], dx[idx], flip[idx]),
                                                      *self.norm), self.dtype, self.channels_last)
         labels = self.labels[order]
-        yield from zip(images.view(steps, b, 3, 32, 32).unbind(0), labels.view(steps, b).unbind(0))
+        yield from zip(images.view(steps, b, *shape).unbind(0), labels.view(steps, b).unbind(0))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class _PaddedImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int, int, int]) -> tuple[torch.Tensor, int]:
         i, dy, dx, flip = item
-        img = self.padded[i, :, dy:dy + 32, dx:dx + 32]
+        side = self.padded.shape[-1] - 2 * PAD  # 32 for CIFAR; synthetic images may be larger
+        img = self.padded[i, :, dy:dy + side, dx:dx + side]
         if flip:
             img = img[:, :, ::-1]
         return normalize(torch.from_numpy(np.ascontiguousarray(img)), *self.norm), int(self.labels[i])

@@ -183,14 +183,21 @@ def floor_img_per_s(cost: dict[str, float], hw: dict[str, float]) -> float:
     return min(hw["matmul_flops"] / cost["flops_per_img"], hw["copy_bytes_per_s"] / cost["bytes_per_img"])
 
 
+# Public ResNet-50 training rates (img/s per GPU) an ImageNet-sized bench row is printed beside: NVIDIA's
+# DeepLearningExamples PyTorch ResNet-50 v1.5 in AMP on an A100; MLPerf Training v4.0's ResNet-50 on 8 H200 (DALI,
+# LARS, MXNet), per GPU; and the rate fastres aims at on one H200.
+ANCHORS = {"NVIDIA PyTorch ResNet-50, A100 AMP": 2470, "MLPerf v4.0 ResNet-50, H200": 7940,
+           "fastres's goal, one H200": 6000}
+
+
 def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_target: bool,
-                overrides: list[str]) -> dict[str, Any]:
+                overrides: list[str], baseline: Path = BASELINE, baseline_overrides: list[str] = ()) -> dict[str, Any]:
     device = distributed.measurement_device(cfg.run)
     git_sha, code_hash = log.git_sha(), log.code_hash()
     fast = measure_training(cfg, device, steps=steps, warmup=warmup)
     # the baseline trains on the same data (dir, subset, split), with its own loader
     same_data = [o for o in overrides if o.startswith("--data.") and o.split("=")[0] not in RECIPE_DATA_KEYS]
-    base_cfg = config.with_values(config.load(BASELINE), overrides=same_data)
+    base_cfg = config.with_values(config.load(baseline), overrides=[*same_data, *baseline_overrides])
     base = measure_training(base_cfg, device, steps=steps, warmup=warmup)
     hw = hardware_rates(device, precision(cfg.precision).dtype if device.type == "cuda" else torch.float32)
     cost = model_cost(cfg)
@@ -202,7 +209,10 @@ def bench_train(cfg: Config, cfg_name: str, *, steps: int, warmup: int, time_to_
                speedup_vs_baseline=fast["img_per_s"] / base["img_per_s"], floor_img_per_s=floor,
                fraction_of_floor=fast["img_per_s"] / floor, **cost, **hw, steps=steps, warmup_steps=warmup,
                time_to_target_s=None, git_sha=git_sha, code_hash=code_hash, torch_version=torch.__version__,
-               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), config=config.to_dict(cfg))
+               timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), config=config.to_dict(cfg),
+               baseline_config=config.to_dict(base_cfg), image_side=cfg.data.side)
+    if cfg.model.family == "imagenet" and cfg.model.depth == 50 and cfg.data.side >= 160:
+        row["anchors"] = {name: dict(img_per_s=rate, ratio=fast["img_per_s"] / rate) for name, rate in ANCHORS.items()}
     if time_to_target:
         with tempfile.TemporaryDirectory() as tmp:
             s = train.main(config.with_values(cfg, {"run.out_dir": tmp, "run.resume": "never"}))
@@ -332,6 +342,10 @@ def command_line() -> tuple[Parser, dict[str, Parser]]:
                        help="the name of the row or report (default: the config file's stem)")
     train.add_argument("--time-to-target", action="store_true",
                        help="also train the config to run.target_acc and record the time")
+    train.add_argument("--baseline", type=Path, default=BASELINE, metavar="FILE",
+                       help="the config measured in the same process as the baseline (on the same data)")
+    train.add_argument("--baseline-override", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                       help="an override for the baseline alone (repeatable; the --data.* overrides reach it anyway)")
     loaders.add_argument("--loaders", type=names(LOADERS), default=",".join(LOADERS), metavar="NAME,NAME",
                          help="the loaders to measure")
     loaders.add_argument("--repeats", type=whole_number(1), default=3, metavar="N",
@@ -410,9 +424,11 @@ def _main(argv: list[str]) -> None:
         print(loader_table(rows), end="")
     elif what == "train":
         row = bench_train(cfg, label, steps=args.steps, warmup=args.warmup, time_to_target=args.time_to_target,
-                          overrides=overrides)
+                          overrides=overrides, baseline=args.baseline, baseline_overrides=args.baseline_override)
         append_rows(args.out, [row], "train")
         print(train_table([row]), end="")
+        for name, anchor in row.get("anchors", {}).items():
+            print(f"beside {name}: {anchor['img_per_s']:,} img/s: {anchor['ratio']:.2f}x")
     elif what == "dispatch":
         counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=args.steps,
                                 warmup=args.warmup)

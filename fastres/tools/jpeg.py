@@ -1,8 +1,9 @@
-"""JPEG decode + augmentation throughput, DALI against Pillow workers: ``python -m fastres.tools.jpeg [...]``.
+"""JPEG decode + augmentation throughput of every folder loader: ``python -m fastres.tools.jpeg [...]``.
 
 Writes ``--images`` JPEGs of ImageNet's size distribution (sides log-normal around 400 x 350, aspect 3:4 to
 4:3, quality 90, in 10 class folders) to a temporary folder, then for each folder loader - workers (Pillow, one
-process per core) and dali (nvJPEG "mixed" on a GPU, "cpu" without one) - measures:
+process per core), workers with torchvision's decoder, gpu (torchvision's batched nvJPEG on a GPU; its CPU decoder
+without one) and dali (nvJPEG "mixed" on a GPU, "cpu" without one) - measures:
 - the loader alone: images/s over ``--epochs`` epochs after a warm-up epoch (random-resized-crop to
   ``--size``, flip, normalize, batch on the device), median over epochs;
 - ResNet-``--depth`` training with it: img/s of ``--steps`` SGD steps after 3 warm-up steps (bf16 autocast and
@@ -98,24 +99,31 @@ def train_rate(ld, model_cfg: ModelCfg, steps: int, device: torch.device) -> flo
 
 def measure(args: dict[str, Any]) -> list[dict[str, Any]]:
     device = distributed.measurement_device(RunCfg())
-    kinds = ["workers"]
+    kinds = [("workers", "pil")]
+    try:
+        import torchvision.io  # noqa: F401 - measured only where it imports
+        kinds += [("workers", "torchvision"), ("gpu", "torchvision")]
+    except Exception:  # noqa: BLE001 - absent, or built for another torch
+        print("jpeg: skipping torchvision's decoders: torchvision does not import", file=sys.stderr)
     try:
         import nvidia.dali  # noqa: F401 - measured only where it imports
-        kinds.append("dali")
+        kinds.append(("dali", "dali"))
     except ImportError:
         print("jpeg: skipping dali: NVIDIA DALI does not import", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp) / "jpegs", args["images"])
-        for kind in kinds:
+        for kind, decoder in kinds:
             cfg = DataCfg(dir=str(root), source="folder", loader=kind, image_size=args["size"],
-                          num_workers=args["workers"])
+                          num_workers=args["workers"], decoder="torchvision" if kind == "workers" and
+                          decoder == "torchvision" else "pil")
             data = load_folder(cfg, Path(tmp) / "run")
             ld = build_loader(cfg, data.train, batch_per_rank=args["batch"], seed=0, rank=0, world=1, device=device,
                               channels_last=device.type == "cuda", norm=(data.mean, data.std))
             model_cfg = ModelCfg(family="imagenet", depth=args["depth"], width=args["width"], num_classes=CLASSES)
-            rows.append(dict(what="jpeg", loader=kind, decoder=("mixed" if device.type == "cuda" else "cpu")
-                             if kind == "dali" else "pillow", device=log.device_name(device),
+            on_gpu = device.type == "cuda" and kind in ("dali", "gpu")  # nvJPEG: DALI's "mixed", torchvision's
+            rows.append(dict(what="jpeg", loader=kind, decoder=f"{decoder} ({'nvJPEG' if on_gpu else 'CPU'})",
+                             device=log.device_name(device),
                              images=len(data.train), image_size=args["size"], batch_size=args["batch"],
                              workers=args["workers"], depth=args["depth"], width=args["width"],
                              loader_img_per_s=loader_alone(ld, args["epochs"]),
