@@ -133,6 +133,10 @@ class DataCfg:
                        "decoded on the device by torchvision's nvJPEG; "
                        "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)",
                        choices=("workers", "gpu", "dali"))
+    augment: str = _opt("rrc", "folder: the training crop: rrc (torchvision's RandomResizedCrop to the side, "
+                        "ImageNet's) or pad-crop (CIFAR's: a zero pad of 4 pixels and a random crop back, the CIFAR "
+                        "loaders' own draws, for folders of data.image_size-square images such as CIFAR written as "
+                        "files)", choices=("rrc", "pad-crop"))
     decoder: str = _opt("pil", "folder, workers loader: how a file is decoded, cropped and resized: pil (Pillow, as "
                         "torchvision's PIL path) or torchvision (torchvision.io's decoder and its antialiased tensor "
                         "resize)", choices=("pil", "torchvision"))
@@ -547,6 +551,9 @@ def _check_data_model(cfg: Config) -> None:
     if d.folder and (d.source != "folder" or Path(d.folder).is_absolute() or ".." in Path(d.folder).parts):
         raise ConfigError(f"data.folder = {d.folder!r} names an image folder inside data.dir for data.source = "
                           "folder: give its name (e.g. imagenet), or put a path in data.dir")
+    if d.augment != "rrc" and d.source != "folder":
+        raise ConfigError(f"data.augment = {d.augment} applies to data.source = folder (the CIFAR sources are "
+                          "pad-cropped already): remove it")
     if d.decoder != "pil" and (d.source != "folder" or d.loader != "workers"):
         raise ConfigError(f"data.decoder = {d.decoder} applies to a folder read by the workers loader (the gpu loader "
                           "decodes with torchvision on the device, dali with DALI): remove it")

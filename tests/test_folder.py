@@ -847,3 +847,40 @@ def test_each_lever_trains_resnet50_on_a_folder_at_224(folder, tmp_path, lever):
     assert s["finished"] and s["steps"] == 3 and 0.0 <= s["final_test_acc"] <= 1.0
     if lever == "EMA":
         assert s["final_test_acc_no_ema"] is not None
+
+
+# ------------------------------------------------------------------------------------------- folders = pickles
+
+def test_cifar_written_as_a_folder_trains_with_cifars_augmentation_image_for_image(small_cifar, tmp_path):
+    """fastres.tools.cifar_folder writes the pickles as PNGs; with data.augment = pad-crop every folder loader gives
+    each image exactly CIFAR's pad-4 crop and flip of the pickle's pixels at the CIFAR loaders' draws, and with
+    eval.resize_ratio = 1 the test split is the pickle's test images as they are."""
+    from fastres.data.draws import aug_params
+    from fastres.data.gpu import crop_flip
+    from fastres.tools import cifar_folder
+    counts = cifar_folder.main(["--out", str(tmp_path / "folder"), "--data-dir", str(small_cifar), "--subset", "96",
+                                "--test-subset", "40"])
+    assert counts == {"train": 96, "val": 40}
+    pickles = cifar.read_cifar10(small_cifar)
+    cfg = config.load(None, [f"--data.dir={tmp_path / 'folder'}", "--data.source=folder", "--data.augment=pad-crop",
+                             "--data.image_size=32", "--eval.resize_ratio=1", "--data.num_workers=1"])
+    d = fdata.load(cfg.data, tmp_path / "run", eval_ratio=cfg.eval.resize_ratio)
+    source = [int(p.rsplit("/", 1)[1][:5]) for p in d.train.paths]  # each file's index among the pickled images
+    assert d.num_classes == 10 and np.array_equal(d.train.y, pickles.train.y[source])
+    assert sorted(map(bytes, d.test.x)) == sorted(map(bytes, pickles.test.x[:40]))  # as they are, every one
+    padded = torch.nn.functional.pad(torch.from_numpy(pickles.train.x), (4, 4, 4, 4))
+    for kind in KINDS:
+        if kind == "dali" and not (importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali")):
+            continue
+        ld = build_loader(cfg_for(tmp_path / "folder", kind.removesuffix("-tv"), augment="pad-crop",
+                                  decoder="torchvision" if kind == "workers-tv" else "pil"), d.train,
+                          batch_per_rank=8, seed=3, rank=0, world=1, device=CPU, norm=(d.mean, d.std))
+        for e in (0, 1):
+            ld.set_epoch(e)
+            order = epoch_indices(96, 3, e, 0, 1)
+            dy, dx, flip = aug_params(96, 3, e)
+            for k, (x, y) in enumerate(ld):
+                idx = order[k * 8:(k + 1) * 8]
+                want = crop_flip(padded, torch.tensor([source[i] for i in idx]), dy[idx], dx[idx], flip[idx])
+                assert torch.equal(y, torch.from_numpy(d.train.y[idx.numpy()]))
+                assert (pixels(x) - want.float()).abs().max() < 1e-3, (kind, e, k)

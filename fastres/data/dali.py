@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastres.data.base import DataError, Files, Split
-from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
 from fastres.data.folder import decode_rgb, grey
 from fastres.errors import UserError, one_line
 
@@ -220,7 +220,8 @@ class _FolderEpochSource(_EpochSource):
         if self.cached is None or self.cached[0] != epoch:
             ld = self.loader
             order = epoch_indices(ld.n, ld.seed, epoch, ld.rank, ld.world).numpy()
-            top, left, h, w, flip = (t.numpy() for t in crop_boxes(ld.files.sizes, ld.seed, epoch, ld.flip))
+            boxes = folder_boxes(ld.files.sizes, ld.seed, epoch, ld.flip, ld.augment)
+            top, left, h, w, flip = (t.numpy() for t in boxes)
             anchor = np.stack([top, left], 1).astype(np.float32)  # pixels, (y, x): axis_names = "HW"
             shape = np.stack([h, w], 1).astype(np.float32)
             side = np.full(2, ld.resolution.at(epoch), np.float32)
@@ -252,12 +253,12 @@ class FolderDaliLoader(DaliLoader):
 
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple,
-                 resolution: Resolution, skip_bad: bool):
+                 resolution: Resolution, skip_bad: bool, augment: str = "rrc"):
         self._setup_dali()
         self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
-        self.num_threads, self.resolution = max(1, num_threads), resolution
+        self.num_threads, self.resolution, self.augment = max(1, num_threads), resolution, augment
         self.skip_bad, self.skipped = skip_bad, set()
         self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.gpu = device.type == "cuda"
@@ -277,9 +278,14 @@ class FolderDaliLoader(DaliLoader):
                                                                      batch_info=True)
             # decode the box alone (nvJPEG's ROI decode on a GPU), then resize all of it: a resize of a region of
             # the whole image would read pixels outside the box at its edges, where Pillow's crop-then-resize does not
-            images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", normalized_anchor=False,
-                                             normalized_shape=False, device="mixed" if gpu else "cpu",
-                                             output_type=types.RGB)
+            if self.augment == "pad-crop":  # a window over the edge: the whole image, then a slice padded with zeros
+                images = fn.slice(fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB),
+                                  anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                                  out_of_bounds_policy="pad", fill_values=0)
+            else:
+                images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                                 normalized_shape=False, device="mixed" if gpu else "cpu",
+                                                 output_type=types.RGB)
             images = fn.resize(images, size=side, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
             return self._normalized(images, mirror), labels.gpu() if gpu else labels
 

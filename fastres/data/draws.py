@@ -115,6 +115,18 @@ def crop_boxes(sizes: np.ndarray, seed: int, epoch: int, flip: str = "random") -
     return (*rrc_boxes(sizes, u_area, u_ratio, u_top, u_left), bits)
 
 
+def folder_boxes(sizes: np.ndarray, seed: int, epoch: int, flip: str = "random",
+                 augment: str = "rrc") -> tuple[torch.Tensor, ...]:
+    """(top, left, height, width, flip) of each folder image's training crop: RandomResizedCrop's box
+    (:func:`crop_boxes`; augment = "rrc"), or CIFAR's pad-4 random crop (augment = "pad-crop"): a window of the
+    image's own size at the offsets -PAD..PAD of :func:`aug_params`, the same draws as the CIFAR loaders'; where it
+    hangs over the image's edge the loaders fill zeros, as the zero pad does."""
+    if augment == "rrc":
+        return crop_boxes(sizes, seed, epoch, flip)
+    dy, dx, bits = aug_params(len(sizes), seed, epoch, flip)
+    return dy - PAD, dx - PAD, torch.as_tensor(sizes[:, 1]).long(), torch.as_tensor(sizes[:, 0]).long(), bits
+
+
 def rrc_boxes(sizes: np.ndarray, u_area: torch.Tensor, u_ratio: torch.Tensor, u_top: torch.Tensor,
               u_left: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(top, left, height, width) of RandomResizedCrop.get_params's box for each image from its uniform draws in

@@ -206,6 +206,11 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eva
         more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]}{more}: fix or remove it, or set data.skip_bad = true to leave such files out")
     train, test = _files(root, index["train"]), _files(root, index["val"])
+    if cfg.augment == "pad-crop" and len(train) and (train.sizes != cfg.side).any():
+        i = int(np.flatnonzero((train.sizes != cfg.side).any(1))[0])
+        raise DataError(f"data.augment = pad-crop crops images of the side they have, data.image_size = {cfg.side}, "
+                        f"but {root / train.paths[i]} is {train.sizes[i][0]}x{train.sizes[i][1]}: set data.image_size "
+                        "to the images' side, or use data.augment = rrc")
     if not len(train) or not len(test):
         raise DataError(f"{root} has no readable {'train' if not len(train) else 'val'} images: "
                         "data.source = folder needs images in train/<class>/ and val/<class>/")
@@ -301,6 +306,9 @@ def crop_resize_tv(x: torch.Tensor, box: tuple[int, int, int, int], size: int, f
     antialiased), rounded to uint8."""
     _, tv_f = import_torchvision()
     top, left, h, w = box
+    pads = (max(0, -left), max(0, left + w - x.shape[-1]), max(0, -top), max(0, top + h - x.shape[-2]))
+    if any(pads):  # a pad-crop window over the edge: zeros there, as CIFAR's pad (and Pillow's crop) give
+        x, top, left = torch.nn.functional.pad(x, pads), top + pads[2], left + pads[0]
     x = tv_f.resize(x[:, top:top + h, left:left + w], [size, size], antialias=True)
     return x.flip(-1) if flip else x
 

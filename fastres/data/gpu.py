@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.data.base import Files, Split, normalize, to_batch
-from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
 from fastres.data.folder import crop_resize_tv, decode_rgb, decode_tv, import_torchvision
 
 CHUNK = 4096  # images augmented per kernel group at an epoch's start
@@ -87,12 +87,12 @@ PREFETCH = 2  # batches of file bytes read ahead by the host threads
 class FolderGpuLoader:
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype, num_threads: int, flip: str, norm: tuple,
-                 resolution: Resolution, skip_bad: bool):
+                 resolution: Resolution, skip_bad: bool, augment: str = "rrc"):
         self.tv_io, _ = import_torchvision()  # here, in one line
         self.files, self.n, self.b, self.seed = files, len(files), batch_per_rank, seed
         self.rank, self.world = rank, world
         self.device, self.channels_last, self.dtype, self.flip, self.norm = device, channels_last, dtype, flip, norm
-        self.resolution, self.skip_bad, self.skipped = resolution, skip_bad, set()
+        self.resolution, self.augment, self.skip_bad, self.skipped = resolution, augment, skip_bad, set()
         self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.pool = ThreadPoolExecutor(max(1, num_threads))  # file reads: I/O
         self.epoch, self.start = 0, 0
@@ -105,7 +105,8 @@ class FolderGpuLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_indices(self.n, self.seed, self.epoch, self.rank, self.world).tolist()
-        boxes = list(zip(*(t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip))))
+        draws = folder_boxes(self.files.sizes, self.seed, self.epoch, self.flip, self.augment)
+        boxes = list(zip(*(t.tolist() for t in draws)))
         side = self.resolution.at(self.epoch)
         batches = [order[k * self.b:(k + 1) * self.b] for k in range(self.start, len(self))]
         reads = [self.pool.submit(self._read, idx) for idx in batches[:PREFETCH]]

@@ -66,7 +66,7 @@ def build_loader(cfg: DataCfg, split: Split | Files, *, batch_per_rank: int, see
 
 
 def _folder_loader(cfg: DataCfg, files: Files, common: dict) -> Loader:
-    folder = dict(resolution=Resolution.of(cfg), skip_bad=cfg.skip_bad, **common)
+    folder = dict(resolution=Resolution.of(cfg), skip_bad=cfg.skip_bad, augment=cfg.augment, **common)
     if cfg.loader == "dali":
         return FolderDaliLoader(files, num_threads=cfg.num_workers, **folder)
     if cfg.loader == "gpu":

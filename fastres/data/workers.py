@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastres.data.base import Files, Split, normalize, to_batch
-from fastres.data.draws import PAD, Resolution, aug_params, crop_boxes, epoch_indices, steps_per_epoch
+from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
 from fastres.data.folder import crop_resize_pil, crop_resize_tv, decode_rgb, decode_tv, grey, import_torchvision
 
 
@@ -89,9 +89,10 @@ class _BoxSampler(Sampler):
     """Yields (index, top, left, height, width, flip, side) for this rank's share of the epoch: the side of the
     epoch's images travels with each index, so persistent workers follow progressive resizing."""
 
-    def __init__(self, files: Files, seed: int, rank: int, world: int, flip: str, resolution: Resolution):
+    def __init__(self, files: Files, seed: int, rank: int, world: int, flip: str, resolution: Resolution,
+                 augment: str):
         self.files, self.seed, self.rank, self.world, self.flip = files, seed, rank, world, flip
-        self.resolution, self.epoch, self.skip = resolution, 0, 0
+        self.resolution, self.augment, self.epoch, self.skip = resolution, augment, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -100,7 +101,7 @@ class _BoxSampler(Sampler):
         return len(self.files) // self.world - self.skip
 
     def __iter__(self):
-        boxes = [t.tolist() for t in crop_boxes(self.files.sizes, self.seed, self.epoch, self.flip)]
+        boxes = [t.tolist() for t in folder_boxes(self.files.sizes, self.seed, self.epoch, self.flip, self.augment)]
         side = self.resolution.at(self.epoch)
         for i in epoch_indices(len(self.files), self.seed, self.epoch, self.rank, self.world)[self.skip:].tolist():
             yield (i, *(b[i] for b in boxes), side)
@@ -130,10 +131,10 @@ class _FolderImages(Dataset):
 class FolderWorkersLoader:
     def __init__(self, files: Files, *, batch_per_rank: int, seed: int, rank: int, world: int, device: torch.device,
                  channels_last: bool, dtype: torch.dtype, num_workers: int, flip: str, norm: tuple,
-                 resolution: Resolution, skip_bad: bool, decoder: str = "pil"):
+                 resolution: Resolution, skip_bad: bool, augment: str = "rrc", decoder: str = "pil"):
         if decoder == "torchvision":
             import_torchvision()  # here, in one line, rather than in a worker's traceback
-        self.sampler = _BoxSampler(files, seed, rank, world, flip, resolution)
+        self.sampler = _BoxSampler(files, seed, rank, world, flip, resolution, augment)
         self.files, self.n, self.b, self.world = files, len(files), batch_per_rank, world
         self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm

@@ -1,4 +1,5 @@
-"""The measuring and study tools beside the trainer: bench (with profile, dispatch, scaling), stack, report, jpeg.
+"""The measuring and study tools beside the trainer: bench (with profile, dispatch, scaling), stack, report, jpeg,
+cifar_folder (CIFAR-10 written as an image folder, to check the folder path against the pickle path).
 
 They build and train through the core (fastres.build, fastres.train); the core never imports them.
 Here: what their command lines share. :func:`parser` makes an argparse parser whose mistakes are one
