@@ -33,6 +33,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 TB_DIR = "tb"
 CURVES = "curves.png"
+# A metrics row's fields that measure time, not training: they differ between runs that train the same
+TIMING_FIELDS = ("train_time_s", "img_per_s", "eval_s", "data_wait_s", "data_wait_frac")
 CURVES_EVERY_S = 60.0  # curves.png is redrawn at most this often, and at the end: a drawing costs 0.1-0.5 s
 # An evaluation's other accuracies, logged as <split>_acc_<key> beside <split>_acc (the summary keeps the last as
 # final_<split>_acc_<key>), and what the report calls each.

@@ -258,7 +258,7 @@ def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_p
     (tmp_path / "there" / ".device" / "git_sha").write_text("abc\n")
     marks = tmp_path / "there" / "results" / "device"
     marks.mkdir(parents=True)
-    for item in ITEMS[:3]:
+    for item in ITEMS[:5]:  # the items that need no data set: done before
         (marks / f"{item}.json").write_text("{}\n")
     import os
     env = {k: v for k, v in os.environ.items() if k != "FASTRES_DATA"}

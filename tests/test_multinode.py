@@ -23,7 +23,7 @@ import torch
 from fastres import checkpoint, config, distributed, rng
 from fastres.config import ConfigError
 from fastres.errors import UserError
-from fastres.log import read_metrics
+from fastres.log import TIMING_FIELDS, read_metrics
 
 from conftest import ROOT
 
@@ -33,7 +33,7 @@ PORT = 29400  # the rendezvous port on node 0: inside the test's namespaces, so 
 # A node that joins a running group waits forever for the first round's MASTER_ADDR when the agents share their
 # rendezvous store with the workers (torch caches it across rounds: pytorch/pytorch#135712): give each round its own.
 ELASTIC = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-TIMING = ("train_time_s", "img_per_s", "eval_s")  # a metrics row's fields that measure time, not training
+TIMING = TIMING_FIELDS  # a metrics row's fields that measure time, not training
 # 288 images, global batch 48: 6 steps an epoch, 24 images a rank on 2 nodes, 16 on 3
 SMALL = ["--data.source=synthetic", "--data.subset=288", "--data.test_subset=60", "--model.depth=8",
          "--optim.batch_size=48", "--data.loader=gpu", "--run.device=cpu", "--run.epochs=2"]

@@ -18,7 +18,7 @@ import torch
 from fastres import build, checkpoint, config, train
 from fastres.data import cifar
 from fastres.errors import UserError
-from fastres.log import read_metrics
+from fastres.log import TIMING_FIELDS, read_metrics
 
 from conftest import ROOT, run_cli, write_batch
 
@@ -69,7 +69,7 @@ def test_four_epochs_equal_two_then_two_more(small_cifar, tmp_path, monkeypatch,
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
     assert a["scaler"] == b["scaler"]
-    strip = ("train_time_s", "img_per_s", "eval_s")
+    strip = TIMING_FIELDS
     rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_metrics(tmp_path / d)] for d in "ab"]
     assert rows[0] == rows[1] and [r["epoch"] for r in rows[1]] == [1, 2, 3, 4]
 
