@@ -87,6 +87,11 @@ class RunCfg:
     resume: str = _opt("auto", "auto: continue from out_dir's checkpoint if any; never: refuse an existing "
                        "run; require: fail without one", choices=("auto", "never", "require"))
     device: str = _opt("auto", "auto: CUDA when available, else CPU", choices=("auto", "cpu", "cuda"))
+    threads: int = _opt(0, "intra-op CPU threads of each process started by python -m fastres.train "
+                        "(torch.set_num_threads); 0 = $OMP_NUM_THREADS when set, else chosen at start: the cores "
+                        "this process may use (its CPU affinity, shared among torchrun's processes on the node) less "
+                        "a folder's loader workers and less the cores other programs keep busy; the start-up log "
+                        "says the choice", ge=0, le=4096)
     deterministic: bool = _opt(False, "deterministic kernels (torch.use_deterministic_algorithms, no cuDNN "
                                "autotuning): the same seed gives the same metrics, bit for bit")
     sync_debug: bool = _opt(False, "CUDA only: raise at any host-device synchronization inside the training "

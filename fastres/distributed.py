@@ -88,6 +88,59 @@ def measurement_device(run: RunCfg) -> torch.device:
     return _device(run.device)
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity: taskset, cgroups' cpusets, SLURM's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_cores(sample_s: float = 0.2) -> float:
+    """How many of this process's CPUs other programs kept busy over ``sample_s`` (/proc/stat, less this process's
+    own CPU time); 0 where /proc/stat cannot be read."""
+    def ticks() -> tuple[int, int]:
+        busy = total = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in mine:
+                    t = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    total += sum(t)
+                    busy += sum(t) - t[3] - t[4]
+        return busy, total
+    try:
+        mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        (b0, t0), own0 = ticks(), time.process_time()
+        time.sleep(sample_s)
+        (b1, t1), own1 = ticks(), time.process_time()
+    except (OSError, ValueError):
+        return 0.0
+    if t1 <= t0:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = (b1 - b0 - (own1 - own0) * hz) / (t1 - t0) * len(mine)  # the share of ticks, in CPUs
+    return max(0.0, busy)
+
+
+def choose_threads(threads: int, loader_workers: int) -> str:
+    """Set torch's intra-op threads as run.threads says (see its help); the start-up line saying the choice.
+    OpenMP threads that wait at every parallel region for one another collapse when another program holds a core
+    (a smoke run beside one busy process: 385 -> 131 img/s at 2 threads, 222 at 1; docs/speed.md)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return f"intra-op threads: {threads} (run.threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"intra-op threads: {torch.get_num_threads()} ($OMP_NUM_THREADS)"
+    n, local = cores(), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, n // local)
+    siblings = (local - 1) * share  # the cores torchrun's other processes here take (busy or about to be)
+    others = max(0, round(busy_cores()) - siblings)
+    chosen = max(1, min(share - min(loader_workers, share), n - siblings - others))
+    torch.set_num_threads(chosen)
+    return (f"intra-op threads: {chosen} ({n} core(s) this process may use"
+            + (f", {share} its share of {local} processes" if local > 1 else "")
+            + f", {min(loader_workers, share)} for loader workers, {others} busy with other programs; "
+            "run.threads sets it)")
+
+
 def setup(run: RunCfg) -> Dist:
     """Set the backend switches, pick the device (run.device) and join the process group when launched by
     torchrun; a collective that waits longer than run.collective_timeout_s for another rank raises instead of

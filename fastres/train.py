@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,15 @@ LONG_RUN_S = 1800.0  # what "long" is
 LOCK = ".lock"  # in the run directory: held (fcntl) by the one process that writes there
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    """Train as ``cfg`` says (joining torchrun's process group if launched by it); the run's summary."""
+def main(cfg: Config, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Train as ``cfg`` says (joining torchrun's process group if launched by it); the run's summary. ``notes``:
+    what the process entry decided (its threads), for the start-up log."""
     pauses = Pauses()  # from here a signal stops the run with one line, during start-up too
     try:
         dist = distributed.setup(cfg.run)
         try:
             with distributed.failures_named(dist):  # a rank that stops answering: one line, then torchrun restarts
-                return train(cfg, dist, pauses)
+                return train(cfg, dist, pauses, notes)
         finally:
             distributed.teardown()
     except BaseException as e:
@@ -67,7 +68,7 @@ def main(cfg: Config) -> dict[str, Any]:
         pauses.close()
 
 
-def train(cfg: Config, dist: distributed.Dist, pauses: Pauses) -> dict[str, Any]:
+def train(cfg: Config, dist: distributed.Dist, pauses: Pauses, notes: Sequence[str] = ()) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup + build
     config.validate(cfg, dist.world)  # for the world it runs in (a config loads for torchrun's), before any write
     dev, out, target = dist.device, Path(cfg.run.out_dir), target_split(cfg.eval)
@@ -81,6 +82,7 @@ def train(cfg: Config, dist: distributed.Dist, pauses: Pauses) -> dict[str, Any]
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         p = build(cfg, dist, state)
+        p.notes[:0] = notes
         log = RunLog(out, enabled=dist.is_main, total_steps=len(p.loader) * cfg.run.epochs, step=progress.step,
                      epoch=progress.epoch, t0=progress.t0, every_steps=cfg.log.every_steps,
                      momentum_at=p.schedule.momentum_at if p.schedule.cycles_momentum else None)
@@ -502,7 +504,10 @@ class Pauses:
 def cli(argv: list[str] | None = None) -> int:
     def body(args: list[str]) -> None:
         path, overrides = parse_args(args)
-        main(config.load(path, overrides, world=distributed.env_world()))
+        cfg = config.load(path, overrides, world=distributed.env_world())
+        # a process-wide choice, made where the process starts (a caller of main() keeps its own threads)
+        decoding = cfg.data.num_workers if (cfg.data.source, cfg.data.loader) == ("folder", "workers") else 0
+        main(cfg, [distributed.choose_threads(cfg.run.threads, decoding)])
     return entry(body, argv, config.help_text("python -m fastres.train"))
 
 

@@ -4,19 +4,21 @@ CIFAR arrays: each worker crops, flips and normalizes single images on the CPU, 
 RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize; the main process collates and copies the
 float batch to the device. Folders: each worker decodes a file (data.decoder: Pillow, or torchvision.io), crops its
 random-resized-crop box and resizes it (bilinear with antialiasing: Pillow's, as torchvision's PIL path, or
-torchvision's tensor resize), flips it, and hands a uint8 image over; the main process normalizes the batch on the
-device. Crop offsets, boxes and flips come from fastres/data/draws.py,
-passed with each index by the sampler, so the batches equal the other loaders' whatever the worker count. A folder
-file that fails to decode stops the run naming it; with data.skip_bad it becomes a grey image (GREY).
+torchvision's tensor resize), flips it, and writes it into its batch (a worker makes whole batches: one object per
+batch, uint8 in shared memory); the main process normalizes the batch on the device. Crop offsets, boxes and flips
+come from fastres/data/draws.py, passed with each index by the sampler, so the batches equal the other loaders'
+whatever the worker count. A folder file that fails to decode stops the run naming it; with data.skip_bad it becomes
+a grey image (GREY).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from fastres.data.base import Files, Split, normalize, to_batch
 from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
@@ -107,25 +109,48 @@ class _BoxSampler(Sampler):
             yield (i, *(b[i] for b in boxes), side)
 
 
-class _FolderImages(Dataset):
+class _FolderBatches(Dataset):
+    """A whole batch per call (BatchSampler's list of _BoxSampler items): each image decoded, its box cropped and
+    resized, flipped while it is copied into one uint8 (B, side, side, 3) tensor that the worker allocates in shared
+    memory, so a batch crosses to the main process as one object with no further copy. The bytes stay in the
+    decoders' height-width-channel order: the main process views them as NCHW in channels_last strides."""
+
     def __init__(self, files: Files, decoder: str):
         self.files, self.decoder = files, decoder
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
-        i, top, left, h, w, flip, side = item
-        path, box = self.files.root / self.files.paths[i], (top, left, h, w)
+    def __getitem__(self, items: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        side = items[0][-1]
+        x = _shared_uint8((len(items), side, side, 3))
+        out = x.numpy()
+        y = torch.from_numpy(self.files.y[[item[0] for item in items]].astype(np.int64))
+        bad = torch.full((len(items),), -1, dtype=torch.int64)  # the main process names a bad file: no traceback
+        for k, (i, top, left, h, w, flip, _) in enumerate(items):
+            img, ok = self._crop(i, (top, left, h, w), side)
+            out[k] = img[:, ::-1] if flip else img  # the flip is the copy's direction: no extra pass
+            if not ok:
+                bad[k] = i
+        return x, y, bad
+
+    def _crop(self, i: int, box: tuple[int, int, int, int], side: int) -> tuple[np.ndarray, bool]:
+        path = self.files.root / self.files.paths[i]
         if self.decoder == "torchvision":
             x, ok = decode_tv(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path, self.files.sizes[i])
-            return crop_resize_tv(x, box, side, flip), int(self.files.y[i]), i if not ok else -1
+            return crop_resize_tv(x, box, side, 0).permute(1, 2, 0).numpy(), ok
         img = decode_rgb(path, skip_bad=True)
         ok = img is not None
         if not ok:  # data.skip_bad's stand-in (without it the main process stops the run)
             img = grey(self.files.sizes[i])
-        x = crop_resize_pil(img, box, side, flip)
-        return x, int(self.files.y[i]), i if not ok else -1  # the main process names a bad file: no traceback
+        return crop_resize_pil(img, box, side), ok
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialized uint8 tensor, in shared memory inside a loader worker (what default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
 
 
 class FolderWorkersLoader:
@@ -139,9 +164,10 @@ class FolderWorkersLoader:
         self.image_shapes = [(3, side, side) for side in resolution.sides()]
         self.device, self.channels_last, self.dtype, self.norm = device, channels_last, dtype, norm
         self.skip_bad, self.skipped = skip_bad, set()
-        self.loader = DataLoader(_FolderImages(files, decoder), batch_size=batch_per_rank,
-                                 sampler=self.sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                                 drop_last=True, persistent_workers=num_workers > 0,
+        self.loader = DataLoader(_FolderBatches(files, decoder), batch_size=None,  # batches made by the workers
+                                 sampler=BatchSampler(self.sampler, batch_per_rank, drop_last=True),
+                                 num_workers=num_workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))  # as WorkersLoader: draws nothing
 
     def __len__(self) -> int:
@@ -156,5 +182,5 @@ class FolderWorkersLoader:
                 for i in bad[bad >= 0].tolist():
                     decode_rgb(self.files.root / self.files.paths[i], skip_bad=self.skip_bad)  # the one line
                     self.skipped.add(self.files.paths[i])
-            x = normalize(x.to(self.device, non_blocking=True), *self.norm)
+            x = normalize(x.permute(0, 3, 1, 2).to(self.device, non_blocking=True), *self.norm)  # uint8 over the bus
             yield to_batch(x, self.dtype, self.channels_last), y.to(self.device, non_blocking=True)

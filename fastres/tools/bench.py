@@ -1,4 +1,4 @@
-"""Benchmarks that print ratios: ``python -m fastres.tools.bench [train|loaders|scaling|profile|dispatch] [...]``.
+"""Benchmarks that print ratios: ``python -m fastres.tools.bench [train|loaders|cpu-loaders|sharing|...] [...]``.
 
 The subcommand comes first; with none, ``train``. ``--what NAME`` anywhere (as older command lines and results
 files give it) is the same as the subcommand NAME. Each subcommand's options: ``bench NAME --help``; every one
@@ -19,6 +19,16 @@ named ``--label`` (default: the config file's stem; the row also records the who
 device-resident): images/s of the loader alone over full epochs (after a warm-up epoch, median of
 ``--repeats``), and the training time of the second epoch of a real run with it. Rows to
 results/loaders.json, a table of ratios against the gpu loader to results/loaders.md.
+
+``cpu-loaders`` (configs/bench-cpu-loaders.toml): the CPU side of the JPEG path on every core this process may use,
+over ``--images`` generated ImageNet-like JPEGs: torchvision's reference loader, fastres's workers loader with each
+decoder and DALI on the CPU, the training and the evaluation transform, img/s (median of ``--repeats`` epochs after
+a warm-up epoch), img/s a core and each one's ratio to the reference, to ``--out`` (results/loaders-jpeg.md); see
+:mod:`fastres.tools.cpuloaders`.
+
+``sharing`` (configs/bench-sharing.toml): ``python -m fastres.train`` with the recipe, alone and beside a busy program,
+at torch's default intra-op threads and at fastres's choice (run.threads = 0): img/s and beside/alone of each, to
+``--out`` (results/sharing.md); see :mod:`fastres.tools.sharing`.
 
 ``scaling`` (configs/fast.toml): the multi-GPU scaling model, written to results/scaling.md; see
 :mod:`fastres.tools.scaling`.
@@ -57,18 +67,27 @@ from fastres.log import read_metrics, short_sha
 from fastres.model import build_model
 from fastres.step import Timer, precision
 from fastres.tools import OVERRIDES, Help, Parser, config_overrides, names, parser, whole_number, whole_numbers
+from fastres.tools.cpuloaders import measure as cpu_loaders
+from fastres.tools.cpuloaders import table as cpu_loaders_table
 from fastres.tools.dispatch import count_host_ops
 from fastres.tools.dispatch import report as dispatch_report
 from fastres.tools.profile import profile_step
 from fastres.tools.scaling import scaling_report
+from fastres.tools.sharing import measure as sharing_rows
+from fastres.tools.sharing import table as sharing_table
 
 LOADERS = ("workers", "gpu", "dali", "dali-device")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = {"train": CONFIGS / "fast.toml", "loaders": CONFIGS / "bench-loaders.toml",
-                  "scaling": CONFIGS / "fast.toml", "profile": CONFIGS / "fast.toml", "dispatch": CONFIGS / "fast.toml"}
+                  "cpu-loaders": CONFIGS / "bench-cpu-loaders.toml",
+                  "sharing": CONFIGS / "bench-sharing.toml", "scaling": CONFIGS / "fast.toml",
+                  "profile": CONFIGS / "fast.toml", "dispatch": CONFIGS / "fast.toml"}
 PROG = "python -m fastres.tools.bench"
 SUMMARY = {"train": "img/s of training steps, against the baseline and the hardware floor",
-           "loaders": "each loader alone and inside a training epoch", "scaling": "the multi-GPU scaling model",
+           "loaders": "each loader alone and inside a training epoch",
+           "cpu-loaders": "JPEG decode and augmentation on the CPU, beside torchvision's reference loader",
+           "sharing": "a training process alone and beside a busy program, at two thread choices",
+           "scaling": "the multi-GPU scaling model",
            "profile": "where a training step's time goes", "dispatch": "host ops per training step"}  # for --help
 BASELINE = CONFIGS / "baseline.toml"
 RECIPE_DATA_KEYS = ("--data.loader", "--data.num_workers", "--data.dali_source")  # how, not what, it loads
@@ -322,9 +341,11 @@ def command_line() -> tuple[Parser, dict[str, Parser]]:
                                      allow_abbrev=False)
         jobs[name].add_argument("--config", "-c", default=path, metavar="FILE",
                                 help=f"the recipe (default: configs/{path.name})")
-    train, loaders, scaling, profile, dispatch = jobs.values()
+    train, loaders, cpu_loaders, sharing, scaling, profile, dispatch = jobs.values()
     for p, out, what in ((train, "results/bench.json", "the rows' JSON list (the .md table beside it)"),
                          (loaders, "results/loaders.json", "the rows' JSON list (the .md table beside it)"),
+                         (cpu_loaders, "results/loaders-jpeg.md", "the table (the rows' JSON beside it)"),
+                         (sharing, "results/sharing.md", "the table (the rows' JSON beside it)"),
                          (scaling, "results/scaling.md", "the report"),
                          (profile, "results/profile", "the folder of <label>.txt")):
         p.add_argument("--out", type=Path, default=out, metavar="PATH", help=what)
@@ -350,6 +371,12 @@ def command_line() -> tuple[Parser, dict[str, Parser]]:
                          help="the loaders to measure")
     loaders.add_argument("--repeats", type=whole_number(1), default=3, metavar="N",
                          help="epochs of the loader alone after its warm-up epoch (the median is kept)")
+    cpu_loaders.add_argument("--images", type=whole_number(100), default=2000, metavar="N",
+                             help="generated JPEGs in train/ (a tenth as many in val/)")
+    cpu_loaders.add_argument("--repeats", type=whole_number(1), default=2, metavar="N",
+                             help="timed epochs of each loader after its warm-up epoch (the median is kept)")
+    cpu_loaders.add_argument("--prepared-side", type=whole_number(16), default=256, metavar="N",
+                             help="the maximum side of the smaller copy measured beside the originals")
     scaling.add_argument("--gloo-procs", type=whole_numbers(1), default="1,2,4", metavar="N,N",
                          help="the CPU process counts of the gloo all-reduce check")
     return top, jobs
@@ -399,6 +426,14 @@ def without_config(argv: list[str]) -> list[str]:
     return out
 
 
+def _write_table(out: Path, rows: list[dict], text: str) -> None:
+    """``text`` to ``out`` (a markdown table and what made it) and the rows as JSON beside it."""
+    with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    write_text(out, text)
+
+
 def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     return entry(_main, argv, help_text(argv))
@@ -429,6 +464,21 @@ def _main(argv: list[str]) -> None:
         print(train_table([row]), end="")
         for name, anchor in row.get("anchors", {}).items():
             print(f"beside {name}: {anchor['img_per_s']:,} img/s: {anchor['ratio']:.2f}x")
+    elif what == "cpu-loaders":
+        rows = cpu_loaders(cfg, images=args.images, repeats=args.repeats, prepared_side=args.prepared_side)
+        text = cpu_loaders_table(rows)
+        _write_table(args.out, rows, f"# The CPU side of the JPEG path\n\nWritten by `{PROG} cpu-loaders "
+                     f"{' '.join(rest)}` on {rows[0]['device']}, {rows[0]['cores']} cores, torch "
+                     f"{rows[0]['torch_version']}, code {short_sha(rows[0]['git_sha'])}: {rows[0]['images']} JPEGs, "
+                     f"batch {rows[0]['batch']}, side {rows[0]['side']}.\n\n{text}")
+        print(text, end="")
+    elif what == "sharing":
+        rows = sharing_rows(Path(args.config), overrides)
+        text = sharing_table(rows)
+        _write_table(args.out, rows, f"# A training process beside a busy program\n\nWritten by `{PROG} sharing "
+                     f"{' '.join(rest)}` on {rows[0]['cores']} cores, torch {torch.__version__}, code "
+                     f"{short_sha(log.git_sha())}.\n\n{text}")
+        print(text, end="")
     elif what == "dispatch":
         counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=args.steps,
                                 warmup=args.warmup)
