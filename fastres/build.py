@@ -162,7 +162,7 @@ def _check_classes(data: RunData, num_classes: int) -> None:
 
 def _workers_that_fit(cfg: DataCfg) -> tuple[DataCfg, list[str]]:
     """data.num_workers clamped to this process's share of the machine's cores (torch only warns, per worker pool)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = distributed.cores()
     share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if cfg.loader != "workers" or cfg.num_workers <= share:
         return cfg, []

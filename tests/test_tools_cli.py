@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from fastres import config
-from fastres.tools import bench, jpeg, report, stack
+from fastres.tools import bench, jpeg, report, resize_folder, stack
 
 from conftest import ROOT, run_cli
 
-CLIS = {"bench": bench.cli, "stack": stack.cli, "report": report.cli, "jpeg": jpeg.cli}
+CLIS = {"bench": bench.cli, "stack": stack.cli, "report": report.cli, "jpeg": jpeg.cli,
+        "resize_folder": resize_folder.cli}
 SMOKE = f"--config={ROOT / 'configs' / 'stack-smoke.toml'}"
 
 # what each --help must show: the defaults of its options (and where they come from when not a fixed value)
@@ -29,6 +30,9 @@ HELPS = [
     ("bench", ["profile"], ["(default: configs/fast.toml)", "(default: results/profile)", "(default: 30)",
                             "(default: the config file's stem)"]),
     ("bench", ["dispatch"], ["(default: configs/fast.toml)", "(default: 10)", "(default: 3)"]),
+    ("bench", ["cpu-loaders"], ["(default: configs/bench-cpu-loaders.toml)", "(default: results/loaders-jpeg.md)",
+                                "(default: 2000)", "(default: 2)", "(default: 256)"]),
+    ("bench", ["sharing"], ["(default: configs/bench-sharing.toml)", "(default: results/sharing.md)"]),
     ("bench", ["--what", "dispatch"], ["(default: 10)", "(default: 3)"]),
     ("stack", [], ["--config FILE", "(default: the stack file's [stack] out, else results)", "(default: no limit)",
                    "(default: every row)", "(default: each row's seeds", "(default: the stack file's device",
@@ -36,6 +40,7 @@ HELPS = [
     ("report", [], ["(default: runs/stack)", "(default: results)", "--pick"]),
     ("jpeg", [], ["(default: 2000)", "(default: 224)", "(default: 128)", "(default: 50)", "(default: 64)",
                   "(default: 30)", "(default: 2)", "(default: results/jpeg.json)"]),
+    ("resize_folder", [], ["SRC", "--out DIR", "(default: 256)", "(default: 90)", "--workers N"]),
 ]
 
 
@@ -76,8 +81,8 @@ def test_help_describes_each_tool_from_its_docstring(capsys):
 
 
 BAD = [  # (tool, argv, words the one line must hold): the flag and what it takes
-    ("bench", ["--what", "nothing"], ["--what 'nothing'", "train, loaders, scaling, profile, dispatch"]),
-    ("bench", ["nothing"], ["'nothing'", "train, loaders, scaling, profile, dispatch"]),
+    ("bench", ["--what", "nothing"], ["--what 'nothing'", "train, loaders, cpu-loaders, sharing, scaling, profile, dispatch"]),
+    ("bench", ["nothing"], ["'nothing'", "train, loaders, cpu-loaders, sharing, scaling, profile, dispatch"]),
     ("bench", ["--steps", "x"], ["--steps", "'x' must be a whole number >= 1"]),
     ("bench", ["--steps=0"], ["--steps", ">= 1"]),
     ("bench", ["loaders", "--repeats", "0"], ["--repeats", "'0' must be a whole number >= 1"]),
@@ -104,6 +109,10 @@ BAD = [  # (tool, argv, words the one line must hold): the flag and what it take
     ("jpeg", ["--images=0"], ["--images", ">= 1"]),
     ("jpeg", ["--size", "big"], ["--size", "'big' must be a whole number >= 1"]),
     ("jpeg", ["--bogus"], ["--bogus", "[--images N]"]),
+    ("resize_folder", ["src"], ["--out"]),
+    ("resize_folder", ["src", "--out=x", "--max-side=8"], ["--max-side", ">= 16"]),
+    ("resize_folder", ["src", "--out=x", "--quality=101"], ["--quality 101", "1..100"]),
+    ("bench", ["cpu-loaders", "--images=10"], ["--images", ">= 100"]),
 ]
 
 
@@ -146,10 +155,14 @@ def test_each_subcommand_keeps_its_defaults():
     assert {w: (a["config"].name, str(a.get("out")), a.get("steps"), a.get("warmup")) for w, a in got.items()} == {
         "train": ("fast.toml", "results/bench.json", 100, 20),
         "loaders": ("bench-loaders.toml", "results/loaders.json", None, None),
+        "cpu-loaders": ("bench-cpu-loaders.toml", "results/loaders-jpeg.md", None, None),
+        "sharing": ("bench-sharing.toml", "results/sharing.md", None, None),
         "scaling": ("fast.toml", "results/scaling.md", 100, 20),
         "profile": ("fast.toml", "results/profile", 30, None),
         "dispatch": ("fast.toml", "None", 10, 3)}
     assert got["loaders"]["repeats"] == 3 and got["scaling"]["gloo_procs"] == [1, 2, 4]
+    assert (got["cpu-loaders"]["images"], got["cpu-loaders"]["repeats"], got["cpu-loaders"]["prepared_side"]) \
+        == (2000, 2, 256)
     assert got["train"]["label"] == "" and got["train"]["time_to_target"] is False
 
 

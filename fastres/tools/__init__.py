@@ -1,5 +1,6 @@
-"""The measuring and study tools beside the trainer: bench (with profile, dispatch, scaling), stack, report, jpeg,
-cifar_folder (CIFAR-10 written as an image folder, to check the folder path against the pickle path).
+"""The measuring and study tools beside the trainer: bench (with profile, dispatch, scaling, cpuloaders, sharing),
+stack, report, jpeg, cifar_folder (CIFAR-10 written as an image folder, to check the folder path against the pickle
+path), resize_folder (a smaller copy of an image folder, for a CPU's decoders).
 
 They build and train through the core (fastres.build, fastres.train); the core never imports them.
 Here: what their command lines share. :func:`parser` makes an argparse parser whose mistakes are one

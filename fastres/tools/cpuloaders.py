@@ -23,7 +23,6 @@ decoder on the same files) and, last, ``fastest vs reference: N.NNx (<which>)``.
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -39,12 +38,9 @@ from fastres.config import Config, DataCfg, with_values
 from fastres.data.base import Files
 from fastres.data.folder import EVAL_RESIZE, decode_split, load_folder
 from fastres.data.loaders import build_loader
+from fastres.distributed import cores
 from fastres.tools.jpeg import write_jpegs
 from fastres.tools.resize_folder import resize_folder
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def rate(epoch: Callable[[int], Iterable], repeats: int) -> float:

@@ -19,7 +19,6 @@ Benchmarks assert no speed: they measure on whatever machine they run and say wh
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -158,14 +157,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def command_line() -> Parser:
     p = parser("python -m fastres.tools.jpeg", __doc__)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     for flag, default, what in (("images", 2000, "JPEGs written to train/ (a tenth as many to val/)"),
                                 ("size", 224, "the side random-resized-crop makes"), ("batch", 128, "images a batch"),
                                 ("depth", 50, "ResNet depth of the training measurement"),
                                 ("width", 64, "ResNet width (channels of the first stage)"),
                                 ("steps", 30, "timed training steps (after 3 untimed)"),
                                 ("epochs", 2, "timed epochs of the loader alone (after a warm-up epoch)"),
-                                ("workers", cores, "loader processes: every core this process may use")):
+                                ("workers", distributed.cores(), "loader processes: every core this process may use")):
         p.add_argument(f"--{flag}", type=whole_number(1), default=default, metavar="N", help=what)
     p.add_argument("--out", type=Path, default="results/jpeg.json", metavar="FILE", help="the rows, appended")
     return p

@@ -20,7 +20,6 @@ written under ``DIR.partial`` and renamed to DIR when complete: an interrupted c
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from multiprocessing import get_context
@@ -29,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from fastres.data.folder import folder_index
+from fastres.distributed import cores
 from fastres.errors import UserError, entry, writing
 from fastres.tools import Parser, parser, whole_number
 
@@ -79,12 +79,12 @@ def resize_folder(src: Path, out: Path, *, max_side: int, quality: int = 90, wor
 
 def command_line() -> Parser:
     p = parser("python -m fastres.tools.resize_folder", __doc__)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     p.add_argument("src", type=Path, metavar="SRC", help="the image folder (train/, val/) to copy")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the smaller copy to write (must not exist)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="the smaller copy to write, which must not exist (required)")
     p.add_argument("--max-side", type=whole_number(16), default=256, metavar="N", help="the longer side, at most")
     p.add_argument("--quality", type=whole_number(1), default=90, metavar="Q", help="JPEG quality of resized files")
-    p.add_argument("--workers", type=whole_number(1), default=cores, metavar="N",
+    p.add_argument("--workers", type=whole_number(1), default=cores(), metavar="N",
                    help="processes: every core this process may use")
     return p
 
