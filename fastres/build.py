@@ -82,6 +82,9 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
     model = model.to(dev, memory_format=prec.memory_format)
     opt = build_optimizer(model, cfg.optim)
     schedule = build_schedule(cfg.optim, len(loader), cfg.run.epochs)
+    if cfg.optim.warmup_epochs >= cfg.run.epochs:  # legal (a short test of a recipe), but never what a run wants
+        notes.append(f"warning: optim.warmup_epochs = {cfg.optim.warmup_epochs:g} is not shorter than run.epochs = "
+                     f"{cfg.run.epochs}: the learning rate never leaves its warm-up (it never decays)")
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision.amp == "fp16")
     lsuv_records = None
     if state is None and cfg.model.init == "lsuv":  # data-driven init on rank 0, then every rank takes its weights
@@ -91,6 +94,7 @@ def build(cfg: Config, dist: Dist, state: dict[str, Any] | None = None) -> Parts
         distributed.broadcast_state(model)
     techniques = build_techniques(cfg.optim, model, opt, schedule, seed=cfg.run.seed)  # averages start from here
     if state is not None:
+        checkpoint.same_data(Path(cfg.run.out_dir) / checkpoint.NAME, state, data_record(data))
         checkpoint.restore(Path(cfg.run.out_dir) / checkpoint.NAME, state, model, opt, scaler, techniques)
     net = model
     if world > 1:  # a dropped block leaves its parameters unused on every rank that step
@@ -150,6 +154,11 @@ def _stage(cfg: Config, dist: Dist, prec: Precision, batch_per_rank: int):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return data, loader, evals, notes, time.perf_counter() - t_staging
+
+
+def data_record(data: RunData) -> dict[str, int]:
+    """What a checkpoint records of the data it trained on, to tell a changed folder at resume."""
+    return {"training_images": len(data.train), "classes": data.num_classes}
 
 
 def _check_classes(data: RunData, num_classes: int) -> None:

@@ -198,6 +198,19 @@ def world_note(state: dict[str, Any] | None, world: int) -> str | None:
     return f"resuming at world {world} (checkpoint written at world {before})"
 
 
+def same_data(path: Path, state: dict[str, Any], data: dict[str, int]) -> None:
+    """A UserError when the data the checkpoint was trained on (its "data": training images and classes) is not the
+    data this start found: files added to or removed from a folder, not a damaged checkpoint."""
+    before = state.get("data")
+    if not isinstance(before, dict) or before == data:
+        return
+    was = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in before.items())
+    now = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in data.items())
+    raise UserError(f"the data changed since {path} was written (it trained on {was}; the data now has {now}): "
+                    "put the data back as it was to resume, or train on it from the start with another "
+                    "--run.out_dir") from None
+
+
 @contextmanager
 def _fitting(path: Path) -> Iterator[None]:
     """A damaged part whose zip still reads (a tensor of another shape, a value of another type) as a
@@ -231,12 +244,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def gather(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: Progress,
            config: dict[str, Any], techniques: Sequence[Technique] = (),
-           rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+           rng_ranks: list[dict[str, Any]] | None = None, data: dict[str, int] | None = None) -> dict[str, Any]:
     """What :func:`save` writes for a run: every :data:`PARTS`, each technique's part ("ema": the weight average,
     "lookahead": the slow weights, ...), "rng_ranks" (every rank's RNG states, for a checkpoint inside an epoch,
     where dropout's streams go on), and "world", the number of ranks training (a resume at another world says so:
     :func:`world_note`)."""
     extra: dict[str, Any] = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    if data is not None:  # what the run trains on: a folder that changed is named as such at resume (same_data)
+        extra["data"] = data
     extra.update({t.part: t.state_dict() for t in techniques if t.part})
     if rng_ranks is not None:
         extra["rng_ranks"] = rng_ranks

@@ -320,8 +320,9 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> its dataclass
 # Keys a resumed run may change: where things are and how they are loaded, not what is trained.
 # run.out_dir: where it lives, moved or not; run.collective_timeout_s: how long a rank waits for the others.
-RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.sync_debug", "run.checkpoint_every_s", "run.out_dir",
-                     "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps", "model.weights")
+RESUME_MAY_DIFFER = ("run.resume", "run.device", "run.threads", "run.sync_debug", "run.checkpoint_every_s",
+                     "run.out_dir", "run.collective_timeout_s", "data.dir", "data.num_workers", "log.every_steps",
+                     "model.weights")
 # Keys whose 0 means "the data's": a run that set the value the data gives is the same run (checked when built).
 FROM_DATA = ("model.num_classes", "data.image_size")
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed
 
+from fastres import config
 from fastres.config import RunCfg
 from fastres.errors import UserError, one_line
 
@@ -209,6 +210,32 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+# What ranks may set apart: where this node keeps things and how it loads them, not what is trained.
+RANKS_MAY_DIFFER = ("run.device", "run.threads", "run.sync_debug", "run.out_dir", "data.dir", "data.num_workers",
+                    "log.every_steps")
+
+
+def same_config(values: dict[str, Any]) -> None:
+    """Every rank trains one recipe: the ranks' configs (config.to_dict) compared when the group forms; a UserError
+    naming the keys that differ and the ranks that hold them. Without it, ranks started with another learning rate
+    each train their own silently, another depth fails inside DDP, another epoch count hangs at the end."""
+    every = all_gather_object(values)
+    differ = sorted({key for other in every[1:] for key in config.diff(every[0], other, ignore=RANKS_MAY_DIFFER)})
+    if not differ:
+        return
+    def value(cfg: dict[str, Any], key: str) -> Any:
+        section, name = key.split(".", 1)
+        return cfg.get(section, {}).get(name)
+    parts = []
+    for key in differ[:3]:
+        ranks = [r for r, cfg in enumerate(every) if value(cfg, key) != value(every[0], key)]
+        parts.append(f"{key} = {value(every[0], key)!r} on rank 0 but {value(every[ranks[0]], key)!r} on rank(s) "
+                     + ", ".join(map(str, ranks[:8])) + (" ..." if len(ranks) > 8 else ""))
+    more = f" (and {len(differ) - 3} more key(s))" if len(differ) > 3 else ""
+    raise UserError(f"the ranks were started with different configs: {'; '.join(parts)}{more}: start every node "
+                    "with the same config file and flags") from None
 
 
 def agree(flags: list[int], device: torch.device) -> list[int]:

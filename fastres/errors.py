@@ -92,6 +92,14 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return " ".join(str(e).split())[:limit]
 
 
+def shown(path: str | os.PathLike) -> str:
+    """A path as a one-line message names it: as it is when printable, else an escaped bytes literal in quotes
+    ('train/cat/a\\nb.jpg', 'caf\\xe9.jpg'), so a newline or a name that is not UTF-8 names one file, unambiguously."""
+    s = os.fspath(path)
+    s = os.fsdecode(s) if isinstance(s, bytes) else s
+    return s if s.isprintable() else repr(os.fsencode(s))[1:]
+
+
 def read_json(path: Path, kind: type = dict, what: str = "file") -> Any:
     """The JSON value in ``path``, of type ``kind``; a UserError naming the file if it cannot be read, is not
     JSON (a crash mid-write, a hand edit) or holds something else. Nothing is written either way."""

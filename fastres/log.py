@@ -56,10 +56,26 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             row = None
         if isinstance(row, dict) and "epoch" in row:
+            wrong = _wrong_field(row)
+            if wrong:  # valid JSON a hand or a tool changed: named, as a line that is not JSON is
+                raise UserError(f"{path} line {i}: {wrong}: fix the row or move the file")
             rows.append(row)
         elif i < len(lines):
             raise UserError(f"{path} line {i} is not a metrics row: fix or move the file")
     return rows
+
+
+def _wrong_field(row: dict[str, Any]) -> str:
+    """"" for a row of the types fastres writes (epoch and step whole numbers, every other field a number or
+    null), else which field is not."""
+    for key in ("epoch", "step"):
+        v = row.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"{key} is {json.dumps(v)[:40]}, not a whole number"
+    for key, v in row.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{key} is {json.dumps(v)[:40]}, not a number"
+    return ""
 
 
 def fmt_time(seconds: float) -> str:

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -34,10 +35,10 @@ import numpy as np
 import torch
 
 from fastres import checkpoint, config, distributed, rng
-from fastres.build import Parts, build
+from fastres.build import Parts, build, data_record
 from fastres.checkpoint import Progress
 from fastres.config import Config, parse_args
-from fastres.errors import Interrupted, UserError, entry, say, write_text, writing
+from fastres.errors import Interrupted, UserError, entry, read_json, say, shown, write_text, writing
 from fastres.evaluate import target_split
 from fastres.log import EXTRA_ACCS, SUMMARY, RunLog, code_hash, device_name, git_sha
 from fastres.model import count_params
@@ -71,13 +72,24 @@ def main(cfg: Config, notes: Sequence[str] = ()) -> dict[str, Any]:
 def train(cfg: Config, dist: distributed.Dist, pauses: Pauses, notes: Sequence[str] = ()) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup + build
     config.validate(cfg, dist.world)  # for the world it runs in (a config loads for torchrun's), before any write
+    distributed.same_config(config.to_dict(cfg))  # every rank one recipe, or one line naming what differs
     dev, out, target = dist.device, Path(cfg.run.out_dir), target_split(cfg.eval)
     _check_device(cfg, dev)
     code = dict(git_sha=git_sha(), code_hash=code_hash())  # what runs, read at start
+    fresh = dist.is_main and not out.exists()  # this start makes the run directory
     lock = lock_run_dir(out) if dist.is_main else None  # one run per directory: a second is refused
+    pauses.forget = out if fresh else None
+    began = False
     try:
         state = open_run_dir(cfg, dist)
         progress = checkpoint.restore_progress(out / checkpoint.NAME, state) if state else Progress()
+        if state is not None and (out / SUMMARY).exists() and (progress.epoch >= cfg.run.epochs or (
+                cfg.run.stop_at_target and progress.time_to_target_s is not None)):
+            if dist.is_main:  # started again: nothing to train, and no "resuming" or second done line
+                print(f"fastres: {out} holds a finished run ({progress.epoch} of {cfg.run.epochs} epochs): nothing "
+                      f"to train; its results are in {out / SUMMARY} (train again with another --run.out_dir)",
+                      file=sys.stderr, flush=True)
+            return read_json(out / SUMMARY)
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
@@ -90,6 +102,7 @@ def train(cfg: Config, dist: distributed.Dist, pauses: Pauses, notes: Sequence[s
             if dist.is_main:
                 _announce(cfg, p, dist, progress, log, resumed=state is not None)
             pauses.start(cfg.run.checkpoint_every_s, dist.world, dev, dist.is_main)
+            began, pauses.forget = True, None
             train_loop(cfg, p, dist, progress, state, log, pauses)
         finally:
             log.close()
@@ -103,7 +116,15 @@ def train(cfg: Config, dist: distributed.Dist, pauses: Pauses, notes: Sequence[s
                      f"{summary['train_time_s']:.1f} s (+ eval {summary['eval_time_s']:.1f} s, staging "
                      f"{p.staging_s:.1f} s, compile {p.compile_s:.1f} s), time to {cfg.run.target_acc:.0%}: "
                      + (f"{ttt:.1f} s" if ttt is not None else "not reached"))
+            if bad := sorted(getattr(p.loader, "skipped", ())):  # data.skip_bad's decode-time stand-ins, named
+                log.info(f"fastres: data.skip_bad: {len(bad)} training file(s) did not decode and trained as grey "
+                         f"images: " + "; ".join(shown(p.data.train.root / b) for b in bad[:5])
+                         + (" ..." if len(bad) > 5 else ""))
         return summary
+    except BaseException:
+        if fresh and not began:  # a start that failed leaves no run directory behind (its .lock, a file index)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if lock is not None:
             os.close(lock)  # releases the lock
@@ -160,9 +181,11 @@ def _end_epoch(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress
     loss_sum, correct, bad = _epoch_sums(p)  # once an epoch: the host reads the device's sums
     seen = len(p.loader) * cfg.optim.batch_size  # the epoch's training images, over every rank
     if bad >= 0:
+        kept = Path(cfg.run.out_dir) / checkpoint.NAME
         raise UserError(f"the training loss became NaN/inf at step {bad} (epoch {done}): lower "
                         f"optim.lr_per_128 or raise optim.warmup_epochs (fp16: try precision.amp=bf16); "
-                        f"the last good checkpoint (step {progress.step}) is kept")
+                        + ("the last checkpoint is kept: a resume starts from it" if kept.exists() else
+                           "no checkpoint had been written, so nothing is kept"))
     progress.epoch = done  # a checkpoint inside the next epoch resumes there
     stopping = pauses.stopping()
     if done % cfg.run.eval_every == 0 or done == cfg.run.epochs or stopping:
@@ -236,7 +259,8 @@ def _save(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progress, glo
         progress.epoch_loss_sum, progress.epoch_correct, progress.epoch_bad_step = 0.0, 0, -1
     if dist.is_main:
         checkpoint.save(Path(cfg.run.out_dir) / checkpoint.NAME, checkpoint.gather(
-            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.techniques, rng_ranks))
+            p.model, p.optimizer, p.scaler, progress, config.to_dict(cfg), p.techniques, rng_ranks,
+            data_record(p.data)))
     distributed.barrier()  # no rank goes on (or exits) before the checkpoint is whole
 
 
@@ -347,7 +371,7 @@ def open_run_dir(cfg: Config, dist: distributed.Dist) -> dict[str, Any] | None:
     changed = config.diff(state["config"], config.to_dict(cfg), ignore=config.RESUME_MAY_DIFFER)
     if changed:
         raise UserError(f"{ckpt} was trained with a different config ({', '.join(changed)}): restore those "
-                        "values, or start a new run with another --run.out_dir / --run.resume=never")
+                        "values to resume, or start a new run with another --run.out_dir (or --run.name)")
     return state
 
 
@@ -356,9 +380,9 @@ def _start_line(cfg: Config, p: Parts, dist: distributed.Dist, progress: Progres
             f"{device_name(dist.device)} x{dist.world}, {len(p.data.train)} train images, batch "
             f"{cfg.optim.batch_size}, {len(p.loader)} steps/epoch, {cfg.run.epochs} epochs -> {cfg.run.out_dir}")
     if resumed:  # at an epoch's end, or (a checkpoint inside an epoch) at a step inside the next one
-        inside = progress.step > progress.epoch * len(p.loader)
-        line += (f"\nfastres: resuming from epoch {progress.epoch} (step {progress.step}"
-                 + (f", inside epoch {progress.epoch + 1})" if inside else ")"))
+        inside = progress.step > progress.epoch * len(p.loader)  # counted as "interrupted at epoch E step S" is
+        line += (f"\nfastres: resuming at epoch {progress.epoch + 1} step {progress.step}" if inside else
+                 f"\nfastres: resuming after epoch {progress.epoch} (step {progress.step})")
     elif p.lsuv is not None:
         line += "\nfastres: LSUV output variances (before -> after, tries): " + ", ".join(
             f"{r['layer']} {r['var_before']:.2f}->{r['var_last']:.2f} ({r['tries']})" for r in p.lsuv)
@@ -413,6 +437,7 @@ class Pauses:
         self.last_save = time.monotonic()
         self.old, self.wakeup = {}, None
         self.closed = threading.Event()
+        self.forget: Path | None = None  # a run directory this start made: gone if start-up is cut short
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self.old[s] = signal.signal(s, self._received)
@@ -443,6 +468,7 @@ class Pauses:
             while not self.closed.is_set():
                 heard = [s for s in os.read(read_fd, 64) if s in SIGNALS]
                 if heard and not self.training and not self.closed.wait(GRACE_S):
+                    self._forget()
                     os._exit(say(self.startup_interrupted(heard[0])))  # still starting up: a library held on
         finally:
             os.close(read_fd)
@@ -450,12 +476,17 @@ class Pauses:
     def _received(self, signum: int, frame) -> None:
         if not self.training:
             if self.startup_signum is not None:  # a second one while unwinding: at once
+                self._forget()
                 os._exit(say(self.startup_interrupted(self.startup_signum)))
             self.startup_signum = signum
             raise self.startup_interrupted(signum)
         if self.signum is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # a second Ctrl-C: at once
         self.signum = self.signum or signum  # SIGTERM again: the same stop (from SLURM, then from torchrun's agent)
+
+    def _forget(self) -> None:
+        if self.forget is not None:
+            shutil.rmtree(self.forget, ignore_errors=True)
 
     def _checkpoint_due(self) -> bool:
         return bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s

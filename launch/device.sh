@@ -25,9 +25,11 @@
 #   jpeg       180 s  2,000 generated ImageNet-like JPEGs through every folder loader: Pillow workers, torchvision's
 #                     decoder in workers, its nvJPEG (the gpu loader), DALI's mixed decoder (results/jpeg.json)
 #   quick      330 s  [data] configs/stack-quick.toml: the ladder on 10 epochs, each run stopped at 80% test
+#   table      300 s  [data] the same ladder's one-GPU rows x 3 seeds, 4 runs at once, each row's speed alone:
+#                     aggregate img/s packed vs alone, derived vs measured (results/stack-table/packing.json)
 #   recipes    400 s  [data] configs/tune-recipe.toml: 8 recipe rows on the validation split
 #   ladder     540 s  [data] configs/stack.toml, resuming          depths  540 s  [data] configs/depths.toml
-# BUDGET_<item>=S changes an item's budget. A ladder stopped by its budget keeps its unfinished runs'
+# BUDGET_<item>=S changes an item's budget (whole seconds; 0 skips the item in this call). A ladder stopped by its budget keeps its unfinished runs'
 # checkpoints (they are packed too); the next `next` resumes them. FASTRES_DEVICE_DRYRUN=1 walks the queue
 # on a CPU (tiny runs, synthetic data, one variant of each step form, results under runs/device-dryrun/) to test it.
 set -euo pipefail
@@ -36,7 +38,7 @@ cd "$root"
 
 die() { echo "launch/device.sh: $*" >&2; exit 2; }
 
-ITEMS="check throughput profile imagenet jpeg quick recipes ladder depths"
+ITEMS="check throughput profile imagenet jpeg quick table recipes ladder depths"
 DRY=${FASTRES_DEVICE_DRYRUN:-}
 R=results  # where results and the done marks go; a dry run keeps its own apart from the real ones
 [ -z "$DRY" ] || R=runs/device-dryrun/results
@@ -89,6 +91,7 @@ item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs 
     imagenet) budget=180 needs= ;;
     jpeg) budget=180 needs= ;;
     quick) budget=330 needs=data ;;
+    table) budget=300 needs=data ;;
     recipes) budget=400 needs=data ;;
     ladder) budget=540 needs=data ;;
     depths) budget=540 needs=data ;;
@@ -96,6 +99,16 @@ item_info() {  # NAME: sets budget (seconds; BUDGET_<NAME> overrides) and needs 
   esac
   local var="BUDGET_$1"
   budget=${!var:-$budget}
+  [[ $budget =~ ^[0-9]+$ ]] || die "$var=$budget: a whole number of seconds (0 skips $1)"
+}
+
+writable() {  # DIR...: folders the queue writes; each made if missing and written to once, or one line and exit 2
+  local d
+  for d in "$@"; do
+    { mkdir -p "$d" && : > "$d/.write-test" && rm -f "$d/.write-test"; } 2>/dev/null || \
+      die "cannot write to $d, where the queue writes what it measures: make it writable (or move what is in the" \
+          "way) and call again; nothing was run"
+  done
 }
 
 item_done() { [ -f "$R/device/$1.json" ]; }
@@ -120,7 +133,7 @@ stack_item() {  # CONFIG RUNS_NAME ITEM_BUDGET [DRY_ROWS [DRY_FLAGS...]]: a ladd
 }
 
 stack_runs() {  # ITEM: its stack's runs directory name
-  case $1 in quick) echo stack-quick ;; recipes) echo tune-recipe ;; ladder) echo stack ;; depths) echo depths ;; esac
+  case $1 in quick) echo stack-quick ;; table) echo stack-table ;; recipes) echo tune-recipe ;; ladder) echo stack ;; depths) echo depths ;; esac
 }
 
 stack_complete() {  # RUNS_NAME: every row of the ladder is done (or needs more GPUs than there are)
@@ -176,6 +189,15 @@ item() {  # NAME BUDGET: one item's commands (run by `next` under its budget)
           --workers=1 --out="$R/jpeg.json"
       fi ;;
     quick) stack_item configs/stack-quick.toml stack-quick "$budget" baseline ;;
+    table)  # the quick ladder's one-GPU rows x 3 seeds, packed 4 at once, each row's speed alone (packing.json)
+      if [ -z "$DRY" ]; then
+        python3 -m fastres.tools.stack --config configs/stack-quick.toml --seeds=3 --concurrent=4 \
+          --runs=runs/stack-table --out="$R/stack-table" --budget-s=$(( budget - 20 ))
+      else
+        python3 -m fastres.tools.stack --config configs/stack-quick.toml --device=cpu --only=baseline --seeds=3 \
+          --concurrent=2 --runs=runs/device-dryrun/stack-table --out="$R/stack-table" "${TINY[@]}" --run.epochs=1 \
+          --budget-s=$(( budget - 20 ))
+      fi ;;
     recipes) stack_item configs/tune-recipe.toml tune-recipe "$budget" onecycle-25-epochs-batch-1024 \
                --data.subset=1280 ;;  # its rows train batches of 1024: one full batch after the 128 held out
     ladder) stack_item configs/stack.toml stack "$budget" baseline ;;
@@ -218,6 +240,7 @@ plan() {  # the queue with each item's budget and state
     item_info "$name"
     state=pending
     item_done "$name" && state="done ($R/device/$name.json)"
+    [ "$state" != pending ] || [ "$budget" -gt 0 ] || state="skipped (budget 0)"
     printf '  %-11s %5s s  %-5s %s\n' "$name" "$budget" "${needs:--}" "$state"
     if [ "$state" = pending ]; then
       total=$((total + budget))
@@ -244,7 +267,9 @@ next() {  # run the pending items within the call's budget, packing after each
     die "no .git and no .device/git_sha: run 'bash launch/device.sh prepare' in your checkout and copy .device/ along"
   have_data && export FASTRES_DATA=$DATA
   export PYTHONUNBUFFERED=1 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
-  mkdir -p "$OUT_DIR" "$R/device"
+  # every folder an item writes, checked before any budget is spent on an item whose results could not be kept
+  writable "$OUT_DIR" "$R" "$R/device" runs
+  while IFS= read -r -d '' dir; do writable "$dir"; done < <(find "$R" -mindepth 1 -type d -print0)
   log=$OUT_DIR/device.log
   plan | tee -a "$log"
   prov=$OUT_DIR/provenance.json
@@ -253,6 +278,10 @@ next() {  # run the pending items within the call's budget, packing after each
     item_info "$name"
     if item_done "$name"; then
       echo "=== $name: done before, skipped" | tee -a "$log"
+      continue
+    fi
+    if [ "$budget" -eq 0 ]; then
+      echo "=== $name: budget 0 (BUDGET_$name=0): skipped in this call" | tee -a "$log"
       continue
     fi
     if [ "$needs" = data ] && [ -z "$DRY" ] && ! have_data; then

@@ -22,6 +22,8 @@ case ",$extras," in *,slurm,*) slurm=1; extras=$(echo ",$extras," | sed 's/,slur
 if [ -n "$slurm" ] && ! command -v slurmctld >/dev/null; then
   debs="slurmctld slurmd slurm-client munge"
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install.sh: installing a one-host SLURM with apt-get ($debs) for tests/test_slurm.py;" \
+         "leave 'slurm' out of the extras to skip it" >&2
     # the package lists may be missing on a fresh machine: fetch them once, and only then
     apt-get install -y -qq --no-install-recommends $debs >/dev/null 2>&1 \
       || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $debs >/dev/null; } \

@@ -200,7 +200,7 @@ def test_a_run_resumes_whatever_its_directory_is_called_or_where_it_moved(small_
     assert train.cli(tiny(small_cifar, tmp_path / "moved")) == 0  # moved elsewhere: it finishes there
     assert [r["epoch"] for r in read_metrics(tmp_path / "moved")] == [1, 2, 3]
     err = capsys.readouterr().err
-    assert "resuming from epoch 1" in err and "resuming from epoch 2" in err and "different config" not in err
+    assert "resuming after epoch 1" in err and "resuming after epoch 2" in err and "different config" not in err
 
 
 def test_the_bad_input_sweep_finds_no_traceback(small_cifar, tmp_path):

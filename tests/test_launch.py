@@ -4,6 +4,7 @@ them (the queue's dry run, skip-if-done, budgets, pack and unpack; the commands 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -156,7 +157,7 @@ def next_call(script: Path, out: Path, **env: str) -> subprocess.CompletedProces
                                                          "PYTHONPATH": str(script.parent.parent), **env})
 
 
-ITEMS = ("check", "throughput", "profile", "imagenet", "jpeg", "quick", "recipes", "ladder", "depths")
+ITEMS = ("check", "throughput", "profile", "imagenet", "jpeg", "quick", "table", "recipes", "ladder", "depths")
 
 
 @pytest.mark.slow
@@ -185,8 +186,11 @@ def test_next_walks_the_whole_queue_then_skips_what_is_done(tmp_path):
     assert all(row["depth"] == 50 and row["baseline_config"]["precision"]["amp"] == "off" for row in imagenet)
     jpeg = [json.loads(line) for line in (res / "jpeg.json").read_text().splitlines()]
     assert {row["loader"] for row in jpeg} >= {"workers", "gpu"}
-    for stack_out in ("stack-quick", "tune-recipe", "stack"):
+    for stack_out in ("stack-quick", "stack-table", "tune-recipe", "stack"):
         assert (res / stack_out / "stack.md").is_file(), stack_out
+    packing = json.loads((res / "stack-table" / "packing.json").read_text())  # 3 seeds: seed 0 alone, 2 packed
+    assert packing["concurrent"] == 2 and packing["packed_img_per_s"] > 0 and packing["speedup"] > 0
+    assert "largest_derived_vs_measured" in packing
     assert (res / "depths" / "resnet-depths.md").is_file()
     with tarfile.open(tmp_path / "out" / "results.tgz") as tar:
         names = set(tar.getnames())
@@ -247,6 +251,32 @@ def test_next_stops_an_item_at_its_budget_packs_and_goes_on(tmp_path):
     assert (tmp_path / "out" / "device.log").read_text().count("=== throughput") == 2
 
 
+def test_next_checks_what_it_will_write_before_it_runs_anything(tmp_path):
+    script = dry_tree(tmp_path / "there")
+    res = tmp_path / "there" / "runs" / "device-dryrun" / "results"
+    (res / "profile").parent.mkdir(parents=True)
+    (res / "device").write_text("a file where the done marks go")
+    r = next_call(script, tmp_path / "out")
+    assert r.returncode == 2 and "=== check" not in r.stdout, r.stdout[-2000:]
+    assert r.stderr.strip() == (f"launch/device.sh: cannot write to {Path('runs/device-dryrun/results/device')}, "
+                                "where the queue writes what it measures: make it writable (or move what is in the "
+                                "way) and call again; nothing was run"), r.stderr
+
+
+def test_an_item_budget_of_0_skips_it_and_a_bad_one_is_refused(tmp_path):
+    script = dry_tree(tmp_path / "there")
+    marks = tmp_path / "there" / "runs" / "device-dryrun" / "results" / "device"
+    marks.mkdir(parents=True)
+    for item in ITEMS[1:]:
+        (marks / f"{item}.json").write_text("{}\n")
+    r = next_call(script, tmp_path / "out", BUDGET_check="0")
+    assert r.returncode == 0 and re.search(r"check +0 s +- +skipped \(budget 0\)", r.stdout), r.stdout[-2000:]
+    assert "=== check: budget 0 (BUDGET_check=0): skipped in this call" in r.stdout
+    assert not (marks / "check.json").exists() and "=== check (budget" not in r.stdout
+    r = next_call(script, tmp_path / "out", BUDGET_check="soon")
+    assert r.returncode == 2 and "BUDGET_check=soon: a whole number of seconds (0 skips check)" in r.stderr
+
+
 def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_path):
     """Without .git a run needs what prepare recorded; without CIFAR-10 the data items wait, said once, naming
     what to set."""
@@ -270,3 +300,59 @@ def test_next_outside_a_dry_run_wants_the_recorded_head_and_waits_for_data(tmp_p
         assert "--data=DIR" in r.stdout and r.stdout.count("need CIFAR-10, not found") == 1
         assert not any(f"=== {item} (budget" in r.stdout for item in ITEMS)  # nothing ran
         assert not (marks / "quick.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- launch/multinode.sh
+
+TINY = ["--data.source=synthetic", "--data.subset=96", "--data.test_subset=32", "--model.depth=8",
+        "--optim.batch_size=32", "--data.loader=gpu", "--run.device=cpu", "--run.epochs=1"]
+
+
+def multinode(tmp_path, env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """launch/multinode.sh with PATH less any nvidia-smi (a CPU node), as a user runs it."""
+    import os
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if not (Path(p) / "nvidia-smi").exists())
+    return subprocess.run(["bash", "launch/multinode.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", **env})
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multinode_on_a_node_without_gpus_runs_one_cpu_process_and_says_so(tmp_path):
+    r = multinode(tmp_path, {"NNODES": "1", "MASTER": f"127.0.0.1:{free_port()}"}, *TINY,
+                  f"--run.out_dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "multinode.sh: no GPU on" in r.stderr and "one CPU process here" in r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 1
+
+
+def test_multinode_refuses_a_rendezvous_port_another_program_holds(tmp_path):
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = multinode(tmp_path, {"NNODES": "1", "MASTER": f"127.0.0.1:{port}"}, *TINY, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"multinode.sh: port {port} on 127.0.0.1 (this node) is held by another program: stop it, or choose another "
+        "port in MASTER on every node"), r.stderr
+
+
+@pytest.mark.slow
+def test_multinode_says_when_not_every_node_joined_and_repeats_fastres_line_last(tmp_path):
+    r = multinode(tmp_path, {"NNODES": "2", "MASTER": f"127.0.0.1:{free_port()}", "JOIN_TIMEOUT_S": "5"}, *TINY,
+                  f"--run.out_dir={tmp_path / 'run'}")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("multinode.sh: not all NNODES=2 nodes joined the rendezvous"), \
+        r.stderr[-3000:]
+    r = multinode(tmp_path, {"NNODES": "1", "MASTER": f"127.0.0.1:{free_port()}"}, *TINY, "--data.subset=5",
+                  f"--run.out_dir={tmp_path / 'bad'}")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("fastres: error: ") and "data.subset" in last, r.stderr[-3000:]

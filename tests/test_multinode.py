@@ -181,7 +181,7 @@ def test_a_lost_node_is_survived_and_a_returning_node_joins(tmp_path, hosts_of):
     assert agents[0].wait(timeout=300) == 0 and again.wait(timeout=60) == 0, logs_text(logs)[-5000:]
     text = logs_text(logs)
     assert "stopped answering" in text  # the survivor's one line about the lost rank
-    assert f"resuming from epoch {lost['epoch']} (step {lost['step']}, inside epoch {lost['epoch'] + 1})" in text
+    assert f"resuming at epoch {lost['epoch'] + 1} step {lost['step']}" in text
     assert "fastres: resuming at world 1 (checkpoint written at world 2)" in text
     assert "fastres: resuming at world 2 (checkpoint written at world 1)" in text
     rows, summary = read_metrics(out), json.loads((out / "summary.json").read_text())
@@ -237,7 +237,7 @@ def test_a_rank_that_stops_answering_fails_the_others_in_bounded_time_and_torchr
     assert line.startswith("fastres: error: a collective failed or waited over run.collective_timeout_s = 8 s")
     assert ": rank 1 stopped answering" in line
     assert 8 <= waited < 8 + 3 + 20  # the timeout, the roll call, a loaded machine's slack
-    assert "resuming from epoch" in text and [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert "fastres: resuming a" in text and [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------- the run directory
@@ -265,6 +265,28 @@ def test_a_run_directory_another_node_cannot_see_fails_at_start_in_one_line(tmp_
     assert len(told) == 1 and told[0].startswith("fastres: error: rank 1 cannot see run.out_dir")
     assert not any(x.startswith("[rank") and "Traceback" in x for x in text.splitlines())
     assert not (shared / "run" / checkpoint.NAME).exists() and not (other / "run" / checkpoint.NAME).exists()
+
+
+@pytest.mark.slow
+@needs_netns
+def test_nodes_started_with_different_configs_are_refused_naming_the_keys_and_ranks(tmp_path, hosts_of):
+    """Another learning rate (would train apart silently), another depth (DDP's traceback), another epoch count (a
+    hang at the end): refused when the group forms, in one line naming each key and the rank that holds it."""
+    hosts = hosts_of(2)
+    extra = [[], ["--optim.lr_per_128=0.2", "--model.depth=14", "--run.epochs=3"]]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    agents = [hosts.start(i, agent(hosts, i, "2", [*SMALL, f"--run.out_dir={tmp_path / 'run'}", *extra[i]]),
+                          logs[i], env(), cwd=ROOT) for i in range(2)]
+    codes = [a.wait(timeout=240) for a in agents]
+    text = logs_text(logs)
+    assert codes[0] != 0 and codes[1] != 0, text[-4000:]
+    ours = [x for x in text.splitlines() if x.startswith("fastres: error:")]
+    assert len(ours) == 1, text[-4000:]  # rank 0 speaks for both
+    assert "the ranks were started with different configs" in ours[0]
+    for words in ("model.depth = 8 on rank 0 but 14 on rank(s) 1", "optim.lr_per_128 = 0.1 on rank 0 but 0.2",
+                  "run.epochs = 2 on rank 0 but 3"):
+        assert words in ours[0], ours[0]
+    assert "DDP expects same model" not in text and not (tmp_path / "run" / checkpoint.NAME).exists()
 
 
 # ------------------------------------------------------------------------------------------- in one process

@@ -182,7 +182,7 @@ def test_report_from_hand_made_summaries(tmp_path):
 
 def test_report_without_a_stack_is_one_line(tmp_path, capsys):
     assert report.cli([f"--runs={tmp_path}"]) == 2
-    assert "run fastres.tools.stack first" in capsys.readouterr().err
+    assert "run python -m fastres.tools.stack first" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, words", [

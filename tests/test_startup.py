@@ -49,7 +49,7 @@ def test_a_run_stopped_inside_its_first_epoch_says_where_it_resumes(tmp_path, mo
     capsys.readouterr()
     train.main(cfg)
     err = capsys.readouterr().err
-    assert "fastres: resuming from epoch 0 (step 1, inside epoch 1)" in err, err
+    assert "fastres: resuming at epoch 1 step 1\n" in err, err
 
 
 def test_a_run_resumed_at_an_epoch_end_says_so_too(tmp_path, monkeypatch, capsys):
@@ -57,7 +57,7 @@ def test_a_run_resumed_at_an_epoch_end_says_so_too(tmp_path, monkeypatch, capsys
     killed_after_first_checkpoint(monkeypatch, lambda: train.main(cfg))  # the checkpoint of epoch 1
     capsys.readouterr()
     train.main(cfg)
-    assert "fastres: resuming from epoch 1 (step 9)\n" in capsys.readouterr().err
+    assert "fastres: resuming after epoch 1 (step 9)\n" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_a_signal_during_start_up_is_one_line_and_leaves_nothing(tmp_path, sig, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"fastres: interrupted during start-up ({signal.Signals(sig).name}), before any training step: "
                      "nothing was saved or changed; run the same command to start again"], err
-    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]  # no checkpoint, config, metrics or events
+    assert not out.exists()  # the start made it: no lock, checkpoint, config, metrics or events left behind
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_a_start_up_signal_ends_the_run_in_one_line_whatever_a_library_does_with
     assert [line for line in err.splitlines() if line.strip()] == [
         "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
         "run the same command to start again"], err[-2000:]
-    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -178,7 +178,7 @@ def test_ctrl_c_inside_the_compile_warm_up_is_one_line_and_leaves_nothing(tmp_pa
     assert lines[-1] == ("fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved "
                          "or changed; run the same command to start again"), err[-3000:]
     assert sum(line.startswith("fastres:") for line in lines) == 1, err[-3000:]
-    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]
+    assert not out.exists()
 
 
 PHASE = '''
@@ -228,6 +228,6 @@ def test_a_signal_while_indexing_a_folder_or_downloading_stops_at_once_and_leave
     assert [line for line in err.splitlines() if line.strip()] == [
         "fastres: interrupted during start-up (SIGINT), before any training step: nothing was saved or changed; "
         "run the same command to start again"], err[-2000:]
-    assert sorted(f.name for f in out.iterdir()) == [train.LOCK]  # no index, whole or partial
+    assert not out.exists()  # no lock, no index, whole or partial
     if phase == "download":
         assert not data.exists()  # the folders the download made, and its .part file, are gone

@@ -37,7 +37,8 @@ HELPS = [
     ("stack", [], ["--config FILE", "(default: the stack file's [stack] out, else results)", "(default: no limit)",
                    "(default: every row)", "(default: each row's seeds", "(default: the stack file's device",
                    "--dry-run"]),
-    ("report", [], ["(default: runs/stack)", "(default: results)", "--pick"]),
+    ("report", [], ["(default: the last stack's, as runs/.last-stack names it, else runs/stack)", "(default: results)",
+                    "--pick"]),
     ("jpeg", [], ["(default: 2000)", "(default: 224)", "(default: 128)", "(default: 50)", "(default: 64)",
                   "(default: 30)", "(default: 2)", "(default: results/jpeg.json)"]),
     ("resize_folder", [], ["SRC", "--out DIR", "(default: 256)", "(default: 90)", "--workers N"]),
@@ -81,7 +82,8 @@ def test_help_describes_each_tool_from_its_docstring(capsys):
 
 
 BAD = [  # (tool, argv, words the one line must hold): the flag and what it takes
-    ("bench", ["--what", "nothing"], ["--what 'nothing'", "train, loaders, cpu-loaders, sharing, scaling, profile, dispatch"]),
+    ("bench", ["--what", "nothing"], ["--what 'nothing'",
+                                      "train, loaders, cpu-loaders, sharing, scaling, profile, dispatch"]),
     ("bench", ["nothing"], ["'nothing'", "train, loaders, cpu-loaders, sharing, scaling, profile, dispatch"]),
     ("bench", ["--steps", "x"], ["--steps", "'x' must be a whole number >= 1"]),
     ("bench", ["--steps=0"], ["--steps", ">= 1"]),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -93,3 +95,23 @@ def to_batch(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.
     """Cast a normalized NCHW batch to the dtype and memory format the model expects."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.to(dtype=dtype, memory_format=fmt)
+
+
+class NotRegular(OSError):
+    """A path named like a data file that is a FIFO, a device, a socket or a folder."""
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading, refused (NotRegular) unless it is a regular file: a FIFO named like an image or a
+    CIFAR batch would block the read, and the start, forever. Opened non-blocking so that even a FIFO returns."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+            raise NotRegular(f"is {kind}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastres.data.base import DataError, RunData, Split, resolved
-from fastres.errors import one_line, writing
+from fastres.data.base import DataError, RunData, Split, open_regular, resolved
+from fastres.errors import one_line, shown, writing
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -77,13 +77,14 @@ def read_batch(path: Path, per_file: int | None = None, label_key: str = "labels
     per_file = per_file or PER_FILE
     limit = _max_bytes(per_file)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO named data_batch_1 would block the read forever
             raw = f.read(limit + 1)  # unpickled from memory: a damaged length cannot ask the file for GBs
     except FileNotFoundError:
         raise DataError(f"{path} is missing: the CIFAR-10 folder needs {', '.join(TRAIN_FILES)} and "
                         f"{TEST_FILE}") from None
     except OSError as e:
-        raise DataError(f"{path} cannot be read ({e})") from None
+        raise DataError(f"{shown(path)} cannot be read ({e.strerror or e}): replace it with the file from the official "
+                        "archive") from None
     if len(raw) > limit:
         raise DataError(f"{path} is over {limit:,} bytes, far more than a CIFAR-10 batch of {per_file} "
                         f"images; replace it with the file from the official archive")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastres.data.base import DataError, Files, Split
+from fastres.data.base import DataError, Files, Split, open_regular
 from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
 from fastres.data.folder import decode_rgb, grey
 from fastres.errors import UserError, one_line
@@ -204,12 +204,31 @@ def _file_bytes(path: Path, mode: str, grey_size: tuple[int, int] | None) -> np.
     """What the DALI decoder reads for one file: its bytes; re-encoded losslessly by Pillow when its mode is not
     RGB or L (CMYK, palette, alpha: Pillow's conversion, as the workers loader); for a known bad file a grey PNG
     of its size ``grey_size`` (so its crop box fits)."""
-    if grey_size is None and mode in ("RGB", "L"):
-        return np.fromfile(path, dtype=np.uint8)
-    img = decode_rgb(path) if grey_size is None else grey(grey_size)
+    try:
+        if grey_size is None and mode in ("RGB", "L"):
+            with open_regular(path) as f:
+                data = np.fromfile(f, dtype=np.uint8)
+            if _whole(data):
+                return data
+        # a cut-off file goes to Pillow, which names it: DALI's decoder would print its own [ERROR] line first
+        img = decode_rgb(path, skip_bad=True) if grey_size is None else grey(grey_size)
+    except OSError:
+        img = None
+    if img is None:  # gone, replaced or bad since indexing: no bytes, DALI fails the batch and Pillow names the file
+        return np.zeros(0, np.uint8)
     buf = io.BytesIO()
     img.save(buf, "PNG", compress_level=1)
     return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def _whole(data: np.ndarray) -> bool:
+    """Whether a JPEG or PNG file's bytes run to their format's end marker (EOI; IEND), trailing zeros aside."""
+    tail = bytes(np.trim_zeros(data[-4096:], "b")[-8:])
+    if bytes(data[:2]) == b"\xff\xd8":
+        return tail.endswith(b"\xff\xd9")
+    if bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    return True  # another format: DALI's decoder decides
 
 
 class _FolderEpochSource(_EpochSource):
@@ -277,15 +296,17 @@ class FolderDaliLoader(DaliLoader):
             anchor, shape, mirror, labels, side = fn.external_source(source=src.params, num_outputs=5, batch=True,
                                                                      batch_info=True)
             # decode the box alone (nvJPEG's ROI decode on a GPU), then resize all of it: a resize of a region of
-            # the whole image would read pixels outside the box at its edges, where Pillow's crop-then-resize does not
+            # the whole image would read pixels outside the box at its edges, where Pillow's crop-then-resize does not;
+            # EXIF orientation ignored, as Pillow's open and torchvision's ImageFolder do (the boxes are the header's)
             if self.augment == "pad-crop":  # a window over the edge: the whole image, then a slice padded with zeros
-                images = fn.slice(fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB),
+                images = fn.slice(fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                                    adjust_orientation=False),
                                   anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                   out_of_bounds_policy="pad", fill_values=0)
             else:
                 images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", normalized_anchor=False,
                                                  normalized_shape=False, device="mixed" if gpu else "cpu",
-                                                 output_type=types.RGB)
+                                                 output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, size=side, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
             return self._normalized(images, mirror), labels.gpu() if gpu else labels
 

@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastres.config import DataCfg
-from fastres.data.base import DataError, Files, RunData, Split, resolved
-from fastres.errors import one_line, signals_held, writing
+from fastres.data.base import DataError, Files, NotRegular, RunData, Split, open_regular, resolved
+from fastres.errors import one_line, shown, signals_held, writing
 
 # ImageNet's channel statistics, as torchvision's references normalize every folder of photographs.
 MEAN_IMAGENET = (0.485, 0.456, 0.406)
@@ -42,7 +42,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what Pillow and DALI's decoders 
 MIN_SIDE = 8  # pixels: smaller is a thumbnail or a broken export, not a photograph
 MAX_SIDE = 16_384  # pixels: one decode would take a GB and stall its worker (ImageNet's largest side is ~5,000)
 INDEX = "file_index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: paths as file-system bytes joined by NUL (a name may hold a newline, or not be UTF-8)
 EVAL_RESIZE = 0.875  # evaluation: shorter side to size / 0.875, then the centre crop (torchvision's references)
 GREY = 128  # what a file that cannot be decoded becomes under data.skip_bad
 
@@ -55,8 +55,35 @@ def _freshness(root: Path) -> dict[str, int]:
     for sub in ("train", "val"):
         d = root / sub
         key[sub] = d.stat().st_mtime_ns
-        key.update({f"{sub}/{e.name}": e.stat().st_mtime_ns for e in os.scandir(d) if e.is_dir()})
+        for e in os.scandir(d):
+            if _kind(e) == "dir":
+                key[f"{sub}/{e.name}"] = e.stat().st_mtime_ns
     return key
+
+
+def _kind(e: os.DirEntry) -> str:
+    """"dir", "file" (regular, links followed), "special" (FIFO, device, socket) or why it cannot be told (a link
+    loop, a dangling link, no permission)."""
+    try:
+        if e.is_dir():
+            return "dir"
+        if e.is_file():
+            return "file"
+        e.stat()  # follows a link: raises for one that leads nowhere
+        return "special"
+    except FileNotFoundError:
+        return "is a link to nothing (a dangling link)"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+
+
+def _scandir(d: Path) -> tuple[list[os.DirEntry], str]:
+    """The entries of ``d`` sorted by name, and "" or why it cannot be listed."""
+    try:
+        return sorted(os.scandir(d), key=lambda e: e.name), ""
+    except OSError as err:
+        return [], f"is a folder this process cannot list ({err.strerror or type(err).__name__}; chmod makes it " \
+                   "readable)"
 
 
 def _header(path: Path) -> tuple[int, int, str, str]:
@@ -64,13 +91,19 @@ def _header(path: Path) -> tuple[int, int, str, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: the sides are checked below
-            with Image.open(path) as im:
+            with open_regular(path) as f, Image.open(f) as im:
                 (w, h), mode, fmt = im.size, im.mode, im.format
+    except NotRegular as e:
+        return 0, 0, "", str(e)
+    except OSError as e:
+        if e.errno is not None:  # the system's: gone, no permission, a link loop (Pillow's own carry no errno)
+            return 0, 0, "", f"cannot be read ({e.strerror or type(e).__name__})"
+        return 0, 0, "", f"is not an image Pillow can read ({type(e).__name__}: {one_line(e, 80)})"
     except Image.DecompressionBombError:
         return 0, 0, "", f"is over {Image.MAX_IMAGE_PIXELS * 2:,} pixels (a decompression bomb?)"
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a file that is not an image
         return 0, 0, "", f"is not an image Pillow can read ({type(e).__name__}: {one_line(e, 80)})"
-    if fmt not in ("JPEG", "PNG"):
+    if fmt not in ("JPEG", "MPO", "PNG"):  # MPO: a phone camera's JPEG with more frames after the first
         return w, h, mode, f"is a {fmt} image, not JPEG or PNG"
     if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
         return w, h, mode, f"is {w}x{h} pixels: sides must be {MIN_SIDE} to {MAX_SIDE:,}"
@@ -80,8 +113,12 @@ def _header(path: Path) -> tuple[int, int, str, str]:
 def _list_split(root: Path, sub: str, classes: list[str] | None) -> tuple[list[str], list[int], list[list[str]]]:
     """(relative paths, labels, [path, problem] pairs) of ``root/sub``; the classes are train/'s when given."""
     base = root / sub
-    names = sorted(e.name for e in os.scandir(base) if e.is_dir())
-    bad = [[f"{sub}/{e.name}", "is a file outside any class folder"] for e in os.scandir(base) if not e.is_dir()]
+    entries, why = _scandir(base)
+    if why:
+        raise DataError(f"{shown(base)} {why}")
+    names = [e.name for e in entries if _kind(e) == "dir"]
+    bad = [[f"{sub}/{e.name}", "is a file outside any class folder" if _kind(e) in ("file", "special") else _kind(e)]
+           for e in entries if _kind(e) != "dir"]
     classes = names if classes is None else classes
     label_of = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
@@ -90,10 +127,18 @@ def _list_split(root: Path, sub: str, classes: list[str] | None) -> tuple[list[s
             bad.append([f"{sub}/{name}", "is a class folder with no namesake in train/"])
             continue
         found = 0
-        for e in sorted(os.scandir(base / name), key=lambda e: e.name):
-            rel = f"{sub}/{name}/{e.name}"
-            if e.is_dir():
+        inside, why = _scandir(base / name)
+        if why:
+            bad.append([f"{sub}/{name}", why])
+            continue
+        for e in inside:
+            rel, kind = f"{sub}/{name}/{e.name}", _kind(e)
+            if kind == "dir":
                 bad.append([rel, "is a folder inside a class folder (the layout is <split>/<class>/<image>)"])
+            elif kind == "special":
+                bad.append([rel, "is not a regular file (a FIFO, a device or a socket)"])
+            elif kind != "file":
+                bad.append([rel, kind])
             elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
                 bad.append([rel, f"is not an image file (extensions read: {', '.join(IMAGE_EXTENSIONS)})"])
             else:
@@ -107,7 +152,7 @@ def _list_split(root: Path, sub: str, classes: list[str] | None) -> tuple[list[s
 
 def _build_index(root: Path) -> dict:
     """List train/ and val/, read every header (threads: it is file I/O), and record each problem found."""
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    classes = [e.name for e in _scandir(root / "train")[0] if _kind(e) == "dir"]
     if not classes:
         raise DataError(f"{root / 'train'} holds no class folders: data.source = folder needs "
                         f"data.dir/train/<class>/<image> (and val/<class>/<image>)")
@@ -132,7 +177,7 @@ def _write_index(path: Path, key: dict, index: dict) -> None:
                                                     bad=index["bad"])).encode(), np.uint8)}
     for sub in ("train", "val"):
         part = index[sub]
-        arrays[f"{sub}_paths"] = np.frombuffer("\n".join(part["paths"]).encode(), np.uint8)
+        arrays[f"{sub}_paths"] = np.frombuffer(b"\0".join(os.fsencode(p) for p in part["paths"]), np.uint8)
         arrays[f"{sub}_modes"] = np.frombuffer("\n".join(part["modes"]).encode(), np.uint8)
         arrays[f"{sub}_labels"] = np.asarray(part["labels"], np.int64)
         arrays[f"{sub}_sizes"] = np.asarray(part["sizes"], np.int64).reshape(-1, 2)
@@ -155,12 +200,14 @@ def _read_index(path: Path, key: dict) -> dict | None:
                 return None
             index = {"classes": meta["classes"], "bad": meta["bad"]}
             for sub in ("train", "val"):
-                text = {k: z[f"{sub}_{k}"].tobytes().decode() for k in ("paths", "modes")}
-                index[sub] = dict(paths=text["paths"].split("\n") if text["paths"] else [],
-                                  modes=text["modes"].split("\n") if text["modes"] else [],
+                raw, modes = z[f"{sub}_paths"].tobytes(), z[f"{sub}_modes"].tobytes().decode()
+                index[sub] = dict(paths=[os.fsdecode(p) for p in raw.split(b"\0")] if raw else [],
+                                  modes=modes.split("\n") if modes else [],
                                   labels=z[f"{sub}_labels"], sizes=z[f"{sub}_sizes"])
+            if any(len(index[sub]["paths"]) != len(index[sub]["labels"]) for sub in ("train", "val")):
+                return None
             return index
-    except (OSError, ValueError, KeyError, EOFError):
+    except Exception:  # noqa: BLE001 - damaged (BadZipFile, a bad copy, a run killed mid-write): rebuilt
         return None
 
 
@@ -201,7 +248,7 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eva
     train/ as "val"); files with problems stop the run, or with data.skip_bad are left out and listed."""
     root = folder_root(cfg)
     index = folder_index(root, cache_dir)
-    bad = [f"{root / rel}: {why}" for rel, why in index["bad"]]
+    bad = [f"{shown(root / rel)}: {why}" for rel, why in index["bad"]]
     if bad and not cfg.skip_bad:
         more = f" (and {len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]}{more}: fix or remove it, or set data.skip_bad = true to leave such files out")
@@ -209,8 +256,8 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eva
     if cfg.augment == "pad-crop" and len(train) and (train.sizes != cfg.side).any():
         i = int(np.flatnonzero((train.sizes != cfg.side).any(1))[0])
         raise DataError(f"data.augment = pad-crop crops images of the side they have, data.image_size = {cfg.side}, "
-                        f"but {root / train.paths[i]} is {train.sizes[i][0]}x{train.sizes[i][1]}: set data.image_size "
-                        "to the images' side, or use data.augment = rrc")
+                        f"but {shown(root / train.paths[i])} is {train.sizes[i][0]}x{train.sizes[i][1]}: set "
+                        "data.image_size to the images' side, or use data.augment = rrc")
     if not len(train) or not len(test):
         raise DataError(f"{root} has no readable {'train' if not len(train) else 'val'} images: "
                         "data.source = folder needs images in train/<class>/ and val/<class>/")
@@ -233,17 +280,23 @@ def load_folder(cfg: DataCfg, cache_dir: str | os.PathLike | None = None, *, eva
                    num_classes=len(index["classes"]), mean=MEAN_IMAGENET, std=STD_IMAGENET, skipped=skipped)
 
 
-def decode_rgb(path: Path, skip_bad: bool = False) -> Image.Image | None:
+def decode_rgb(path: Path, skip_bad: bool = False, instead: str = "train on a grey image in its place"
+               ) -> Image.Image | None:
     """The file as an RGB image (grayscale, palette, CMYK and alpha converted as Pillow converts them). A file
-    that does not decode is a DataError naming it; with ``skip_bad``, None."""
+    that does not decode (or is gone, or is no longer a regular file) is a DataError naming it, which says what
+    data.skip_bad does ``instead``; with ``skip_bad``, None."""
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as f, Image.open(f) as im:
             im.load()  # decodes it all: a truncated file raises here
             return im if im.mode == "RGB" else im.convert("RGB")  # an RGB file needs no copy
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
         if not skip_bad:
-            raise DataError(f"{path} cannot be decoded ({type(e).__name__}: {one_line(e, 80)}): replace or remove "
-                            "it, or set data.skip_bad = true to train on a grey image in its place") from None
+            if isinstance(e, OSError) and e.errno is not None:  # the system's, not Pillow's verdict on the bytes
+                raise DataError(f"{shown(path)} cannot be read ({e.strerror}): it changed after the file index "
+                                f"was built; restore it, or start again to re-index the folder, or set data.skip_bad "
+                                f"= true to {instead}") from None
+            raise DataError(f"{shown(path)} cannot be decoded ({type(e).__name__}: {one_line(e, 80)}): replace or "
+                            f"remove it, or set data.skip_bad = true to {instead}") from None
     return None
 
 
@@ -283,6 +336,16 @@ def import_torchvision():
         raise DataError(f"a torchvision decoder was asked for but torchvision does not import ({one_line(e, 100)}): "
                         f"{TORCHVISION_INSTALL}") from None
     return tv_io, tv_f
+
+
+def file_bytes(path: Path) -> torch.Tensor:
+    """A file's bytes, uint8 1-D; empty when it is gone, unreadable or no longer a regular file (the decoders then
+    fail, and Pillow names the file)."""
+    try:
+        with open_regular(path) as f:
+            return torch.from_numpy(np.fromfile(f, dtype=np.uint8))
+    except OSError:
+        return torch.empty(0, dtype=torch.uint8)
 
 
 def decode_tv(data: torch.Tensor, path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
@@ -348,6 +411,7 @@ def decode_split(files: Files, cfg: DataCfg, skipped: list[str], side: int, rati
     x = torch.cat([p[0] for p in parts]).numpy()
     ok = torch.cat([p[1] for p in parts]).numpy().astype(bool)
     for i in np.flatnonzero(~ok):
-        decode_rgb(files.root / files.paths[i], skip_bad=cfg.skip_bad)  # raises the one line unless skip_bad
-        skipped.append(f"{files.root / files.paths[i]}: cannot be decoded")
+        decode_rgb(files.root / files.paths[i], skip_bad=cfg.skip_bad,  # raises the one line unless skip_bad
+                   instead="leave it out of evaluation")
+        skipped.append(f"{shown(files.root / files.paths[i])}: cannot be decoded")
     return Split(np.ascontiguousarray(x[ok]), files.y[ok])

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastres.data.base import Files, Split, normalize, to_batch
 from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
-from fastres.data.folder import crop_resize_tv, decode_rgb, decode_tv, import_torchvision
+from fastres.data.folder import crop_resize_tv, decode_rgb, decode_tv, file_bytes, import_torchvision
 
 CHUNK = 4096  # images augmented per kernel group at an epoch's start
 
@@ -119,7 +118,7 @@ class FolderGpuLoader:
                    torch.from_numpy(self.files.y[idx]).to(self.device, non_blocking=True))
 
     def _read(self, idx: list[int]) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.fromfile(self.files.root / self.files.paths[i], dtype=np.uint8)) for i in idx]
+        return [file_bytes(self.files.root / self.files.paths[i]) for i in idx]
 
     def _decode(self, idx: list[int], data: list[torch.Tensor]) -> list[torch.Tensor]:
         """The batch's images as uint8 (3, H, W) on the device: nvJPEG's batch for the plain JPEGs on a GPU, the host

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
+from fastres.data import folder
 from fastres.data.base import Files, Split, normalize, to_batch
 from fastres.data.draws import PAD, Resolution, aug_params, epoch_indices, folder_boxes, steps_per_epoch
 from fastres.data.folder import crop_resize_pil, crop_resize_tv, decode_rgb, decode_tv, grey, import_torchvision
@@ -137,7 +138,7 @@ class _FolderBatches(Dataset):
     def _crop(self, i: int, box: tuple[int, int, int, int], side: int) -> tuple[np.ndarray, bool]:
         path = self.files.root / self.files.paths[i]
         if self.decoder == "torchvision":
-            x, ok = decode_tv(torch.from_numpy(np.fromfile(path, dtype=np.uint8)), path, self.files.sizes[i])
+            x, ok = decode_tv(folder.file_bytes(path), path, self.files.sizes[i])
             return crop_resize_tv(x, box, side, 0).permute(1, 2, 0).numpy(), ok
         img = decode_rgb(path, skip_bad=True)
         ok = img is not None

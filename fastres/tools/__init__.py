@@ -16,6 +16,7 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from fastres.config import ConfigError, parse_args
+from fastres.errors import entry
 
 OVERRIDES = ("Config overrides: --section.key=value (or --section.key value) among the options, applied on top of\n"
              "--config; every key, its type and default: python -m fastres.train --help")
@@ -96,3 +97,13 @@ def names(valid: Sequence[str] | None = None) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (valid: {', '.join(valid)})")
         return given
     return convert
+
+
+def tool_cli(main: Callable[[list[str]], object], command_line: Callable[[], argparse.ArgumentParser],
+             argv: list[str] | None = None) -> int:
+    """A tool's command: ``main(argv)`` under fastres.errors.entry (one line and exit 2 for a mistake, --help from
+    ``command_line()``); main's return value is the tool's, for callers in Python, not the exit code."""
+    def body(args: list[str]) -> None:
+        main(args)
+    return entry(body, argv, command_line().format_help())
+

@@ -468,16 +468,16 @@ def _main(argv: list[str]) -> None:
         rows = cpu_loaders(cfg, images=args.images, repeats=args.repeats, prepared_side=args.prepared_side)
         text = cpu_loaders_table(rows)
         _write_table(args.out, rows, f"# The CPU side of the JPEG path\n\nWritten by "
-                     f"`{' '.join([PROG, 'cpu-loaders', *rest])}` on {rows[0]['device']}, {rows[0]['cores']} cores, torch "
-                     f"{rows[0]['torch_version']}, code {short_sha(rows[0]['git_sha'])}: {rows[0]['images']} JPEGs, "
-                     f"batch {rows[0]['batch']}, side {rows[0]['side']}.\n\n{text}")
+                     f"`{' '.join([PROG, 'cpu-loaders', *rest])}` on {rows[0]['device']}, {rows[0]['cores']} "
+                     f"cores, torch {rows[0]['torch_version']}, code {short_sha(rows[0]['git_sha'])}: "
+                     f"{rows[0]['images']} JPEGs, batch {rows[0]['batch']}, side {rows[0]['side']}.\n\n{text}")
         print(text, end="")
     elif what == "sharing":
         rows = sharing_rows(Path(args.config), overrides)
         text = sharing_table(rows)
         _write_table(args.out, rows, f"# A training process beside a busy program\n\nWritten by "
-                     f"`{' '.join([PROG, 'sharing', *rest])}` on {rows[0]['cores']} cores, torch {torch.__version__}, code "
-                     f"{short_sha(log.git_sha())}.\n\n{text}")
+                     f"`{' '.join([PROG, 'sharing', *rest])}` on {rows[0]['cores']} cores, torch "
+                     f"{torch.__version__}, code {short_sha(log.git_sha())}.\n\n{text}")
         print(text, end="")
     elif what == "dispatch":
         counts = count_host_ops(cfg, distributed.measurement_device(cfg.run), steps=args.steps,

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from fastres.data import cifar
-from fastres.errors import UserError, entry, writing
-from fastres.tools import Parser, parser, whole_number
+from fastres.errors import UserError, writing
+from fastres.tools import Parser, parser, tool_cli, whole_number
 
 # CIFAR-10's label names (batches.meta), in label order, which is also their sorted order
 LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -75,9 +75,7 @@ def main(argv: list[str]) -> dict[str, int]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> None:
-        main(args)
-    return entry(body, argv, command_line().format_help())
+    return tool_cli(main, command_line, argv)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ from fastres import distributed, log
 from fastres.config import DataCfg, ModelCfg, RunCfg
 from fastres.data.folder import load_folder
 from fastres.data.loaders import build_loader
-from fastres.errors import entry, writing
+from fastres.errors import writing
 from fastres.model import build_model
 from fastres.step import Timer
-from fastres.tools import Parser, parser, whole_number
+from fastres.tools import Parser, parser, tool_cli, whole_number
 
 CLASSES = 10
 
@@ -181,9 +181,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> None:
-        main(args)
-    return entry(body, argv, command_line().format_help())
+    return tool_cli(main, command_line, argv)
 
 
 if __name__ == "__main__":

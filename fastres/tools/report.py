@@ -31,10 +31,14 @@ from fastres.log import EXTRA_ACCS, SUMMARY, read_metrics, short_sha
 from fastres.tools import Parser, parser
 
 MANIFEST = "stack.json"  # in a stack's runs directory: its rows, as fastres.tools.stack last wrote them
+SHARED = "shared_device"  # in a run's summary.json: the runs it shared its device with (fastres.tools.stack)
+DERIVED_TOLERANCE = 0.05  # derived times are shown only while every row measured both ways agrees within this
+LAST_STACK = "runs/.last-stack"  # the runs directory of the last stack (written beside it, in its parent), a path
 _WORD = {"test": "test", "val": "validation"}
 CSV_COLUMNS = ["combination", "group", "status", "device", "world_size", "seeds", "seeds_reached", "target_acc",
                "time_to_target_s_mean", "time_to_target_s_std", "final_test_acc_mean", "final_test_acc_std",
-               "epochs_to_target_mean", "img_per_s", "speedup_vs_baseline", "git_sha", "code_hash",
+               "epochs_to_target_mean", "time_source", "time_measured_s", "time_derived_s", "img_per_s",
+               "speedup_vs_baseline", "git_sha", "code_hash",
                "torch_version", "note"]
 
 
@@ -58,7 +62,7 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     runs_dir = Path(runs_dir)
     path = runs_dir / MANIFEST
     if not path.exists():
-        raise UserError(f"no {path}: run fastres.tools.stack first (or pass --runs=DIR of a stack's runs)")
+        raise UserError(f"no {path}: run python -m fastres.tools.stack first (or pass --runs=DIR of a stack's runs)")
     manifest = read_json(path, dict, "fastres.tools.stack manifest")
     if not isinstance(manifest.get("rows"), list) or not all(
             isinstance(r, dict) and MANIFEST_ROW_KEYS <= set(r) and isinstance(r["runs"], list)
@@ -82,8 +86,13 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
                 curves.append(read_metrics(run))
         reached = [s for s in summaries if s["time_to_target_s"] is not None]
         complete = len(summaries) == row["seeds"]
-        t_mean, t_std = _mean_std([s["time_to_target_s"] for s in reached]) if (
-            complete and len(reached) == len(summaries)) else (None, None)
+        all_reached = complete and len(reached) == len(summaries)
+        # a run's clock counts only where it had the device alone (fastres.tools.stack --concurrent)
+        alone = [s for s in summaries if not (s.get(SHARED) or {}).get("others")]
+        t_mean, t_std = _mean_std([s["time_to_target_s"] for s in alone]) if (
+            all_reached and alone) else (None, None)
+        speed = _speed_run(row)
+        derived = _derived(speed, reached) if all_reached else None
         split = summaries[0].get("target_split", "test") if summaries else "test"
         a_mean, a_std = _mean_std([s[f"final_{split}_acc"] for s in summaries])
         note = row.get("note", "")
@@ -112,19 +121,74 @@ def collect(runs_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             time_to_target_s_mean=t_mean, time_to_target_s_std=t_std,
             split=split, final_acc_mean=a_mean, final_acc_std=a_std,
             epochs_to_target_mean=statistics.fmean([s["epochs_to_target"] for s in reached])
-            if t_mean is not None else None,
-            img_per_s=statistics.fmean([s["img_per_s"] for s in summaries]) if summaries else None,
+            if all_reached and reached else None,
+            time_measured_s=t_mean, time_derived_s=derived, timed_alone=len(alone),
+            # a rate is a clock too: from the runs alone, else the speed run's
+            img_per_s=statistics.fmean([s["img_per_s"] for s in alone]) if alone else (
+                speed["img_per_s"] if speed and summaries else None),
             git_sha=_joined(short_sha(s["git_sha"]) for s in summaries),
             code_hash=_joined(s.get("code_hash") for s in summaries),
             torch_version=_joined(s["torch_version"] for s in summaries), curves=curves, speedup_vs_baseline=None,
             depth=summaries[0].get("config", {}).get("model", {}).get("depth") if summaries else None,
             params=summaries[0].get("params") if summaries else None,
             test_errs=[100 * (1 - s["final_test_acc"]) for s in summaries if s.get("final_test_acc") is not None]))
+    # where a row has both, the derived time is checked against the measured one; past DERIVED_TOLERANCE on any
+    # row, no row of the table shows a derived time
+    both = [r for r in rows if r["time_measured_s"] and r["time_derived_s"]]
+    worst = max((r["time_derived_s"] / r["time_measured_s"] - 1 for r in both), key=abs, default=None)
+    trusted = worst is not None and abs(worst) <= DERIVED_TOLERANCE
+    manifest["derived_check"] = dict(rows=[(r["combination"], r["time_measured_s"], r["time_derived_s"]) for r in both],
+                                     worst=worst, trusted=trusted)
+    for r in rows:
+        r["time_source"] = "measured" if r["time_measured_s"] is not None else (
+            "derived" if r["time_derived_s"] is not None and trusted else None)
+        if r["time_source"] == "derived":
+            r["time_to_target_s_mean"], r["time_to_target_s_std"] = r["time_derived_s"], None
     base = rows[0] if rows else None
     for r in rows:
         if base and base["time_to_target_s_mean"] and r["time_to_target_s_mean"]:
             r["speedup_vs_baseline"] = base["time_to_target_s_mean"] / r["time_to_target_s_mean"]
     return manifest, rows
+
+
+def _speed_run(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of the row's speed run (fastres.tools.stack --concurrent: its config alone, a short run), if it
+    finished alone."""
+    try:
+        speed = read_json(Path(row["speed"]) / SUMMARY) if row.get("speed") else None
+    except UserError:
+        return None
+    if not speed or not speed.get("finished") or not speed.get("steps") or (speed.get(SHARED) or {}).get("others"):
+        return None
+    return speed
+
+
+def _derived(speed: dict[str, Any] | None, reached: list[dict[str, Any]]) -> float | None:
+    """Epochs to target (every seed, shared or alone) x steps an epoch x the step time the row's speed run
+    measured alone; None without one."""
+    if speed is None or not reached:
+        return None
+    step_s = speed["train_time_s"] / speed["steps"]
+    steps_per_epoch = reached[0]["steps"] / max(1, reached[0]["epochs_trained"])
+    return statistics.fmean([s["epochs_to_target"] for s in reached]) * steps_per_epoch * step_s
+
+
+def packing(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What packing gained (fastres.tools.stack --concurrent): the packed runs' images over the wall-clock seconds
+    they took together, against the rows' speed runs' images over theirs, one at a time (start-up and evaluation
+    included in both), and the derived-vs-measured check; None without packed runs."""
+    p = manifest.get("packing")
+    if not p or not p.get("packed_s"):
+        return None
+    packed = p["packed_images"] / p["packed_s"]
+    alone = p["alone_images"] / p["alone_s"] if p.get("alone_s") else None
+    check = manifest.get("derived_check", {})
+    device = _joined(r["device"] for r in rows if r["device"])
+    return dict(concurrent=p["concurrent"], mps=p.get("mps", False), device=device, packed_images=p["packed_images"],
+                packed_s=p["packed_s"], alone_images=p.get("alone_images"), alone_s=p.get("alone_s"),
+                packed_img_per_s=packed, alone_img_per_s=alone, speedup=packed / alone if alone else None,
+                largest_derived_vs_measured=check.get("worst"), derived_trusted=check.get("trusted"),
+                rows_measured_both_ways=check.get("rows", []))
 
 
 def split_of(rows: list[dict[str, Any]]) -> str:
@@ -138,10 +202,19 @@ def _fmt(v, spec: str, none: str = "") -> str:
 
 
 def _time(r: dict[str, Any]) -> str:
+    if r.get("time_source") == "derived":
+        return f"{r['time_to_target_s_mean']:.1f} (derived)"
+    if r["time_to_target_s_mean"] is None and r.get("time_derived_s") is not None and r["status"] == "done":
+        return "not measured alone"
     if r["time_to_target_s_mean"] is None:
         return r["status"]
     std = r["time_to_target_s_std"]
     return f"{r['time_to_target_s_mean']:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def _ranks(rows: list[dict[str, Any]]) -> str:
+    """The column of ranks: GPUs, or processes where a row ran on CPUs."""
+    return "processes" if any(str(r.get("device") or "").startswith("CPU") for r in rows) else "GPUs"
 
 
 def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -154,7 +227,8 @@ def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"or above {tgt}; mean ± std over seeds, each row a fixed recipe. Speed-up is against the first row. "
         f"Built by `python -m fastres.tools.report` from the runs' summary.json files.",
         "",
-        f"| combination | GPUs | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final {split_of(rows)} acc"
+        f"| combination | {_ranks(rows)} | seeds | time to {tgt} (s) | speed-up | epochs to {tgt} | final "
+        f"{split_of(rows)} acc"
         " | img/s "
         f"| device |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -168,11 +242,39 @@ def markdown(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                      f"{_fmt(r['speedup_vs_baseline'], '.2f')}{'x' if r['speedup_vs_baseline'] else ''} | "
                      f"{_fmt(r['epochs_to_target_mean'], '.1f')} | {acc} | {_fmt(r['img_per_s'], ',.0f')} | "
                      f"{r['device']} |")
+    lines += _derived_lines(manifest, rows)
     notes = [f"- {r['combination']}: {r['note']}" for r in rows if r["note"]]
     prov = sorted({(r["git_sha"], r["code_hash"], r["torch_version"]) for r in rows if r["git_sha"]})
     lines += ["", *(["Notes:", *notes, ""] if notes else []),
               "Provenance (git SHA / code hash / torch): " + "; ".join(" / ".join(p) for p in prov) if prov else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _derived_lines(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The lines under the table on derived times and packing (fastres.tools.stack --concurrent); none without."""
+    check, lines = manifest.get("derived_check") or {}, []
+    if any(r["time_derived_s"] is not None for r in rows):
+        lines.append("")
+        if check.get("trusted"):
+            lines.append("(derived): the row's runs shared the device with others, so their clocks do not count; its "
+                         "time is its epochs to target x steps an epoch x the step time a short run of its config "
+                         "measured alone. Rows measured both ways:")
+        else:
+            why = (f"on a row measured both ways they differed by {check['worst']:+.1%}, more than "
+                   f"{DERIVED_TOLERANCE:.0%}" if check.get("worst") is not None else "no row was measured both ways "
+                   "to check them against")
+            lines.append(f"Derived times are not shown ({why}): rows whose runs all shared the device read \"not "
+                         "measured alone\". Rows measured both ways:")
+        lines += [f"- {name}: measured {m:.1f} s, derived {d:.1f} s ({d / m - 1:+.1%})" for name, m, d in
+                  check.get("rows", [])] or ["- none"]
+    gain = packing(manifest, rows)
+    if gain:
+        alone = f"{gain['alone_img_per_s']:,.0f} img/s for one run alone" if gain["alone_img_per_s"] else "no run alone"
+        lines += ["", f"Packed: up to {gain['concurrent']} runs at once{' under MPS' if gain['mps'] else ''} trained "
+                      f"{gain['packed_img_per_s']:,.0f} img/s in all, against {alone}"
+                      + (f": {gain['speedup']:.2f}x" if gain["speedup"] else "")
+                      + " (images over wall-clock seconds, process start-up and evaluation included)."]
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -310,6 +412,9 @@ def build_report(runs_dir: str | Path, out_dir: str | Path) -> list[Path]:
         paths[0].write_text(markdown(manifest, rows))
         write_csv(paths[1], rows)
         plot(paths[2], manifest, rows)
+        if gain := packing(manifest, rows):
+            paths.append(out / "packing.json")
+            paths[-1].write_text(json.dumps(gain, indent=1) + "\n")
     return paths
 
 
@@ -338,9 +443,20 @@ def pick(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, lis
     return best["combination"], flags
 
 
+def last_stack() -> str:
+    """The runs folder of the last ``fastres.tools.stack`` whose runs went under runs/ (it writes LAST_STACK there),
+    else runs/stack."""
+    try:
+        return Path(LAST_STACK).read_text().strip() or "runs/stack"
+    except OSError:
+        return "runs/stack"
+
+
 def command_line() -> Parser:
     p = parser("python -m fastres.tools.report", __doc__)
-    p.add_argument("--runs", default="runs/stack", metavar="DIR", help="a stack's runs folder (its stack.json)")
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help=f"a stack's runs folder (its stack.json) (default: the last stack's, as {LAST_STACK} names it, "
+                        "else runs/stack)")
     p.add_argument("--out", default="results", metavar="DIR", help="where the report goes")
     p.add_argument("--pick", action="store_true", help="print the --pick rule's row as override flags instead")
     return p
@@ -352,7 +468,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int | None:
     args = command_line().parse_args(argv)
-    runs, out = args.runs, args.out
+    runs, out = args.runs or last_stack(), args.out
     if args.pick:
         name, flags = pick(*collect(runs))
         print(f"report: picked {name!r} on the validation split", file=sys.stderr)

@@ -29,8 +29,8 @@ from PIL import Image
 
 from fastres.data.folder import folder_index
 from fastres.distributed import cores
-from fastres.errors import UserError, entry, writing
-from fastres.tools import Parser, parser, whole_number
+from fastres.errors import UserError, shown, writing
+from fastres.tools import Parser, parser, tool_cli, whole_number
 
 
 def shrink(src: Path, dst: Path, max_side: int, quality: int) -> str | None:
@@ -97,16 +97,14 @@ def main(argv: list[str]) -> dict:
         raise UserError(f"{args.out} exists: choose another --out, or remove it")
     done = resize_folder(args.src, args.out, max_side=args.max_side, quality=args.quality, workers=args.workers)
     for path, why in done["left_out"]:
-        print(f"resize_folder: left out {path!a}: {why}", file=sys.stderr)
+        print(f"resize_folder: left out {shown(path)}: {why}", file=sys.stderr)
     print(f"resize_folder: {done['train']} training and {done['val']} validation images at most {args.max_side} "
           f"pixels a side in {args.out}" + (f" ({len(done['left_out'])} left out)" if done["left_out"] else ""))
     return done
 
 
 def cli(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> None:
-        main(args)
-    return entry(body, argv, command_line().format_help())
+    return tool_cli(main, command_line, argv)
 
 
 if __name__ == "__main__":
