@@ -70,11 +70,6 @@ def reference(root: Path, size: int, batch: int, workers: int, train: bool):
                                        persistent_workers=workers > 0)
 
 
-def resize_folder_copy(root: Path, out: Path, side: int, workers: int) -> Path:
-    resize_folder(root, out, max_side=side, workers=workers)
-    return out
-
-
 def measure(cfg: Config, images: int, repeats: int, prepared_side: int = 256) -> list[dict[str, Any]]:
     """The rows (see the module docstring) on a fresh set of ``images`` JPEGs."""
     n_cores, batch, size = cores(), cfg.optim.batch_size, cfg.data.side
@@ -88,7 +83,8 @@ def measure(cfg: Config, images: int, repeats: int, prepared_side: int = 256) ->
         root = write_jpegs(Path(tmp) / "jpegs", images, detail=True)
         ref = reference(root, size, batch, workers, train=True)
         row("reference (torchvision ImageFolder + v2)", "train", rate(lambda e: ref, repeats))
-        small = resize_folder_copy(root, Path(tmp) / f"max{prepared_side}", prepared_side, workers)
+        small = Path(tmp) / f"max{prepared_side}"
+        resize_folder(root, small, max_side=prepared_side, workers=workers)
         ref_small = reference(small, size, batch, workers, train=True)
         row(f"reference, copy at max side {prepared_side}", "train", rate(lambda e: ref_small, repeats))
         kinds = [("workers", "pil", root), ("workers", "torchvision", root), ("dali", "pil", root),
@@ -99,6 +95,8 @@ def measure(cfg: Config, images: int, repeats: int, prepared_side: int = 256) ->
             data_cfg = with_values(cfg, {"data.dir": str(folder), "data.loader": loader, "data.decoder": decoder,
                                          "data.num_workers": workers}).data
             data = load_folder(data_cfg, Path(tmp) / f"run-{folder.name}")
+            if folder == root:
+                originals = data.train  # what the evaluation rows read: the reference's files, not the copy
             ld = build_loader(data_cfg, data.train, batch_per_rank=batch, seed=0, rank=0, world=1, device=cpu,
                               norm=(data.mean, data.std))
             name = f"fastres {loader}" + (f", {decoder} decoder" if loader == "workers" else " (CPU)") \
@@ -108,7 +106,7 @@ def measure(cfg: Config, images: int, repeats: int, prepared_side: int = 256) ->
             row(name, "train", rate(lambda e, ld=ld: (ld.set_epoch(e), _pairs(getattr(ld, "loader", ld)))[1], repeats))
         ev = reference(root, size, batch, workers, train=False)  # over train/, as fastres's evaluation row
         row("reference (torchvision ImageFolder + v2)", "eval", rate(lambda e: ev, repeats))
-        row("fastres (decoded once at start)", "eval", _eval_rate(cfg.data, data.train, size, workers, repeats))
+        row("fastres (decoded once at start)", "eval", _eval_rate(cfg.data, originals, size, workers, repeats))
     base = {r["what"]: r["img_per_s"] for r in rows if r["name"].startswith("reference (")}
     for r in rows:
         r.update(ratio=r["img_per_s"] / base[r["what"]], cores=n_cores, images=images, batch=batch, side=size,

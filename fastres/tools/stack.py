@@ -49,6 +49,7 @@ import torch
 
 from fastres import config, log
 from fastres.config import RESUME_MAY_DIFFER, ConfigError
+from fastres.distributed import cores
 from fastres.errors import UserError, entry, read_json, write_text, writing
 from fastres.log import SUMMARY
 from fastres.tools import Parser, config_overrides, names, parser, whole_number
@@ -267,19 +268,6 @@ def outcome(job: Job, interrupted: bool) -> str:
     return f"failed (exit {rc}): {tail[0][:200]}"
 
 
-def launch(cfg: config.Config, nproc: int, run_dir: Path, code: str, timeout_s: float | None) -> str:
-    """One run alone, waited for (at most ``timeout_s``): what :func:`outcome` says."""
-    job = Job(row=Row(name=str(run_dir), group="ladder", values={}, nproc=nproc), cfg=cfg, label=str(run_dir),
-              alone=True)
-    start(job, code)
-    try:
-        job.proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        stop(job)
-        return outcome(job, interrupted=True)
-    return outcome(job, interrupted=False)
-
-
 def write_manifest(stack: Stack) -> None:
     stack.runs_dir.mkdir(parents=True, exist_ok=True)
     if stack.packing is None and (stack.runs_dir / MANIFEST).exists():  # a sitting that packed nothing keeps the last
@@ -311,10 +299,6 @@ def speed_config(stack: Stack, row: Row, overrides: list[str]) -> config.Config:
                                     "run.out_dir": str(stack.runs_dir / row.slug / SPEED)}, world=row.nproc)
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_stack(stack: Stack, overrides: list[str], *, budget_s: float | None = None, only: list[str] | None = None,
               dry_run: bool = False, say=print, concurrent: int = 1, alone: list[str] | None = None,
               mps: bool = False) -> bool:
@@ -324,7 +308,7 @@ def run_stack(stack: Stack, overrides: list[str], *, budget_s: float | None = No
     ok, gpus = True, gpus_available()
     alone = alone if alone is not None else [stack.rows[0].name]
     packing = concurrent > 1
-    threads = max(1, cpu_cores() // concurrent) if stack.device == "cpu" else 0  # on a CPU the cores split
+    threads = max(1, cores() // concurrent) if stack.device == "cpu" else 0  # on a CPU the cores split
     jobs: list[Job] = []
     states: dict[str, dict[int, str]] = {}
     for row in stack.rows:
